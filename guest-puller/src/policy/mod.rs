@@ -1,0 +1,1 @@
+//! Signature policy (containers-policy.json) evaluation.

@@ -1,0 +1,30 @@
+//! Fetching configuration and key material named by URI (`kbs:///…`, `file://…`, inline data).
+//!
+//! The puller never reads secrets from anywhere else, so every module that needs a policy, a
+//! public key or a KEK goes through [`ResourceFetcher`]; tests substitute a directory-backed one.
+
+use zeroize::Zeroizing;
+
+/// Why a resource could not be fetched; the message names the URI, never the content.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// The URI scheme or shape is not understood.
+    #[error("invalid resource URI {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    /// The KBS refused the request by policy.
+    #[error("KBS policy denied access to {uri}")]
+    Denied { uri: String },
+    /// The resource does not exist (or the KBS backend failed to produce it).
+    #[error("resource {uri} not found: {reason}")]
+    NotFound { uri: String, reason: String },
+    /// Any other failure (network, attestation, I/O).
+    #[error("fetching {uri} failed: {reason}")]
+    Failed { uri: String, reason: String },
+}
+
+/// Source of resources named by URI; implemented over the KBS client and the local filesystem.
+#[async_trait::async_trait]
+pub trait ResourceFetcher: Send + Sync {
+    /// Returns the raw bytes of the resource at `uri`.
+    async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError>;
+}
