@@ -1,1 +1,14 @@
-//! Placeholder crate root, filled in by its issue.
+//! Test harness for guestpull's end-to-end tests: private labs, a real registry, real containerd.
+//!
+//! Everything here starts real components (Debian's `docker-registry`, containerd 1.6/1.7/2.1,
+//! runc, umoci, skopeo) under a private directory per test, and fails loudly when one is missing.
+
+pub mod containerd;
+pub mod images;
+pub mod lab;
+pub mod registry;
+
+pub use containerd::{Containerd, ContainerdOpts, ContainerdVersion};
+pub use images::{push_test_image, PushedImage};
+pub use lab::{bin_path, Lab};
+pub use registry::Registry;
