@@ -1,0 +1,144 @@
+//! `test-images`: builds the catalog images, pushes them to a registry, derives encrypted and
+//! signed variants, and writes a JSON manifest of everything it built.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use test_images::{catalog, layout::Layout, push};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Build and push guestpull's test images (deterministic, no Docker)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the catalog.
+    List,
+    /// Build images and push them to a registry.
+    Build(BuildArgs),
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Registry host (plain HTTP), e.g. 127.0.0.1:5000.
+    #[arg(long)]
+    registry: String,
+    /// Repository prefix: images go to <registry>/<prefix>/<name>:latest.
+    #[arg(long, default_value = "guestpull")]
+    prefix: String,
+    /// Build only these catalog images (comma-separated); default all but `large`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Total payload of the `large` image in MiB.
+    #[arg(long, default_value_t = 100)]
+    large_mb: usize,
+    /// The static busybox copied into every image.
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Working directory for the OCI layout.
+    #[arg(long, default_value = "/tmp/guestpull-test-images")]
+    work_dir: PathBuf,
+    /// Also push `<name>:jwe`, every layer encrypted to this public key (skopeo/ocicrypt JWE).
+    #[arg(long)]
+    jwe_public_key: Option<PathBuf>,
+    /// Also push `<name>:gpg-signed`, signed by this GPG key fingerprint (needs --gnupg-home and --registries-d).
+    #[arg(long)]
+    gpg_fingerprint: Option<String>,
+    /// GNUPGHOME holding the signing key.
+    #[arg(long)]
+    gnupg_home: Option<PathBuf>,
+    /// registries.d directory naming the lookaside where simple signatures are written.
+    #[arg(long)]
+    registries_d: Option<PathBuf>,
+    /// Sign `<name>:latest` with this cosign private key (COSIGN_PASSWORD from the environment).
+    #[arg(long)]
+    cosign_key: Option<PathBuf>,
+    /// The cosign binary.
+    #[arg(long, default_value = "/var/cache/guestpull-lab/cosign/usr/bin/cosign")]
+    cosign: PathBuf,
+    /// Where to write the JSON manifest of what was built.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::List => {
+            for (n, d) in catalog::names() {
+                println!("{n:24} {d}");
+            }
+            Ok(())
+        }
+        Cmd::Build(a) => build(a),
+    }
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    let names: Vec<String> = if a.only.is_empty() {
+        catalog::names()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .filter(|n| n != "large")
+            .collect()
+    } else {
+        a.only.clone()
+    };
+    std::fs::create_dir_all(&a.work_dir)?;
+    let mut layout = Layout::create(&a.work_dir.join("oci"))?;
+    let mut built = Vec::new();
+    for name in &names {
+        let repo = format!("{}/{}/{name}", a.registry, a.prefix);
+        let (desc, info) = if name == "multiarch" {
+            let (amd, arm) = catalog::multiarch(&a.busybox)?;
+            let (d1, w1) = layout.write_image(&amd)?;
+            let (d2, _) = layout.write_image(&arm)?;
+            let (idx, digest) = layout.write_index(vec![d1, d2])?;
+            (idx, json!({"index_digest": digest, "amd64": w1}))
+        } else {
+            let spec = catalog::spec(name, &a.busybox, a.large_mb)?.with_context(|| {
+                format!("no catalog image named {name:?} (see `test-images list`)")
+            })?;
+            let (d, w) = layout.write_image(&spec)?;
+            (d, serde_json::to_value(&w)?)
+        };
+        layout.tag(&desc, name)?;
+        let reference = format!("{repo}:latest");
+        push::push_layout(layout.dir(), name, &reference)?;
+        let digest = desc["digest"].as_str().unwrap_or_default().to_string();
+        eprintln!("pushed {reference} ({digest})");
+        let mut entry = json!({"name": name, "reference": reference, "digest": digest, "image": info, "variants": {}});
+        if let Some(key) = &a.jwe_public_key {
+            let dest = format!("{repo}:jwe");
+            push::encrypt_jwe(&reference, &dest, key)?;
+            entry["variants"]["jwe"] = json!(dest);
+        }
+        if let Some(fpr) = &a.gpg_fingerprint {
+            let (Some(home), Some(regd)) = (&a.gnupg_home, &a.registries_d) else {
+                bail!("--gpg-fingerprint needs --gnupg-home and --registries-d");
+            };
+            let dest = format!("{repo}:gpg-signed");
+            push::sign_gpg(&reference, &dest, fpr, home, regd)?;
+            entry["variants"]["gpg-signed"] = json!(dest);
+        }
+        if let Some(key) = &a.cosign_key {
+            let password = std::env::var("COSIGN_PASSWORD").unwrap_or_default();
+            push::sign_cosign(&a.cosign, &format!("{repo}@{digest}"), key, &password)?;
+            entry["variants"]["cosign-signed"] = json!(format!("{repo}@{digest}"));
+        }
+        built.push(entry);
+    }
+    let doc = serde_json::to_string_pretty(&json!({"registry": a.registry, "images": built}))?;
+    match &a.out {
+        Some(p) => std::fs::write(p, doc).with_context(|| format!("writing {}", p.display()))?,
+        None => println!("{doc}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Pushing layouts to a registry and deriving encrypted and signed variants with real tools.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Why a tool step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The tool is not installed.
+    #[error("`{tool}` not found ({hint})")]
+    Missing { tool: String, hint: String },
+    /// The tool ran and failed.
+    #[error("{cmd} failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+}
+
+fn run(cmd: &mut Command, hint: &str) -> Result<String, ToolError> {
+    let prog = cmd.get_program().to_string_lossy().to_string();
+    let out = cmd.output().map_err(|_| ToolError::Missing {
+        tool: prog.clone(),
+        hint: hint.into(),
+    })?;
+    if !out.status.success() {
+        return Err(ToolError::Failed {
+            cmd: format!("{cmd:?}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Copies tag `tag` of the layout at `layout` to `docker://<dest>` (plain HTTP registry),
+/// keeping blobs and manifests byte for byte (`--all` keeps every index member).
+pub fn push_layout(layout: &Path, tag: &str, dest: &str) -> Result<(), ToolError> {
+    run(
+        Command::new("skopeo").args([
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{dest}"),
+        ]),
+        "apt-get install skopeo",
+    )
+    .map(|_| ())
+}
+
+/// Re-pushes `src` as `dest` with every layer encrypted to the RSA/EC public key `pub_pem`
+/// (ocicrypt JWE recipients, as `skopeo copy --encryption-key jwe:` makes them).
+pub fn encrypt_jwe(src: &str, dest: &str, pub_pem: &Path) -> Result<(), ToolError> {
+    run(
+        Command::new("skopeo").args([
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--encryption-key",
+            &format!("jwe:{}", pub_pem.display()),
+            &format!("docker://{src}"),
+            &format!("docker://{dest}"),
+        ]),
+        "apt-get install skopeo",
+    )
+    .map(|_| ())
+}
+
+/// Re-pushes `src` as `dest` signed by GPG key `fingerprint` (simple signing); signatures go to
+/// the lookaside configured in `registries_d`.
+pub fn sign_gpg(
+    src: &str,
+    dest: &str,
+    fingerprint: &str,
+    gnupg_home: &Path,
+    registries_d: &Path,
+) -> Result<(), ToolError> {
+    run(
+        Command::new("skopeo")
+            .env("GNUPGHOME", gnupg_home)
+            .arg("--registries.d")
+            .arg(registries_d)
+            .args([
+                "copy",
+                "--src-tls-verify=false",
+                "--dest-tls-verify=false",
+                "--sign-by",
+                fingerprint,
+                &format!("docker://{src}"),
+                &format!("docker://{dest}"),
+            ]),
+        "apt-get install skopeo gnupg",
+    )
+    .map(|_| ())
+}
+
+/// Signs `image@digest` with cosign key `key` (password in `password`), offline (no tlog).
+pub fn sign_cosign(
+    cosign: &Path,
+    image_at_digest: &str,
+    key: &Path,
+    password: &str,
+) -> Result<(), ToolError> {
+    run(
+        Command::new(cosign)
+            .env("COSIGN_PASSWORD", password)
+            .args(["sign", "--key"])
+            .arg(key)
+            .args([
+                "--tlog-upload=false",
+                "--allow-insecure-registry",
+                "--allow-http-registry",
+                "--yes",
+                image_at_digest,
+            ]),
+        "run integration/scripts/fetch-components.sh",
+    )
+    .map(|_| ())
+}
