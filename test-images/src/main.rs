@@ -23,7 +23,7 @@ enum Cmd {
     /// List the catalog.
     List,
     /// Build images and push them to a registry.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
 }
 
 #[derive(clap::Args)]
@@ -77,7 +77,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Build(a) => build(a),
+        Cmd::Build(a) => build(*a),
     }
 }
 
