@@ -101,7 +101,8 @@ impl<'a> Containerd<'a> {
     ) -> Containerd<'a> {
         Lab::require_root();
         Lab::require_cmd("runc", "runc");
-        let bin = version.bin_dir();
+        // Fails early, naming the fix, when this release is not installed.
+        version.bin_dir();
         let dir = lab.join("containerd");
         for sub in ["root", "state", "fifo", "runc"] {
             fs::create_dir_all(dir.join(sub)).unwrap();
@@ -159,7 +160,9 @@ impl<'a> Containerd<'a> {
         self.lab.stop("containerd");
         let _ = fs::remove_file(self.socket());
         let mut cmd = Command::new(self.version.bin_dir().join("containerd"));
-        cmd.arg("--config").arg(&self.config).env("PATH", self.path_env());
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("PATH", self.path_env());
         self.lab.spawn("containerd", cmd);
         let sock = self.socket();
         wait_for("containerd's socket", Duration::from_secs(30), || {
@@ -255,7 +258,9 @@ impl Drop for Containerd<'_> {
         // Tasks first, so runc does not leave containers behind the daemon.
         if let Ok(out) = self.ctr_cmd(&["tasks", "ls", "-q"]).output() {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.ctr_cmd(&["tasks", "kill", "-s", "SIGKILL", id]).output();
+                let _ = self
+                    .ctr_cmd(&["tasks", "kill", "-s", "SIGKILL", id])
+                    .output();
                 let _ = self.ctr_cmd(&["tasks", "rm", "-f", id]).output();
             }
         }
