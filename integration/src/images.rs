@@ -29,7 +29,18 @@ pub struct PushedImage {
 
 /// The busybox applets linked in every test image.
 const APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "echo", "sleep", "mount", "uname", "id", "find", "stat", "sha256sum", "wc",
+    "sh",
+    "ls",
+    "cat",
+    "echo",
+    "sleep",
+    "mount",
+    "uname",
+    "id",
+    "find",
+    "stat",
+    "sha256sum",
+    "wc",
 ];
 
 /// Builds a busybox image with `layers` layers (`layers >= 1`; layer N > 1 adds
@@ -58,7 +69,11 @@ pub fn push_test_image(
     let layout = work.join("oci");
     let bundle = work.join("bundle");
     let img = format!("{}:img", layout.display());
-    run_ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
     run_ok(Command::new("umoci").args(["new", "--image", &img]));
     run_ok(
         Command::new("umoci")
@@ -73,7 +88,11 @@ pub fn push_test_image(
     for a in APPLETS {
         symlink("busybox", rootfs.join("bin").join(a)).unwrap();
     }
-    fs::write(rootfs.join("etc/hello.txt"), "hello from guestpull test image\n").unwrap();
+    fs::write(
+        rootfs.join("etc/hello.txt"),
+        "hello from guestpull test image\n",
+    )
+    .unwrap();
     run_ok(
         Command::new("umoci")
             .args(["repack", "--image", &img])

@@ -69,7 +69,10 @@ impl Lab {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({:?}): {e}", cmd.get_program()));
         let pid = child.id();
-        self.children.lock().unwrap().insert(name.to_string(), child);
+        self.children
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), child);
         pid
     }
 
@@ -111,7 +114,9 @@ impl Lab {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
             .unwrap_or(false);
         if !found {
-            panic!("`{cmd}` is not installed: install the Debian package `{package}` (.ci/run does)");
+            panic!(
+                "`{cmd}` is not installed: install the Debian package `{package}` (.ci/run does)"
+            );
         }
     }
 }

@@ -48,9 +48,11 @@ impl<'a> Registry<'a> {
             port,
             data,
         };
-        wait_for("the registry to answer /v2/", Duration::from_secs(20), || {
-            matches!(reg.http_get("/v2/"), Some((200, _)))
-        });
+        wait_for(
+            "the registry to answer /v2/",
+            Duration::from_secs(20),
+            || matches!(reg.http_get("/v2/"), Some((200, _))),
+        );
         reg
     }
 

@@ -1,0 +1,27 @@
+# The two commands README promises: `make demo` and `make test`.
+CARGO ?= cargo
+SHELL := /bin/bash
+
+.PHONY: demo test lint build deps unit integration
+
+## Installs system packages and the newer containerd/cosign/imgcrypt releases (idempotent).
+deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "make deps needs root (apt-get)"; exit 1; fi
+	@missing=$$(for p in $$(cat .ci/packages.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+	@integration/scripts/fetch-components.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+## A local demo on embedded defaults: everything under one temporary directory, torn down at the end.
+demo: deps build
+	$(CARGO) run -q -p integration --bin demo
+
+## Every unit and integration test (the end-to-end suites need root and run against containerd 1.6, 1.7 and 2.1).
+test: deps build
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
