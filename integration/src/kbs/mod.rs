@@ -1,0 +1,152 @@
+//! A test Key Broker Service speaking trustee's RCAR protocol 0.4.0 (not a product).
+//!
+//! It verifies `sample` evidence (report-data binding, nonce, session expiry), applies a
+//! [`ResourcePolicy`], serves resources from `DIR/<repo>/<type>/<tag>`, encrypts them to the
+//! TEE key with `kbs_client::jwe` (one implementation of the wire format), answers with the
+//! reference's error bodies and status codes, issues ES256 tokens with a header `jwk`, and accepts
+//! unauthenticated admin uploads (`POST /kbs/v0/resource/<repo>/<type>/<tag>`,
+//! `POST /kbs/v0/resource-policy` with `{"policy": base64url(policy text)}`), like trustee's
+//! `InsecureAllowAll` admin mode.
+
+mod jwt;
+mod policy;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use policy::ResourcePolicy;
+
+/// Test KBS settings.
+#[derive(Debug, Clone)]
+pub struct TestKbsConfig {
+    /// Directory with `<repo>/<type>/<tag>` files.
+    pub resources_dir: PathBuf,
+    /// The resource policy.
+    pub policy: ResourcePolicy,
+    /// Lifetime of a `kbs-session-id` session (trustee default 5 minutes).
+    pub session_ttl: Duration,
+    /// Lifetime of issued tokens (`exp - iat`; trustee default 5 minutes).
+    pub token_ttl: Duration,
+    /// Address to listen on (default `127.0.0.1:0`).
+    pub listen: SocketAddr,
+    /// Negative tests only: flip one bit of every JWE tag sent.
+    pub tamper_jwe_tag: bool,
+}
+
+impl TestKbsConfig {
+    /// Defaults (allow all, 5-minute session and token) for `resources_dir`.
+    pub fn new(resources_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            resources_dir: resources_dir.into(),
+            policy: ResourcePolicy::AllowAll,
+            session_ttl: Duration::from_secs(300),
+            token_ttl: Duration::from_secs(300),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tamper_jwe_tag: false,
+        }
+    }
+}
+
+/// Request counters, so tests can assert how many handshakes a client made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KbsStats {
+    /// `POST /kbs/v0/auth` requests.
+    pub auth: u64,
+    /// `POST /kbs/v0/attest` requests.
+    pub attest: u64,
+    /// Successful attestations (tokens issued).
+    pub attest_ok: u64,
+    /// `GET /kbs/v0/resource/...` requests.
+    pub resource: u64,
+    /// Resource requests answered 200.
+    pub resource_ok: u64,
+    /// Resource requests refused for a missing/invalid token or session.
+    pub resource_unauthorized: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    auth: AtomicU64,
+    attest: AtomicU64,
+    attest_ok: AtomicU64,
+    resource: AtomicU64,
+    resource_ok: AtomicU64,
+    resource_unauthorized: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> KbsStats {
+        let g = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        KbsStats {
+            auth: g(&self.auth),
+            attest: g(&self.attest),
+            attest_ok: g(&self.attest_ok),
+            resource: g(&self.resource),
+            resource_ok: g(&self.resource_ok),
+            resource_unauthorized: g(&self.resource_unauthorized),
+        }
+    }
+}
+
+/// A running test KBS; stopped on drop.
+pub struct TestKbs {
+    addr: SocketAddr,
+    state: Arc<server::State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestKbs {
+    /// Binds `cfg.listen` and serves on the current tokio runtime.
+    pub async fn start(cfg: TestKbsConfig) -> std::io::Result<TestKbs> {
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(server::State::new(cfg));
+        let app = server::router(state.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("test KBS stopped: {e}");
+            }
+        });
+        Ok(TestKbs { addr, state, task })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Request counters so far.
+    pub fn stats(&self) -> KbsStats {
+        self.state.counters.snapshot()
+    }
+
+    /// Every token issued so far (for tests that check tokens never reach logs).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state.issued.lock().expect("lock").clone()
+    }
+
+    /// Replaces the resource policy.
+    pub fn set_policy(&self, policy: ResourcePolicy) {
+        *self.state.policy.write().expect("lock") = policy;
+    }
+
+    /// Waits until the server task ends (for the `test-kbs` binary).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for TestKbs {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
