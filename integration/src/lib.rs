@@ -5,6 +5,7 @@
 
 pub mod containerd;
 pub mod images;
+pub mod kbs;
 pub mod lab;
 pub mod registry;
 
