@@ -1,0 +1,1 @@
+fn main() {} // placeholder so the workspace builds until this file lands
