@@ -249,7 +249,7 @@ pub fn lint(text: &str, opts: &LintOptions) -> Vec<Finding> {
         3 => lint_v3(&mut l, &doc, name, &disabled),
         _ => {}
     }
-    l.out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    l.out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     l.out
 }
 
@@ -379,8 +379,7 @@ fn lint_v3(l: &mut Lint, doc: &Value, name: &str, disabled: &[&str]) {
             format!("set disable_snapshot_annotations = false under [plugins.\"{IMAGES}\"]"),
         );
     }
-    if let Some(rp) = images.and_then(|i| i.get("runtime_platform")) {
-        let _ = rp;
+    if images.and_then(|i| i.get("runtime_platform")).is_some() {
         l.push(
             Severity::Error,
             "`runtime_platform` (singular) is the v2→v3 migration typo; containerd ignores it",
