@@ -1,0 +1,261 @@
+//! Puller configuration (TOML), mirroring the CDH `[image]` / `[kbc]` keys where they make sense.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default directory holding the layer store and the per-container overlay dirs.
+pub const DEFAULT_WORK_DIR: &str = "/run/kata-containers/image";
+/// Default unix socket of the CDH-compatible ttrpc server.
+pub const DEFAULT_SOCKET: &str = "/run/confidential-containers/cdh.sock";
+
+/// Why a configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("parsing config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Top-level configuration of the guest puller.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Image pulling settings (CDH `[image]`).
+    pub image: ImageConfig,
+    /// Key Broker Service settings (CDH `[kbc]`).
+    pub kbs: KbsConfig,
+    /// ttrpc server settings.
+    pub server: ServerConfig,
+    /// Layer decryption keys.
+    pub keys: KeysConfig,
+}
+
+/// CDH `[image]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageConfig {
+    /// Root of the layer store, staging and overlay directories.
+    pub work_dir: PathBuf,
+    /// URI (`kbs:///…`, `file://…`, `data:` or inline JSON) of a containers-policy.json; unset = no verification.
+    pub image_security_policy_uri: Option<String>,
+    /// URI of a registries.d-style YAML naming signature lookaside locations.
+    pub sigstore_config_uri: Option<String>,
+    /// URI of a docker `auth.json` with registry credentials.
+    pub authenticated_registry_credentials_uri: Option<String>,
+    /// URI of a TOML registry configuration (same shape as `[image.registry_config]`).
+    pub registry_configuration_uri: Option<String>,
+    /// Inline registry configuration (mirrors, plain-HTTP registries).
+    pub registry_config: Option<RegistryConfig>,
+    /// How many layers of one image are fetched at once.
+    pub max_concurrent_layer_downloads_per_image: usize,
+    /// Extra PEM root certificates (file paths) trusted for registries.
+    pub extra_root_certificates: Vec<PathBuf>,
+    /// Attempts per HTTP request on 5xx or broken connections.
+    pub max_retries: u32,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: PathBuf::from(DEFAULT_WORK_DIR),
+            image_security_policy_uri: None,
+            sigstore_config_uri: None,
+            authenticated_registry_credentials_uri: None,
+            registry_configuration_uri: None,
+            registry_config: None,
+            max_concurrent_layer_downloads_per_image: 3,
+            extra_root_certificates: Vec::new(),
+            max_retries: 5,
+        }
+    }
+}
+
+/// registries.conf-like registry settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Registries (host[:port]) reached over plain HTTP instead of HTTPS.
+    pub insecure_registries: Vec<String>,
+    /// Per-prefix rules: remapped location and mirrors tried first.
+    pub registry: Vec<RegistryRule>,
+}
+
+/// One `[[registry]]` rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryRule {
+    /// Reference prefix this rule applies to (`registry[/namespace]`).
+    pub prefix: String,
+    /// Where the prefix really lives (replaces the prefix); empty = unchanged.
+    pub location: String,
+    /// Plain HTTP for `location`.
+    pub insecure: bool,
+    /// Refuse pulls matching this prefix.
+    pub blocked: bool,
+    /// Mirrors tried in order before `location`.
+    pub mirror: Vec<RegistryMirror>,
+}
+
+/// A mirror of a registry rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryMirror {
+    /// Replacement for the rule's prefix.
+    pub location: String,
+    /// Plain HTTP for this mirror.
+    pub insecure: bool,
+}
+
+/// KBS connection settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KbsConfig {
+    /// KBS base URL, e.g. `https://kbs.example:8080`; unset = `kbs://` URIs fail.
+    pub url: Option<String>,
+    /// PEM file of a CA trusted for the KBS.
+    pub cert: Option<PathBuf>,
+}
+
+/// ttrpc server settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Unix socket path the ttrpc server listens on.
+    pub socket: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+/// Private keys for JWE-wrapped layer keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// PEM/DER private keys (RSA or EC): file paths, `file://` or `kbs:///` URIs.
+    pub jwe_private_keys: Vec<String>,
+    /// Provider names (after `org.opencontainers.image.enc.keys.provider.`) unwrapped via the KBS.
+    pub providers: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML string (for tests and inline use).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects values that would make the puller misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.image.max_concurrent_layer_downloads_per_image == 0 {
+            return Err(ConfigError::Invalid(
+                "image.max_concurrent_layer_downloads_per_image must be at least 1".into(),
+            ));
+        }
+        if !self.image.work_dir.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "image.work_dir {} must be absolute",
+                self.image.work_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Provider annotation suffixes accepted for KBS-unwrapped keys (always includes `attestation-agent`).
+    pub fn provider_names(&self) -> Vec<String> {
+        let mut names = vec!["attestation-agent".to_string()];
+        for p in &self.keys.providers {
+            if !names.contains(p) {
+                names.push(p.clone());
+            }
+        }
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_cdh() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.image.work_dir, PathBuf::from(DEFAULT_WORK_DIR));
+        assert_eq!(c.server.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.image.max_concurrent_layer_downloads_per_image, 3);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::from_toml(
+            r#"
+            [image]
+            work_dir = "/tmp/w"
+            image_security_policy_uri = "kbs:///default/security-policy/test"
+            max_concurrent_layer_downloads_per_image = 5
+            [image.registry_config]
+            insecure_registries = ["127.0.0.1:5000"]
+            [[image.registry_config.registry]]
+            prefix = "docker.io/library"
+            location = "mirror.local/library"
+            [[image.registry_config.registry.mirror]]
+            location = "127.0.0.1:5000/lib"
+            insecure = true
+            [kbs]
+            url = "http://127.0.0.1:8080"
+            [keys]
+            jwe_private_keys = ["/etc/keys/a.pem", "kbs:///default/key/jwe"]
+            providers = ["labkp"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.image.max_concurrent_layer_downloads_per_image, 5);
+        let rc = c.image.registry_config.unwrap();
+        assert_eq!(rc.registry[0].mirror[0].location, "127.0.0.1:5000/lib");
+        assert_eq!(c.keys.jwe_private_keys.len(), 2);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(Config::from_toml("[image]\nbogus = 1").is_err());
+        assert!(
+            Config::from_toml("[image]\nmax_concurrent_layer_downloads_per_image = 0").is_err()
+        );
+        assert!(Config::from_toml("[image]\nwork_dir = \"rel\"").is_err());
+    }
+}

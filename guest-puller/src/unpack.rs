@@ -1,0 +1,614 @@
+//! Safe tar unpacking into one layer directory, producing an overlayfs lower dir.
+//!
+//! The `tar` crate parses the archive (in raw mode, so we bound GNU long-name and PAX
+//! metadata sizes ourselves), but every filesystem object is created here with `*at` calls
+//! relative to directory fds opened with `O_NOFOLLOW`. Hand-written because `tar::Entry::unpack_in`
+//! resolves paths by string and follows symlinked parents created earlier in the same
+//! archive, and it knows nothing about overlayfs whiteouts.
+//!
+//! Policy:
+//! - Paths: leading `/` and `.` components are dropped (relative to the layer root, as
+//!   containerd and umoci do); any `..` component rejects the layer. A parent that is a
+//!   symlink (or not a directory) rejects the layer, so nothing is ever written through a link.
+//! - Hardlink targets are resolved the same way inside the layer and must already exist.
+//! - Whiteouts: `.wh.NAME` becomes a 0:0 character device `NAME` with mode 000;
+//!   `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its directory.
+//! - Device nodes: char/block devices and whiteouts are created when running as root and
+//!   rejected otherwise; FIFOs are always created.
+//! - Ownership (root only), modes incl. setuid/setgid/sticky, mtimes (directories last) and
+//!   PAX `SCHILY.xattr.*` xattrs are applied.
+//! - GNU sparse files and unknown entry types are rejected.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{
+    self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags,
+};
+use rustix::io::Errno;
+use tar::EntryType;
+use tracing::debug;
+
+/// Largest GNU long-name / long-link / PAX header we accept.
+pub const MAX_METADATA_ENTRY: u64 = 1 << 20;
+
+/// Why unpacking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The archive tried to leave the layer directory or write through a link.
+    #[error("unsafe tar entry {path:?}: {reason}")]
+    Unsafe { path: String, reason: String },
+    /// The archive is malformed or uses an unsupported feature.
+    #[error("bad tar entry {path:?}: {reason}")]
+    Bad { path: String, reason: String },
+    /// Reading the stream or writing the filesystem failed.
+    #[error("unpacking {path:?}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+/// Counters describing an unpacked layer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnpackStats {
+    /// Entries created.
+    pub entries: u64,
+    /// Regular-file bytes written.
+    pub bytes: u64,
+}
+
+struct Meta {
+    uid: u64,
+    gid: u64,
+    mode: u32,
+    mtime: Timespec,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    dev_major: u32,
+    dev_minor: u32,
+}
+
+struct PendingDir {
+    comps: Vec<Vec<u8>>,
+    mode: u32,
+    mtime: Timespec,
+}
+
+/// Unpacks a tar stream into the (existing, empty) directory `dest`.
+///
+/// Returns the reader positioned after the end-of-archive marker so the caller can drain
+/// (and hash) the remainder.
+pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), UnpackError> {
+    let root = rfs::open(
+        dest,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err(&dest.to_string_lossy(), e.into()))?;
+    let is_root = rustix::process::geteuid().is_root();
+    let mut u = Unpacker {
+        root,
+        is_root,
+        dirs: Vec::new(),
+        stats: UnpackStats::default(),
+    };
+    let mut archive = tar::Archive::new(reader);
+    {
+        let entries = archive
+            .entries()
+            .map_err(|e| io_err("<archive>", e))?
+            .raw(true);
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        for entry in entries {
+            let mut entry = entry.map_err(|e| io_err("<archive>", e))?;
+            let header_path = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&header_path).into_owned();
+            let size = entry.header().entry_size().map_err(|e| io_err(&shown, e))?;
+            let et = entry.header().entry_type();
+            match et {
+                EntryType::GNULongName | EntryType::GNULongLink | EntryType::XHeader => {
+                    if size > MAX_METADATA_ENTRY {
+                        return Err(UnpackError::Bad {
+                            path: shown,
+                            reason: format!(
+                                "metadata entry of {size} bytes exceeds the {MAX_METADATA_ENTRY}-byte limit"
+                            ),
+                        });
+                    }
+                    if et == EntryType::XHeader {
+                        let exts = entry
+                            .pax_extensions()
+                            .map_err(|e| io_err(&shown, e))?
+                            .into_iter()
+                            .flatten();
+                        for ext in exts {
+                            let ext = ext.map_err(|e| io_err(&shown, e))?;
+                            let key = ext.key().map_err(|e| io_err(&shown, io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                            pax.push((key.to_string(), ext.value_bytes().to_vec()));
+                        }
+                    } else {
+                        let mut data = Vec::with_capacity(size as usize);
+                        entry
+                            .read_to_end(&mut data)
+                            .map_err(|e| io_err(&shown, e))?;
+                        while data.last() == Some(&0) {
+                            data.pop();
+                        }
+                        if et == EntryType::GNULongName {
+                            long_name = Some(data);
+                        } else {
+                            long_link = Some(data);
+                        }
+                    }
+                    continue;
+                }
+                EntryType::XGlobalHeader => {
+                    if size > MAX_METADATA_ENTRY {
+                        return Err(UnpackError::Bad {
+                            path: shown,
+                            reason: "oversized global PAX header".into(),
+                        });
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let mut path = long_name.take().unwrap_or(header_path);
+            let mut link = long_link
+                .take()
+                .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
+            let mut meta = Meta {
+                uid: entry.header().uid().map_err(|e| io_err(&shown, e))?,
+                gid: entry.header().gid().map_err(|e| io_err(&shown, e))?,
+                mode: entry.header().mode().map_err(|e| io_err(&shown, e))? & 0o7777,
+                mtime: Timespec {
+                    tv_sec: entry.header().mtime().unwrap_or(0) as i64,
+                    tv_nsec: 0,
+                },
+                xattrs: Vec::new(),
+                dev_major: entry.header().device_major().ok().flatten().unwrap_or(0),
+                dev_minor: entry.header().device_minor().ok().flatten().unwrap_or(0),
+            };
+            for (k, v) in pax.drain(..) {
+                let text = String::from_utf8_lossy(&v).into_owned();
+                match k.as_str() {
+                    "path" => path = v,
+                    "linkpath" => link = Some(v),
+                    "uid" => meta.uid = parse_num(&shown, &k, &text)?,
+                    "gid" => meta.gid = parse_num(&shown, &k, &text)?,
+                    "mtime" => meta.mtime = parse_time(&text),
+                    "size" => {
+                        if parse_num(&shown, &k, &text)? != size {
+                            return Err(UnpackError::Bad {
+                                path: shown,
+                                reason: "PAX size differs from header size (unsupported)".into(),
+                            });
+                        }
+                    }
+                    _ => {
+                        if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                            meta.xattrs.push((name.as_bytes().to_vec(), v));
+                        }
+                    }
+                }
+            }
+            let shown = String::from_utf8_lossy(&path).into_owned();
+            let comps = components(&path, &shown)?;
+            u.entry(et, comps, link, meta, &mut entry, &shown, size)?;
+            u.stats.entries += 1;
+        }
+    }
+    u.finish()?;
+    Ok((u.stats, archive.into_inner()))
+}
+
+fn parse_num(path: &str, key: &str, v: &str) -> Result<u64, UnpackError> {
+    v.trim().parse().map_err(|_| UnpackError::Bad {
+        path: path.into(),
+        reason: format!("PAX {key}={v:?} is not a number"),
+    })
+}
+
+fn parse_time(v: &str) -> Timespec {
+    let (s, frac) = v.trim().split_once('.').unwrap_or((v.trim(), ""));
+    let secs = s.parse::<i64>().unwrap_or(0);
+    let mut digits: String = frac.chars().filter(char::is_ascii_digit).take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    Timespec {
+        tv_sec: secs,
+        tv_nsec: digits.parse().unwrap_or(0),
+    }
+}
+
+fn io_err(path: &str, source: io::Error) -> UnpackError {
+    UnpackError::Io {
+        path: path.to_string(),
+        source,
+    }
+}
+
+/// Splits a tar path into safe components, dropping `/` and `.`, rejecting `..`.
+fn components(path: &[u8], shown: &str) -> Result<Vec<Vec<u8>>, UnpackError> {
+    let mut out = Vec::new();
+    for c in path.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                return Err(UnpackError::Unsafe {
+                    path: shown.into(),
+                    reason: "path contains '..'".into(),
+                })
+            }
+            c if c.contains(&0) => {
+                return Err(UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "NUL byte in path".into(),
+                })
+            }
+            c => out.push(c.to_vec()),
+        }
+    }
+    Ok(out)
+}
+
+struct Unpacker {
+    root: OwnedFd,
+    is_root: bool,
+    dirs: Vec<PendingDir>,
+    stats: UnpackStats,
+}
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
+
+impl Unpacker {
+    /// Opens the directory `comps` under the root without following any symlink, creating
+    /// missing directories (mode 0755) when `create`.
+    fn open_dir(&self, comps: &[Vec<u8>], create: bool, shown: &str) -> Result<OwnedFd, UnpackError> {
+        let mut cur = rfs::openat(
+            &self.root,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err(shown, e.into()))?;
+        for c in comps {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let next = match rfs::openat(&cur, c.as_slice(), flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if create => {
+                    match rfs::mkdirat(&cur, c.as_slice(), Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(io_err(shown, e.into())),
+                    }
+                    rfs::openat(&cur, c.as_slice(), flags, Mode::empty())
+                        .map_err(|e| self.parent_err(shown, e))?
+                }
+                Err(e) => return Err(self.parent_err(shown, e)),
+            };
+            cur = next;
+        }
+        Ok(cur)
+    }
+
+    fn parent_err(&self, shown: &str, e: Errno) -> UnpackError {
+        if e == Errno::LOOP || e == Errno::NOTDIR {
+            UnpackError::Unsafe {
+                path: shown.into(),
+                reason: "a parent directory is a symlink or not a directory".into(),
+            }
+        } else {
+            io_err(shown, e.into())
+        }
+    }
+
+    /// Removes whatever non-directory (or, unless `keep_dir`, directory) sits at `name`.
+    fn clear(&self, parent: &OwnedFd, name: &[u8], keep_dir: bool, shown: &str) -> Result<bool, UnpackError> {
+        match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(io_err(shown, e.into())),
+            Ok(st) => {
+                let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+                if is_dir && keep_dir {
+                    return Ok(true);
+                }
+                if is_dir {
+                    // The /proc path pins the parent through its fd; remove_dir_all never follows links.
+                    let p = proc_path(parent, name);
+                    std::fs::remove_dir_all(&p).map_err(|e| io_err(shown, e))?;
+                } else {
+                    rfs::unlinkat(parent, name, AtFlags::empty())
+                        .map_err(|e| io_err(shown, e.into()))?;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry<R: Read>(
+        &mut self,
+        et: EntryType,
+        comps: Vec<Vec<u8>>,
+        link: Option<Vec<u8>>,
+        meta: Meta,
+        data: &mut R,
+        shown: &str,
+        size: u64,
+    ) -> Result<(), UnpackError> {
+        let Some((name, parents)) = comps.split_last() else {
+            if et == EntryType::Directory {
+                // "./": metadata of the layer root itself.
+                self.chown(&self.root, &meta, shown)?;
+                self.set_xattrs(&self.root, &meta, shown)?;
+                self.dirs.push(PendingDir {
+                    comps: Vec::new(),
+                    mode: meta.mode,
+                    mtime: meta.mtime,
+                });
+                return Ok(());
+            }
+            return Err(UnpackError::Bad {
+                path: shown.into(),
+                reason: "empty path".into(),
+            });
+        };
+        let parent = self.open_dir(parents, true, shown)?;
+        if name.as_slice() == OPAQUE {
+            if !self.is_root {
+                return Err(UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "opaque directories need trusted.* xattrs (run as root)".into(),
+                });
+            }
+            rfs::fsetxattr(&parent, "trusted.overlay.opaque", b"y", XattrFlags::empty())
+                .map_err(|e| io_err(shown, e.into()))?;
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if !self.is_root {
+                return Err(UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "whiteouts are 0:0 character devices and need CAP_MKNOD (run as root)"
+                        .into(),
+                });
+            }
+            if hidden.is_empty() {
+                return Err(UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "empty whiteout name".into(),
+                });
+            }
+            self.clear(&parent, hidden, false, shown)?;
+            rfs::mknodat(&parent, hidden, FileType::CharacterDevice, Mode::empty(), 0)
+                .map_err(|e| io_err(shown, e.into()))?;
+            return Ok(());
+        }
+        match et {
+            EntryType::Directory => {
+                let exists = self.clear(&parent, name, true, shown)?;
+                if !exists {
+                    rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| io_err(shown, e.into()))?;
+                }
+                let fd = rfs::openat(
+                    &parent,
+                    name.as_slice(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.parent_err(shown, e))?;
+                self.chown(&fd, &meta, shown)?;
+                self.set_xattrs(&fd, &meta, shown)?;
+                self.dirs.push(PendingDir {
+                    comps: comps.clone(),
+                    mode: meta.mode,
+                    mtime: meta.mtime,
+                });
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                self.clear(&parent, name, false, shown)?;
+                let fd = rfs::openat(
+                    &parent,
+                    name.as_slice(),
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io_err(shown, e.into()))?;
+                let mut file = File::from(fd);
+                let n = io::copy(&mut data.take(size), &mut file).map_err(|e| io_err(shown, e))?;
+                if n != size {
+                    return Err(UnpackError::Bad {
+                        path: shown.into(),
+                        reason: format!("archive ended inside the entry ({n} of {size} bytes)"),
+                    });
+                }
+                self.stats.bytes += n;
+                self.chown(&file, &meta, shown)?;
+                // After chown, which clears setuid/setgid.
+                rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
+                    .map_err(|e| io_err(shown, e.into()))?;
+                self.set_xattrs(&file, &meta, shown)?;
+                rfs::futimens(&file, &times(meta.mtime)).map_err(|e| io_err(shown, e.into()))?;
+            }
+            EntryType::Symlink => {
+                let target = link.filter(|l| !l.is_empty()).ok_or_else(|| UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "symlink without target".into(),
+                })?;
+                self.clear(&parent, name, false, shown)?;
+                // The target text is stored verbatim; it is never followed while unpacking.
+                rfs::symlinkat(target.as_slice(), &parent, name.as_slice())
+                    .map_err(|e| io_err(shown, e.into()))?;
+                if self.is_root {
+                    rfs::chownat(
+                        &parent,
+                        name.as_slice(),
+                        Some(uid(meta.uid, shown)?),
+                        Some(gid(meta.gid, shown)?),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_err(shown, e.into()))?;
+                    for (k, v) in &meta.xattrs {
+                        let r = rfs::lsetxattr(proc_path(&parent, name), k.as_slice(), v, XattrFlags::empty());
+                        self.xattr_result(r, k, shown)?;
+                    }
+                }
+                rfs::utimensat(&parent, name.as_slice(), &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io_err(shown, e.into()))?;
+            }
+            EntryType::Link => {
+                let target = link.ok_or_else(|| UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "hardlink without target".into(),
+                })?;
+                let tshown = String::from_utf8_lossy(&target).into_owned();
+                let tcomps = components(&target, &tshown).map_err(|_| UnpackError::Unsafe {
+                    path: shown.into(),
+                    reason: format!("hardlink target {tshown:?} contains '..'"),
+                })?;
+                let Some((tname, tparents)) = tcomps.split_last() else {
+                    return Err(UnpackError::Unsafe {
+                        path: shown.into(),
+                        reason: "hardlink to the layer root".into(),
+                    });
+                };
+                let tparent = self.open_dir(tparents, false, shown)?;
+                if tcomps == comps {
+                    return Ok(());
+                }
+                self.clear(&parent, name, false, shown)?;
+                // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+                rfs::linkat(&tparent, tname.as_slice(), &parent, name.as_slice(), AtFlags::empty())
+                    .map_err(|e| match e {
+                        Errno::NOENT => UnpackError::Bad {
+                            path: shown.into(),
+                            reason: format!("hardlink target {tshown:?} does not exist in this layer"),
+                        },
+                        e => io_err(shown, e.into()),
+                    })?;
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let ft = match et {
+                    EntryType::Char => FileType::CharacterDevice,
+                    EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                if ft != FileType::Fifo && !self.is_root {
+                    return Err(UnpackError::Bad {
+                        path: shown.into(),
+                        reason: "device nodes are only created when running as root".into(),
+                    });
+                }
+                self.clear(&parent, name, false, shown)?;
+                let dev = rustix::fs::makedev(meta.dev_major, meta.dev_minor);
+                rfs::mknodat(&parent, name.as_slice(), ft, Mode::from_raw_mode(meta.mode), dev)
+                    .map_err(|e| io_err(shown, e.into()))?;
+                if self.is_root {
+                    rfs::chownat(
+                        &parent,
+                        name.as_slice(),
+                        Some(uid(meta.uid, shown)?),
+                        Some(gid(meta.gid, shown)?),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_err(shown, e.into()))?;
+                    rfs::chmodat(&parent, name.as_slice(), Mode::from_raw_mode(meta.mode), AtFlags::empty())
+                        .map_err(|e| io_err(shown, e.into()))?;
+                }
+                rfs::utimensat(&parent, name.as_slice(), &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io_err(shown, e.into()))?;
+            }
+            EntryType::GNUSparse => {
+                return Err(UnpackError::Bad {
+                    path: shown.into(),
+                    reason: "GNU sparse files are not supported".into(),
+                })
+            }
+            other => {
+                return Err(UnpackError::Bad {
+                    path: shown.into(),
+                    reason: format!("unsupported entry type {:?}", other.as_byte() as char),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn chown<Fd: AsFd>(&self, fd: Fd, meta: &Meta, shown: &str) -> Result<(), UnpackError> {
+        if !self.is_root {
+            return Ok(());
+        }
+        rfs::fchown(fd, Some(uid(meta.uid, shown)?), Some(gid(meta.gid, shown)?))
+            .map_err(|e| io_err(shown, e.into()))
+    }
+
+    fn set_xattrs<Fd: AsFd>(&self, fd: Fd, meta: &Meta, shown: &str) -> Result<(), UnpackError> {
+        for (k, v) in &meta.xattrs {
+            let r = rfs::fsetxattr(fd.as_fd(), k.as_slice(), v, XattrFlags::empty());
+            self.xattr_result(r, k, shown)?;
+        }
+        Ok(())
+    }
+
+    fn xattr_result(&self, r: rustix::io::Result<()>, k: &[u8], shown: &str) -> Result<(), UnpackError> {
+        match r {
+            Ok(()) => Ok(()),
+            // Filesystems without xattr support, or trusted.* as non-root: the layer is still usable.
+            Err(e) if e == Errno::NOTSUP || (!self.is_root && e == Errno::PERM) => {
+                debug!(path = shown, xattr = %String::from_utf8_lossy(k), "xattr not applied: {e}");
+                Ok(())
+            }
+            Err(e) => Err(io_err(shown, e.into())),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), UnpackError> {
+        // Deepest first so a parent's mtime is set after its children changed it.
+        self.dirs.sort_by(|a, b| b.comps.len().cmp(&a.comps.len()));
+        let dirs = std::mem::take(&mut self.dirs);
+        for d in dirs {
+            let shown = String::from_utf8_lossy(&d.comps.join(&b'/')).into_owned();
+            let fd = self.open_dir(&d.comps, false, &shown)?;
+            rfs::fchmod(&fd, Mode::from_raw_mode(d.mode)).map_err(|e| io_err(&shown, e.into()))?;
+            rfs::futimens(&fd, &times(d.mtime)).map_err(|e| io_err(&shown, e.into()))?;
+        }
+        Ok(())
+    }
+}
+
+fn uid(v: u64, shown: &str) -> Result<rfs::Uid, UnpackError> {
+    u32::try_from(v)
+        .map(rfs::Uid::from_raw)
+        .map_err(|_| UnpackError::Bad {
+            path: shown.into(),
+            reason: format!("uid {v} out of range"),
+        })
+}
+
+fn gid(v: u64, shown: &str) -> Result<rfs::Gid, UnpackError> {
+    u32::try_from(v)
+        .map(rfs::Gid::from_raw)
+        .map_err(|_| UnpackError::Bad {
+            path: shown.into(),
+            reason: format!("gid {v} out of range"),
+        })
+}
+
+fn times(mtime: Timespec) -> Timestamps {
+    Timestamps {
+        last_access: mtime,
+        last_modification: mtime,
+    }
+}
+
+fn proc_path(parent: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = std::path::PathBuf::from(format!("/proc/self/fd/{}", parent.as_raw_fd()));
+    p.push(std::ffi::OsStr::from_bytes(name));
+    p
+}
