@@ -1,9 +1,14 @@
 //! guest-puller: pulls, verifies, decrypts and unpacks container images inside the TEE guest.
 
+pub mod api;
+pub mod bundle;
 pub mod config;
 pub mod decrypt;
+pub mod fetcher;
 pub mod jwe;
+pub mod layer;
 pub mod policy;
+pub mod pull;
 pub mod registry;
 pub mod resource;
 pub mod unpack;

@@ -1,0 +1,169 @@
+//! ttrpc server: `api.ImagePullService/PullImage` and `keyprovider.KeyProviderService/UnWrapKey`
+//! on a unix socket, as the CDH serves them to kata-agent and ocicrypt keyprovider callers.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::Value;
+use tracing::{error, info};
+use ttrpc::{Code, Error as TtrpcError};
+
+use super::protos::{api, api_ttrpc, keyprovider, keyprovider_ttrpc};
+use crate::policy::PolicyError;
+use crate::pull::{PullError, Puller};
+use crate::registry::RegistryError;
+use crate::resource::ResourceError;
+
+fn status(code: Code, msg: impl ToString) -> TtrpcError {
+    TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+/// ttrpc status code a pull error maps to.
+pub fn pull_error_code(e: &PullError) -> Code {
+    match e {
+        PullError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        PullError::Config(_) => Code::FAILED_PRECONDITION,
+        PullError::Resource(ResourceError::Denied { .. }) => Code::PERMISSION_DENIED,
+        PullError::Resource(ResourceError::NotFound { .. }) => Code::NOT_FOUND,
+        PullError::Resource(ResourceError::InvalidUri { .. }) => Code::FAILED_PRECONDITION,
+        PullError::Resource(ResourceError::Failed { .. }) => Code::UNAVAILABLE,
+        PullError::Registry(RegistryError::InvalidReference { .. }) => Code::INVALID_ARGUMENT,
+        PullError::Registry(RegistryError::Blocked(_)) => Code::PERMISSION_DENIED,
+        PullError::Registry(RegistryError::DigestMismatch { .. }) => Code::DATA_LOSS,
+        PullError::Registry(RegistryError::Unsupported { .. }) => Code::UNIMPLEMENTED,
+        PullError::Registry(RegistryError::Credentials(_)) => Code::FAILED_PRECONDITION,
+        PullError::Registry(RegistryError::Request { reason, .. }) => {
+            if reason.contains("404") || reason.contains("not found") || reason.contains("MANIFEST_UNKNOWN") {
+                Code::NOT_FOUND
+            } else if reason.contains("401") || reason.contains("403") || reason.contains("Not authorized") {
+                Code::PERMISSION_DENIED
+            } else {
+                Code::UNAVAILABLE
+            }
+        }
+        PullError::Registry(RegistryError::ConsumerGone) => Code::INTERNAL,
+        PullError::Policy(PolicyError::Rejected { .. }) => Code::PERMISSION_DENIED,
+        PullError::Policy(_) => Code::FAILED_PRECONDITION,
+        PullError::Decrypt(_) => Code::PERMISSION_DENIED,
+        PullError::Layer(crate::layer::LayerError::Integrity { .. }) => Code::DATA_LOSS,
+        PullError::Layer(crate::layer::LayerError::Unpack { .. }) => Code::INVALID_ARGUMENT,
+        PullError::Layer(crate::layer::LayerError::MediaType { .. }) => Code::UNIMPLEMENTED,
+        PullError::Layer(crate::layer::LayerError::Fetch { .. }) => Code::UNAVAILABLE,
+        PullError::Layer(crate::layer::LayerError::Store(_)) => Code::INTERNAL,
+        PullError::Bundle(crate::bundle::BundleError::Busy(_)) => Code::ALREADY_EXISTS,
+        PullError::Bundle(crate::bundle::BundleError::Config(_)) => Code::INVALID_ARGUMENT,
+        PullError::Bundle(_) => Code::INTERNAL,
+    }
+}
+
+/// Serves both services over one [`Puller`].
+pub struct Service {
+    puller: Arc<Puller>,
+}
+
+#[async_trait::async_trait]
+impl api_ttrpc::ImagePullService for Service {
+    async fn pull_image(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        req: api::ImagePullRequest,
+    ) -> ttrpc::Result<api::ImagePullResponse> {
+        info!(image = %req.image_url, bundle = %req.bundle_path, "PullImage");
+        match self
+            .puller
+            .pull_image(&req.image_url, Path::new(&req.bundle_path))
+            .await
+        {
+            Ok(r) => {
+                let mut resp = api::ImagePullResponse::new();
+                resp.manifest_digest = r.manifest_digest;
+                Ok(resp)
+            }
+            Err(e) => {
+                error!(image = %req.image_url, "PullImage failed: {e}");
+                Err(status(pull_error_code(&e), format!("pull {}: {e}", req.image_url)))
+            }
+        }
+    }
+}
+
+/// Extracts a Go `[]byte` JSON field, accepting base64 strings and byte arrays.
+fn json_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::String(s) => STANDARD.decode(s.trim()).ok(),
+        Value::Array(a) => a.iter().map(|b| b.as_u64().and_then(|n| u8::try_from(n).ok())).collect(),
+        _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl keyprovider_ttrpc::KeyProviderService for Service {
+    async fn wrap_key(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        _req: keyprovider::KeyProviderKeyWrapProtocolInput,
+    ) -> ttrpc::Result<keyprovider::KeyProviderKeyWrapProtocolOutput> {
+        Err(status(
+            Code::UNIMPLEMENTED,
+            "WrapKey is not offered inside the guest (encrypt images with skopeo or coco-keyprovider)",
+        ))
+    }
+
+    async fn un_wrap_key(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        req: keyprovider::KeyProviderKeyWrapProtocolInput,
+    ) -> ttrpc::Result<keyprovider::KeyProviderKeyWrapProtocolOutput> {
+        let input: Value = serde_json::from_slice(&req.KeyProviderKeyWrapProtocolInput)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("keyprovider input JSON: {e}")))?;
+        if input.get("op").and_then(Value::as_str) != Some("keyunwrap") {
+            return Err(status(Code::INVALID_ARGUMENT, "UnWrapKey needs op \"keyunwrap\""));
+        }
+        let annotation = input
+            .pointer("/keyunwrapparams/annotation")
+            .and_then(json_bytes)
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "keyunwrapparams.annotation missing or not bytes"))?;
+        let plbco = self
+            .puller
+            .unwrapper()
+            .unwrap_annotation_packet(&annotation)
+            .await
+            .map_err(|e| status(Code::PERMISSION_DENIED, format!("UnWrapKey: {e}")))?;
+        // Array form, as CDH emits it (ocicrypt-rs callers expect it).
+        let out = serde_json::json!({"keyunwrapresults": {"optsdata": plbco.as_slice()}});
+        let mut resp = keyprovider::KeyProviderKeyWrapProtocolOutput::new();
+        resp.KeyProviderKeyWrapProtocolOutput = zeroize::Zeroizing::new(out.to_string().into_bytes()).to_vec();
+        Ok(resp)
+    }
+}
+
+/// Runs the server on `socket` until SIGTERM/SIGINT.
+pub async fn serve(puller: Arc<Puller>, socket: &Path) -> Result<(), ttrpc::Error> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ttrpc::Error::Others(format!("{}: {e}", dir.display())))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ttrpc::Error::Others(format!("{}: {e}", socket.display()))),
+    }
+    let svc = Arc::new(Service { puller });
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("unix://{}", socket.display()))?
+        .register_service(api_ttrpc::create_image_pull_service(svc.clone()))
+        .register_service(keyprovider_ttrpc::create_key_provider_service(svc));
+    server.start().await?;
+    info!(socket = %socket.display(), "guest-puller ttrpc server listening");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down");
+    server.shutdown().await?;
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! Content-addressed layer store and the streaming layer pipeline:
+//! fetch → (decrypt + HMAC) → (plaintext digest) → decompress → diff_id → untar into a
+//! staging dir, renamed into the store only after every check passed.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rustix::fs::{flock, FlockOperation};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::decrypt::{Compression, LayerKey};
+use crate::registry::Hasher;
+use crate::unpack::{self, UnpackError, UnpackStats};
+
+/// Chunks buffered between the HTTP stream and the unpacker (bounds memory per layer).
+pub const CHANNEL_CHUNKS: usize = 16;
+
+/// Why a layer could not be made available.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    /// A digest, HMAC or size check failed.
+    #[error("layer {layer}: {reason}")]
+    Integrity { layer: String, reason: String },
+    /// The tar stream was unsafe or malformed.
+    #[error("layer {layer}: {source}")]
+    Unpack { layer: String, source: UnpackError },
+    /// The layer media type is not supported.
+    #[error("layer {layer}: unsupported media type {media_type}")]
+    MediaType { layer: String, media_type: String },
+    /// Store I/O failed.
+    #[error("layer store: {0}")]
+    Store(#[from] io::Error),
+    /// Fetching failed.
+    #[error("layer {layer}: {reason}")]
+    Fetch { layer: String, reason: String },
+}
+
+/// What the pipeline needs to know about one layer.
+pub struct LayerSpec {
+    /// Blob digest from the manifest (of the encrypted blob if encrypted).
+    pub digest: String,
+    /// Blob size from the manifest.
+    pub size: u64,
+    /// Compression of the (decrypted) blob.
+    pub compression: Compression,
+    /// Uncompressed tar digest from the image config.
+    pub diff_id: String,
+    /// Decryption key for encrypted layers.
+    pub key: Option<LayerKey>,
+}
+
+/// The layer store under `<work_dir>`: `layers/`, `staging/`, `bundles/`, `overlay/`.
+pub struct LayerStore {
+    root: PathBuf,
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pins: Mutex<HashMap<String, usize>>,
+    counter: AtomicU64,
+}
+
+/// Directory name of a layer in the store.
+pub fn layer_dir_name(digest: &str) -> String {
+    digest.replace(':', "-")
+}
+
+fn valid_digest(d: &str) -> bool {
+    match d.split_once(':') {
+        Some((a, h)) => {
+            matches!(a, "sha256" | "sha512")
+                && !h.is_empty()
+                && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }
+        None => false,
+    }
+}
+
+/// Keeps layers from being garbage-collected while a pull uses them.
+pub struct Pin {
+    store: Arc<LayerStore>,
+    digests: Vec<String>,
+    _lock: fs::File,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.store.pins.lock().expect("pins lock");
+        for d in &self.digests {
+            if let Some(n) = pins.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(d);
+                }
+            }
+        }
+    }
+}
+
+impl LayerStore {
+    /// Opens (creating) the store and discards leftovers of interrupted pulls.
+    pub fn open(work_dir: &Path) -> io::Result<Arc<Self>> {
+        for d in ["layers", "staging", "bundles", "overlay"] {
+            fs::create_dir_all(work_dir.join(d))?;
+        }
+        let s = Arc::new(Self {
+            root: work_dir.to_owned(),
+            inflight: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
+            counter: AtomicU64::new(0),
+        });
+        // Staging dirs of another live process must survive: only clear when nobody pulls.
+        if let Some(_l) = s.try_exclusive()? {
+            for e in fs::read_dir(work_dir.join("staging"))? {
+                let p = e?.path();
+                let _ = fs::remove_dir_all(&p);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Root of the store (the configured work dir).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of a verified layer.
+    pub fn layer_path(&self, digest: &str) -> PathBuf {
+        self.root.join("layers").join(layer_dir_name(digest))
+    }
+
+    /// Whether a verified layer is present.
+    pub fn has_layer(&self, digest: &str) -> bool {
+        self.layer_path(digest).is_dir()
+    }
+
+    fn lock_file(&self) -> io::Result<fs::File> {
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".lock"))
+    }
+
+    fn try_exclusive(&self) -> io::Result<Option<fs::File>> {
+        let f = self.lock_file()?;
+        match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pins `digests` for the duration of a pull (in-process and, via a shared flock,
+    /// against GC in other processes).
+    pub async fn pin(self: &Arc<Self>, digests: Vec<String>) -> io::Result<Pin> {
+        let f = self.lock_file()?;
+        let f = tokio::task::spawn_blocking(move || {
+            flock(&f, FlockOperation::LockShared).map(|_| f)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let mut pins = self.pins.lock().expect("pins lock");
+        for d in &digests {
+            *pins.entry(d.clone()).or_default() += 1;
+        }
+        Ok(Pin {
+            store: self.clone(),
+            digests,
+            _lock: f,
+        })
+    }
+
+    /// Makes the layer available: returns at once if present, otherwise runs `fetch` exactly
+    /// once across concurrent callers (others wait and reuse the result).
+    pub async fn ensure_layer<F, Fut>(
+        self: &Arc<Self>,
+        spec: LayerSpec,
+        fetch: F,
+    ) -> Result<(PathBuf, bool), LayerError>
+    where
+        F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        if !valid_digest(&spec.digest) || !valid_digest(&spec.diff_id) {
+            return Err(LayerError::Integrity {
+                layer: spec.digest.clone(),
+                reason: format!("unsupported digest or diff_id {:?}", spec.diff_id),
+            });
+        }
+        let digest = spec.digest.clone();
+        let gate = {
+            let mut m = self.inflight.lock().expect("inflight lock");
+            m.entry(digest.clone()).or_default().clone()
+        };
+        let _guard = gate.lock().await;
+        let path = self.layer_path(&spec.digest);
+        if path.is_dir() {
+            return Ok((path, true));
+        }
+        let result = self.fetch_and_unpack(spec, fetch).await;
+        // Drop the gate entry when nobody else waits on it.
+        {
+            let mut m = self.inflight.lock().expect("inflight lock");
+            if m.get(&digest).is_some_and(|g| Arc::strong_count(g) <= 2) {
+                m.remove(&digest);
+            }
+        }
+        result.map(|p| (p, false))
+    }
+
+    async fn fetch_and_unpack<F, Fut>(&self, spec: LayerSpec, fetch: F) -> Result<PathBuf, LayerError>
+    where
+        F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let staging = self.root.join("staging").join(format!(
+            "{}.{}.{}",
+            layer_dir_name(&spec.digest),
+            std::process::id(),
+            n
+        ));
+        fs::create_dir(&staging)?;
+        let digest = spec.digest.clone();
+        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let staging2 = staging.clone();
+        let started = std::time::Instant::now();
+        let work = tokio::task::spawn_blocking(move || process_layer(rx, &spec, &staging2));
+        let fetched = fetch(tx).await;
+        let processed = work.await.map_err(|e| LayerError::Store(io::Error::other(e)))?;
+        let outcome = match (processed, fetched) {
+            (Ok(stats), Ok(())) => Ok(stats),
+            // The consumer's error explains why the fetch was cut short.
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(reason)) => Err(LayerError::Fetch {
+                layer: digest.clone(),
+                reason,
+            }),
+        };
+        match outcome {
+            Ok(stats) => {
+                let dest = self.layer_path(&digest);
+                match fs::rename(&staging, &dest) {
+                    Ok(()) => {}
+                    // Another process finished the same layer first; theirs is equally verified.
+                    Err(e) if dest.is_dir() => {
+                        debug!("layer {digest} appeared concurrently ({e}); using it");
+                        remove_tree(&staging).await;
+                    }
+                    Err(e) => {
+                        remove_tree(&staging).await;
+                        return Err(e.into());
+                    }
+                }
+                info!(layer = %digest, entries = stats.entries, bytes = stats.bytes,
+                      ms = started.elapsed().as_millis() as u64, "layer unpacked");
+                Ok(dest)
+            }
+            Err(e) => {
+                remove_tree(&staging).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes layers no bundle record references and no pull has pinned. Skips (returns
+    /// empty) when another process holds the store lock.
+    pub fn gc(&self) -> io::Result<Vec<String>> {
+        let Some(_l) = self.try_exclusive()? else {
+            debug!("layer GC skipped: a pull is in progress");
+            return Ok(Vec::new());
+        };
+        let mut used: HashSet<String> = HashSet::new();
+        for rec in self.bundle_records()? {
+            used.extend(rec.layers.iter().map(|d| layer_dir_name(d)));
+        }
+        let pinned: HashSet<String> = self
+            .pins
+            .lock()
+            .expect("pins lock")
+            .keys()
+            .map(|d| layer_dir_name(d))
+            .collect();
+        let mut removed = Vec::new();
+        for e in fs::read_dir(self.root.join("layers"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if used.contains(&name) || pinned.contains(&name) {
+                continue;
+            }
+            fs::remove_dir_all(e.path())?;
+            removed.push(name.replacen('-', ":", 1));
+        }
+        if !removed.is_empty() {
+            info!(count = removed.len(), "garbage-collected unused layers");
+        }
+        Ok(removed)
+    }
+
+    /// All bundle records.
+    pub fn bundle_records(&self) -> io::Result<Vec<BundleRecord>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.root.join("bundles"))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let data = fs::read(&p)?;
+                match serde_json::from_slice(&data) {
+                    Ok(r) => out.push(r),
+                    Err(err) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("bundle record {}: {err}", p.display()),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Path of the record for `bundle`.
+    pub fn record_path(&self, bundle: &Path) -> PathBuf {
+        use sha2::Digest;
+        let h = hex::encode(sha2::Sha256::digest(bundle.as_os_str().as_encoded_bytes()));
+        self.root.join("bundles").join(format!("{h}.json"))
+    }
+
+    /// Per-bundle overlay upper/work parent dir.
+    pub fn overlay_dir(&self, bundle: &Path) -> PathBuf {
+        use sha2::Digest;
+        let h = hex::encode(sha2::Sha256::digest(bundle.as_os_str().as_encoded_bytes()));
+        self.root.join("overlay").join(&h[..32])
+    }
+}
+
+async fn remove_tree(p: &Path) {
+    let p = p.to_owned();
+    let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(p)).await;
+}
+
+/// Which layers a bundle uses, for refcounted GC.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BundleRecord {
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Image reference as requested.
+    pub image: String,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+}
+
+/// First verification failure seen by any reader in the chain.
+type Failure = Rc<RefCell<Option<String>>>;
+
+fn fail(f: &Failure, msg: String) -> io::Error {
+    let mut slot = f.borrow_mut();
+    if slot.is_none() {
+        *slot = Some(msg.clone());
+    }
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Blocking side of the bounded channel; hashes the blob and checks size + digest at EOF.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+    hasher: Option<Hasher>,
+    expected: String,
+    size: u64,
+    seen: u64,
+    failure: Failure,
+    verified: Rc<RefCell<bool>>,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
+                    self.seen += b.len() as u64;
+                    if self.size > 0 && self.seen > self.size {
+                        return Err(fail(&self.failure, format!(
+                            "blob is larger than its descriptor size {}", self.size)));
+                    }
+                    if let Some(h) = self.hasher.as_mut() {
+                        h.update(&b);
+                    }
+                    self.cur = b;
+                }
+                Some(Err(e)) => {
+                    return Err(fail(&self.failure, format!("download failed: {e}")));
+                }
+                None => {
+                    if let Some(h) = self.hasher.take() {
+                        if self.size > 0 && self.seen != self.size {
+                            return Err(fail(&self.failure, format!(
+                                "blob truncated: got {} of {} bytes", self.seen, self.size)));
+                        }
+                        let actual = h.finish();
+                        if actual != self.expected {
+                            return Err(fail(&self.failure, format!(
+                                "blob digest mismatch: expected {}, got {actual}", self.expected)));
+                        }
+                        *self.verified.borrow_mut() = true;
+                    }
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+/// Hashes what passes through and checks the digest at EOF.
+struct HashReader<R> {
+    inner: R,
+    hasher: Option<Hasher>,
+    expected: String,
+    what: &'static str,
+    failure: Failure,
+    verified: Rc<RefCell<bool>>,
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            if let Some(h) = self.hasher.take() {
+                let actual = h.finish();
+                if actual != self.expected {
+                    return Err(fail(&self.failure, format!(
+                        "{} mismatch: expected {}, got {actual}", self.what, self.expected)));
+                }
+                *self.verified.borrow_mut() = true;
+            }
+            return Ok(0);
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Maps HMAC failures raised inside the decryptor into the shared failure slot.
+struct Tap<R> {
+    inner: R,
+    failure: Failure,
+}
+
+impl<R: Read> Read for Tap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                fail(&self.failure, e.to_string())
+            } else {
+                e
+            }
+        })
+    }
+}
+
+fn hash_reader<R: Read>(
+    inner: R,
+    expected: &str,
+    what: &'static str,
+    failure: &Failure,
+) -> io::Result<(HashReader<R>, Rc<RefCell<bool>>)> {
+    let hasher = Hasher::for_digest(expected).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("unsupported {what} {expected:?}"))
+    })?;
+    let verified = Rc::new(RefCell::new(false));
+    Ok((
+        HashReader {
+            inner,
+            hasher: Some(hasher),
+            expected: expected.to_string(),
+            what,
+            failure: failure.clone(),
+            verified: verified.clone(),
+        },
+        verified,
+    ))
+}
+
+/// Runs the blocking part of the pipeline for one layer into `staging`.
+pub fn process_layer(
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    spec: &LayerSpec,
+    staging: &Path,
+) -> Result<UnpackStats, LayerError> {
+    let failure: Failure = Rc::new(RefCell::new(None));
+    let layer = spec.digest.clone();
+    let integrity = |reason: String| LayerError::Integrity {
+        layer: layer.clone(),
+        reason,
+    };
+    let blob_ok = Rc::new(RefCell::new(false));
+    let raw = ChannelReader {
+        rx,
+        cur: Bytes::new(),
+        hasher: Hasher::for_digest(&spec.digest),
+        expected: spec.digest.clone(),
+        size: spec.size,
+        seen: 0,
+        failure: failure.clone(),
+        verified: blob_ok.clone(),
+    };
+    let mut checks: Vec<Rc<RefCell<bool>>> = vec![blob_ok];
+    let plain: Box<dyn Read> = match &spec.key {
+        Some(key) => {
+            let dec = Tap {
+                inner: key.decryptor(raw),
+                failure: failure.clone(),
+            };
+            match &key.plain_digest {
+                Some(d) => {
+                    let (r, ok) = hash_reader(dec, d, "decrypted layer digest", &failure)
+                        .map_err(|e| integrity(e.to_string()))?;
+                    checks.push(ok);
+                    Box::new(r)
+                }
+                None => Box::new(dec),
+            }
+        }
+        None => Box::new(raw),
+    };
+    let tar: Box<dyn Read> = match spec.compression {
+        Compression::None => plain,
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
+            64 * 1024,
+            plain,
+        ))),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(plain).map_err(|e| integrity(format!("zstd: {e}")))?,
+        ),
+    };
+    let (tar, diff_ok) = hash_reader(tar, &spec.diff_id, "diff_id", &failure)
+        .map_err(|e| integrity(e.to_string()))?;
+    checks.push(diff_ok);
+    let result = unpack::unpack(tar, staging).and_then(|(stats, mut rest)| {
+        // Everything after the end-of-archive marker still counts for diff_id, HMAC and digest.
+        io::copy(&mut rest, &mut io::sink()).map_err(|source| UnpackError::Io {
+            path: "<after end of archive>".into(),
+            source,
+        })?;
+        Ok(stats)
+    });
+    if let Some(reason) = failure.borrow_mut().take() {
+        return Err(integrity(reason));
+    }
+    let stats = result.map_err(|source| LayerError::Unpack {
+        layer: layer.clone(),
+        source,
+    })?;
+    if !checks.iter().all(|c| *c.borrow()) {
+        return Err(integrity("stream ended before all integrity checks ran".into()));
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! `guest-puller` CLI: pull an image into a bundle, serve the CDH-compatible ttrpc API,
+//! or unmount a bundle.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use guest_puller::config::Config;
+use guest_puller::fetcher::KbsResourceFetcher;
+use guest_puller::pull::Puller;
+
+#[derive(Parser)]
+#[command(name = "guest-puller", version, about = "Pull, verify, decrypt and unpack images inside a TEE guest")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pull IMAGE into an OCI bundle (rootfs at BUNDLE/rootfs, config.json beside it).
+    Pull {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Image reference.
+        image: String,
+        /// Bundle directory (absolute).
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// Serve api.ImagePullService and keyprovider.KeyProviderService over ttrpc.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Socket path (overrides [server] socket).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Unmount a bundle's rootfs, remove it and garbage-collect unused layers.
+    Unmount {
+        /// TOML configuration file (for the work dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Bundle directory.
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+}
+
+fn load(config: &Option<PathBuf>) -> anyhow::Result<Config> {
+    match config {
+        Some(p) => Ok(Config::from_file(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+async fn puller(cfg: Config) -> anyhow::Result<Puller> {
+    let fetcher = Arc::new(KbsResourceFetcher::new(&cfg.kbs)?);
+    Ok(Puller::new(cfg, fetcher).await?)
+}
+
+fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GUEST_PULLER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Pull {
+            config,
+            image,
+            bundle,
+        } => {
+            let cfg = load(&config)?;
+            let p = puller(cfg).await?;
+            let bundle = absolute(bundle)?;
+            let r = p
+                .pull_image(&image, &bundle)
+                .await
+                .with_context(|| format!("pulling {image}"))?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "manifest_digest": r.manifest_digest,
+                    "config_digest": r.config_digest,
+                    "list_digest": r.list_digest,
+                    "source": r.source,
+                    "bundle": r.bundle,
+                    "layers": r.layers.iter().map(|l| serde_json::json!({
+                        "digest": l.digest, "diff_id": l.diff_id, "cached": l.cached,
+                    })).collect::<Vec<_>>(),
+                })
+            );
+        }
+        Cmd::Serve { config, socket } => {
+            let cfg = load(&config)?;
+            let sock = socket.unwrap_or_else(|| cfg.server.socket.clone());
+            let p = Arc::new(puller(cfg).await?);
+            guest_puller::api::server::serve(p, &sock)
+                .await
+                .with_context(|| format!("serving on {}", sock.display()))?;
+        }
+        Cmd::Unmount { config, bundle } => {
+            let cfg = load(&config)?;
+            let store = guest_puller::layer::LayerStore::open(&cfg.image.work_dir)?;
+            guest_puller::pull::unmount_bundle(&store, &absolute(bundle)?).await?;
+        }
+    }
+    Ok(())
+}

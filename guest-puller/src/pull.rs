@@ -1,0 +1,341 @@
+//! The puller: resolve → policy check (every pull) → layers (parallel, deduplicated) → bundle.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use oci_client::Reference;
+use tracing::info;
+
+use crate::bundle::{self, BundleError, ImageConfig};
+use crate::config::{Config, RegistryConfig};
+use crate::decrypt::{self, DecryptError, KeyUnwrapper};
+use crate::layer::{BundleRecord, LayerError, LayerSpec, LayerStore};
+use crate::policy::{CosignSignature, PolicyError, PolicyEvaluator, SignatureSource};
+use crate::registry::{RegistryClient, RegistryError};
+use crate::resource::{ResourceError, ResourceFetcher};
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// Bad request (reference, bundle path).
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// Configuration or a configured resource is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A configured resource (policy, credentials) could not be fetched.
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+    /// Registry failure.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The signature policy refused the image or could not be evaluated.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Layer keys could not be obtained.
+    #[error(transparent)]
+    Decrypt(#[from] DecryptError),
+    /// A layer failed to download, verify or unpack.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// The bundle could not be created.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+}
+
+/// One layer of a pulled image.
+#[derive(Debug, Clone)]
+pub struct PulledLayer {
+    /// Blob digest from the manifest.
+    pub digest: String,
+    /// Uncompressed digest from the config.
+    pub diff_id: String,
+    /// Unpacked directory in the layer store.
+    pub path: PathBuf,
+    /// True when the layer was already in the store.
+    pub cached: bool,
+}
+
+/// Result of [`Puller::pull_image`].
+#[derive(Debug, Clone)]
+pub struct PullResult {
+    /// Digest of the platform image manifest.
+    pub manifest_digest: String,
+    /// Digest of the image index, if the reference named one.
+    pub list_digest: Option<String>,
+    /// Digest of the image config.
+    pub config_digest: String,
+    /// Where the image was fetched from (a mirror or the original), pinned by digest.
+    pub source: String,
+    /// Layers, bottom first.
+    pub layers: Vec<PulledLayer>,
+    /// The bundle directory (rootfs at `bundle/rootfs`, spec at `bundle/config.json`).
+    pub bundle: PathBuf,
+}
+
+/// Pulls images into bundles; cheap to share (`Arc`) across concurrent pulls.
+pub struct Puller {
+    cfg: Config,
+    registry: RegistryClient,
+    store: Arc<LayerStore>,
+    unwrapper: KeyUnwrapper,
+    fetcher: Arc<dyn ResourceFetcher>,
+}
+
+struct RegistrySigs<'a> {
+    registry: &'a RegistryClient,
+    source: &'a Reference,
+}
+
+#[async_trait::async_trait]
+impl SignatureSource for RegistrySigs<'_> {
+    async fn cosign_signatures(
+        &self,
+        _image: &Reference,
+        manifest_digest: &str,
+    ) -> Result<Vec<CosignSignature>, PolicyError> {
+        // Signatures live next to the image in the repository it was fetched from.
+        self.registry
+            .cosign_signatures(self.source, manifest_digest)
+            .await
+            .map(|v| {
+                v.into_iter()
+                    .map(|(payload, signature_b64)| CosignSignature {
+                        payload,
+                        signature_b64,
+                    })
+                    .collect()
+            })
+            .map_err(|e| PolicyError::Registry(e.to_string()))
+    }
+}
+
+impl Puller {
+    /// Builds a puller: fetches credentials and registry configuration named by URI.
+    pub async fn new(cfg: Config, fetcher: Arc<dyn ResourceFetcher>) -> Result<Self, PullError> {
+        cfg.validate().map_err(|e| PullError::Config(e.to_string()))?;
+        let auth = match &cfg.image.authenticated_registry_credentials_uri {
+            Some(uri) => Some(fetcher.fetch(uri).await?),
+            None => None,
+        };
+        let mut rules = cfg.image.registry_config.clone().unwrap_or_default();
+        if let Some(uri) = &cfg.image.registry_configuration_uri {
+            let raw = fetcher.fetch(uri).await?;
+            let text = std::str::from_utf8(&raw)
+                .map_err(|_| PullError::Config(format!("registry configuration {uri} is not UTF-8")))?;
+            let extra: RegistryConfig = toml::from_str(text)
+                .map_err(|e| PullError::Config(format!("registry configuration {uri}: {e}")))?;
+            rules.insecure_registries.extend(extra.insecure_registries);
+            rules.registry.extend(extra.registry);
+        }
+        let mut roots = Vec::new();
+        for p in &cfg.image.extra_root_certificates {
+            roots.push(std::fs::read(p).map_err(|e| {
+                PullError::Config(format!("extra root certificate {}: {e}", p.display()))
+            })?);
+        }
+        let registry = RegistryClient::new(
+            rules,
+            auth.as_deref().map(|a| a.as_slice()),
+            &roots,
+            cfg.image.max_retries,
+        )?;
+        let store = LayerStore::open(&cfg.image.work_dir)
+            .map_err(|e| PullError::Config(format!("work dir {}: {e}", cfg.image.work_dir.display())))?;
+        let unwrapper = KeyUnwrapper::new(
+            fetcher.clone(),
+            cfg.provider_names(),
+            cfg.keys.jwe_private_keys.clone(),
+        );
+        Ok(Self {
+            cfg,
+            registry,
+            store,
+            unwrapper,
+            fetcher,
+        })
+    }
+
+    /// The key unwrapper (also used by the KeyProviderService).
+    pub fn unwrapper(&self) -> &KeyUnwrapper {
+        &self.unwrapper
+    }
+
+    /// The layer store.
+    pub fn store(&self) -> &Arc<LayerStore> {
+        &self.store
+    }
+
+    async fn policy(&self) -> Result<Option<PolicyEvaluator>, PullError> {
+        let Some(uri) = &self.cfg.image.image_security_policy_uri else {
+            return Ok(None);
+        };
+        // Fetched on every pull: a policy that cannot be fetched fails the pull, and policy
+        // updates in the KBS take effect without restarting.
+        let policy = self.fetcher.fetch(uri).await?;
+        let lookaside = match &self.cfg.image.sigstore_config_uri {
+            Some(u) => Some(self.fetcher.fetch(u).await?),
+            None => None,
+        };
+        Ok(Some(PolicyEvaluator::from_json(
+            &policy,
+            lookaside.as_deref().map(|v| v.as_slice()),
+            self.fetcher.clone(),
+        )?))
+    }
+
+    /// Pulls `image_ref` and mounts it as an OCI bundle at `bundle_dir`.
+    pub async fn pull_image(&self, image_ref: &str, bundle_dir: &Path) -> Result<PullResult, PullError> {
+        if !bundle_dir.is_absolute() {
+            return Err(PullError::InvalidArgument(format!(
+                "bundle path {} must be absolute",
+                bundle_dir.display()
+            )));
+        }
+        let requested = RegistryClient::parse_reference(image_ref)?;
+        let started = std::time::Instant::now();
+        let policy = self.policy().await?;
+        let img = self.registry.resolve(&requested).await?;
+        if let Some(p) = &policy {
+            let sigs = RegistrySigs {
+                registry: &self.registry,
+                source: &img.source,
+            };
+            // Matched on the reference the user asked for, not the mirror it came from.
+            p.check_with_list(&requested, &img.manifest_digest, img.list_digest.as_deref(), &sigs)
+                .await?;
+        }
+        let config = ImageConfig::parse(&img.config)?;
+        if config.rootfs.diff_ids.len() != img.manifest.layers.len() {
+            return Err(PullError::Layer(LayerError::Integrity {
+                layer: img.config_digest.clone(),
+                reason: format!(
+                    "config lists {} diff_ids but the manifest has {} layers",
+                    config.rootfs.diff_ids.len(),
+                    img.manifest.layers.len()
+                ),
+            }));
+        }
+        let digests: Vec<String> = img.manifest.layers.iter().map(|l| l.digest.clone()).collect();
+        let pin = self.store.pin(digests.clone()).await.map_err(LayerError::Store)?;
+        let items: Vec<(oci_client::manifest::OciDescriptor, String)> = img
+            .manifest
+            .layers
+            .iter()
+            .cloned()
+            .zip(config.rootfs.diff_ids.iter().cloned())
+            .collect();
+        let source = &img.source;
+        let layers: Vec<PulledLayer> = stream::iter(items)
+            .map(|(desc, diff_id)| async move { self.layer(source, &desc, &diff_id).await })
+            .buffered(self.cfg.image.max_concurrent_layer_downloads_per_image)
+            .try_collect()
+            .await?;
+        let paths: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
+        let overlay_dir = self.store.overlay_dir(bundle_dir);
+        let record = BundleRecord {
+            bundle: bundle_dir.to_owned(),
+            image: requested.whole(),
+            manifest_digest: img.manifest_digest.clone(),
+            layers: digests,
+        };
+        let record_path = self.store.record_path(bundle_dir);
+        if record_path.exists() && bundle::is_mountpoint(&bundle_dir.join("rootfs")) {
+            return Err(PullError::Bundle(BundleError::Busy(bundle_dir.to_owned())));
+        }
+        let json = serde_json::to_vec(&record).map_err(|e| PullError::Config(e.to_string()))?;
+        std::fs::write(&record_path, json).map_err(LayerError::Store)?;
+        let (bdir, odir) = (bundle_dir.to_owned(), overlay_dir.clone());
+        let made = tokio::task::spawn_blocking(move || bundle::create_bundle(&bdir, &odir, &paths, &config))
+            .await
+            .map_err(|e| LayerError::Store(std::io::Error::other(e)))?;
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&record_path);
+            let _ = std::fs::remove_dir_all(&overlay_dir);
+            return Err(e.into());
+        }
+        drop(pin);
+        info!(image = %requested.whole(), digest = %img.manifest_digest,
+              ms = started.elapsed().as_millis() as u64, "image pulled");
+        Ok(PullResult {
+            manifest_digest: img.manifest_digest,
+            list_digest: img.list_digest,
+            config_digest: img.config_digest,
+            source: img.source.whole(),
+            layers,
+            bundle: bundle_dir.to_owned(),
+        })
+    }
+
+    async fn layer(
+        &self,
+        source: &Reference,
+        desc: &oci_client::manifest::OciDescriptor,
+        diff_id: &str,
+    ) -> Result<PulledLayer, PullError> {
+        let compression = decrypt::compression_of(&desc.media_type).ok_or_else(|| {
+            LayerError::MediaType {
+                layer: desc.digest.clone(),
+                media_type: desc.media_type.clone(),
+            }
+        })?;
+        // Keys are unwrapped for encrypted layers even when the plaintext is cached, so an
+        // image whose keys this guest cannot obtain never runs from another image's layers.
+        let key = if decrypt::is_encrypted(&desc.media_type) {
+            let ann = desc.annotations.clone().unwrap_or_default();
+            Some(self.unwrapper.unwrap_layer_key(&desc.digest, &ann).await?)
+        } else {
+            None
+        };
+        let spec = LayerSpec {
+            digest: desc.digest.clone(),
+            size: u64::try_from(desc.size).unwrap_or(0),
+            compression,
+            diff_id: diff_id.to_string(),
+            key,
+        };
+        let registry = &self.registry;
+        let (path, cached) = self
+            .store
+            .ensure_layer(spec, |tx| async move {
+                registry
+                    .blob_to_channel(source, desc, tx)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        Ok(PulledLayer {
+            digest: desc.digest.clone(),
+            diff_id: diff_id.to_string(),
+            path,
+            cached,
+        })
+    }
+
+    /// Unmounts and removes a bundle's rootfs, then garbage-collects unused layers.
+    pub async fn unmount_bundle(&self, bundle_dir: &Path) -> Result<(), PullError> {
+        unmount_bundle(&self.store, bundle_dir).await
+    }
+}
+
+/// Unmounts a bundle created by [`Puller::pull_image`] and collects layers nobody uses.
+pub async fn unmount_bundle(store: &Arc<LayerStore>, bundle_dir: &Path) -> Result<(), PullError> {
+    let overlay = store.overlay_dir(bundle_dir);
+    let record = store.record_path(bundle_dir);
+    let (b, o) = (bundle_dir.to_owned(), overlay);
+    tokio::task::spawn_blocking(move || bundle::remove_bundle(&b, &o))
+        .await
+        .map_err(|e| LayerError::Store(std::io::Error::other(e)))??;
+    match std::fs::remove_file(&record) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LayerError::Store(e).into()),
+    }
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.gc())
+        .await
+        .map_err(|e| LayerError::Store(std::io::Error::other(e)))?
+        .map_err(LayerError::Store)?;
+    Ok(())
+}
