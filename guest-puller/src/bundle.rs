@@ -137,8 +137,14 @@ fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32, Option<String>),
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => lookup("etc/group", g)
-                .map(|(gid, _)| gid)
+            Err(_) => fs::read_to_string(rootfs.join("etc/group"))
+                .ok()
+                .and_then(|t| {
+                    t.lines().find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.len() > 2 && f[0] == g).then(|| f[2].parse().ok()).flatten()
+                    })
+                })
                 .ok_or_else(|| BundleError::Config(format!("group {g:?} not found in /etc/group")))?,
         };
     }
@@ -309,7 +315,7 @@ mod tests {
         assert!(p.env().as_ref().unwrap().iter().any(|e| e.starts_with("PATH=")));
         assert_eq!(s.annotations().as_ref().unwrap()["l"], "v");
         assert!(ImageConfig::parse(br#"{"rootfs":{"type":"x","diff_ids":[]}}"#).is_err());
-        let bad = ImageConfig::parse(br#"{"config":{"User":"ghost"},"rootfs":{"type":"layers"}}"#).unwrap();
+        let bad = ImageConfig::parse(br#"{"config":{"User":"ghost","Cmd":["x"]},"rootfs":{"type":"layers"}}"#).unwrap();
         assert!(runtime_spec(&bad, dir.path()).is_err());
     }
 }

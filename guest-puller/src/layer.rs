@@ -494,6 +494,15 @@ fn hash_reader<R: Read>(
     ))
 }
 
+#[derive(Clone)]
+struct Shared(Rc<RefCell<Box<dyn Read>>>);
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
 /// Runs the blocking part of the pipeline for one layer into `staging`.
 pub fn process_layer(
     rx: mpsc::Receiver<io::Result<Bytes>>,
@@ -536,6 +545,11 @@ pub fn process_layer(
         }
         None => Box::new(raw),
     };
+    // Shared so that, when unpacking fails, the rest of the blob can still be read through
+    // the HMAC and digest checks: a corrupted blob is then reported as such, not as a tar error.
+    let plain = Shared(Rc::new(RefCell::new(plain)));
+    let plain_handle = plain.clone();
+    let plain: Box<dyn Read> = Box::new(plain);
     let tar: Box<dyn Read> = match spec.compression {
         Compression::None => plain,
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
@@ -557,6 +571,9 @@ pub fn process_layer(
         })?;
         Ok(stats)
     });
+    if result.is_err() && failure.borrow().is_none() {
+        let _ = io::copy(&mut plain_handle.clone(), &mut io::sink());
+    }
     if let Some(reason) = failure.borrow_mut().take() {
         return Err(integrity(reason));
     }

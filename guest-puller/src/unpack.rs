@@ -476,7 +476,15 @@ impl Unpacker {
                         reason: "hardlink to the layer root".into(),
                     });
                 };
-                let tparent = self.open_dir(tparents, false, shown)?;
+                let tparent = self.open_dir(tparents, false, shown).map_err(|e| match e {
+                    UnpackError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                        UnpackError::Bad {
+                            path: shown.into(),
+                            reason: format!("hardlink target {tshown:?} does not exist in this layer"),
+                        }
+                    }
+                    e => e,
+                })?;
                 if tcomps == comps {
                     return Ok(());
                 }
@@ -612,3 +620,6 @@ fn proc_path(parent: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
     p.push(std::ffi::OsStr::from_bytes(name));
     p
 }
+
+#[cfg(test)]
+mod tests;
