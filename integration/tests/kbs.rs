@@ -50,12 +50,18 @@ async fn get_resource_bytes_equal_ec_and_rsa() {
         let got = c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap();
         assert_eq!(&*got, SECRET, "{alg:?}");
         // An authority in the URI is ignored (the configured KBS is used), as in CDH.
-        let got = c.get_resource(&uri("kbs://elsewhere:1/default/cert/c1")).await.unwrap();
+        let got = c
+            .get_resource(&uri("kbs://elsewhere:1/default/cert/c1"))
+            .await
+            .unwrap();
         assert_eq!(&*got, b"cert");
     }
     let s = kbs.stats();
     assert_eq!((s.auth, s.attest_ok), (2, 2), "{s:?}");
-    assert_eq!(s.resource_unauthorized, 0, "first GET must not take a 401 round trip: {s:?}");
+    assert_eq!(
+        s.resource_unauthorized, 0,
+        "first GET must not take a 401 round trip: {s:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +72,10 @@ async fn one_attestation_for_100_resources() {
     for i in 0..100 {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            let v = c.get_resource(&uri(&format!("kbs:///default/key/n{i}"))).await.unwrap();
+            let v = c
+                .get_resource(&uri(&format!("kbs:///default/key/n{i}")))
+                .await
+                .unwrap();
             assert_eq!(&*v, format!("value-{i}").as_bytes());
         }));
     }
@@ -74,7 +83,11 @@ async fn one_attestation_for_100_resources() {
         t.await.unwrap();
     }
     let s = kbs.stats();
-    assert_eq!((s.auth, s.attest, s.resource, s.resource_ok), (1, 1, 100, 100), "{s:?}");
+    assert_eq!(
+        (s.auth, s.attest, s.resource, s.resource_ok),
+        (1, 1, 100, 100),
+        "{s:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,17 +99,31 @@ async fn policy_deny_fails_fast_with_one_attestation() {
     })
     .await;
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
-    let e = c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap_err();
+    let e = c
+        .get_resource(&uri("kbs:///default/key/k1"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::PolicyDeny { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("default/key/k1") && msg.contains(&kbs.url()) && msg.contains("policy"), "{msg}");
+    assert!(
+        msg.contains("default/key/k1") && msg.contains(&kbs.url()) && msg.contains("policy"),
+        "{msg}"
+    );
     assert_eq!(e.exit_code(), 3);
-    assert_eq!(&*c.get_resource(&uri("kbs:///default/cert/c1")).await.unwrap(), b"cert");
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/cert/c1"))
+            .await
+            .unwrap(),
+        b"cert"
+    );
     let s = kbs.stats();
     assert_eq!((s.auth, s.attest, s.resource), (1, 1, 2), "{s:?}");
 
     kbs.set_policy(ResourcePolicy::DenyAll);
-    let e = c.get_resource(&uri("kbs:///default/cert/c1")).await.unwrap_err();
+    let e = c
+        .get_resource(&uri("kbs:///default/cert/c1"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::PolicyDeny { .. }), "{e}");
     assert_eq!(kbs.stats().attest, 1);
 }
@@ -105,9 +132,16 @@ async fn policy_deny_fails_fast_with_one_attestation() {
 async fn missing_resource_is_not_found_without_reattesting() {
     let (kbs, _d) = start(|_| {}).await;
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
-    let e = c.get_resource(&uri("kbs:///default/key/absent")).await.unwrap_err();
+    let e = c
+        .get_resource(&uri("kbs:///default/key/absent"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::ResourceNotFound { .. }), "{e}");
-    assert!(e.to_string().contains("missing resource or KBS backend error"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("missing resource or KBS backend error"),
+        "{e}"
+    );
     assert!(e.to_string().contains("default/key/absent"), "{e}");
     assert_eq!(e.exit_code(), 4);
     let s = kbs.stats();
@@ -122,9 +156,15 @@ async fn missing_resource_is_not_found_without_reattesting() {
 async fn session_expiry_reattests_once() {
     let (kbs, _d) = start(|c| c.session_ttl = Duration::from_secs(1)).await;
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
-    assert_eq!(&*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(), SECRET);
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(),
+        SECRET
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(&*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(), SECRET);
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(),
+        SECRET
+    );
     let s = kbs.stats();
     assert_eq!((s.auth, s.attest_ok), (2, 2), "{s:?}");
     assert_eq!((s.resource, s.resource_unauthorized), (3, 1), "{s:?}");
@@ -135,10 +175,20 @@ async fn token_expiry_reattests_before_exp_not_after_401() {
     let (kbs, _d) = start(|c| c.token_ttl = Duration::from_secs(2)).await;
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
     let t1 = c.attest().await.unwrap();
-    assert_eq!(c.attest().await.unwrap().as_str(), t1.as_str(), "token is cached");
-    assert_eq!(&*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(), SECRET);
+    assert_eq!(
+        c.attest().await.unwrap().as_str(),
+        t1.as_str(),
+        "token is cached"
+    );
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(),
+        SECRET
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(&*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(), SECRET);
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(),
+        SECRET
+    );
     let s = kbs.stats();
     assert_eq!(s.attest_ok, 2, "{s:?}");
     assert_eq!(s.resource_unauthorized, 0, "re-attested proactively: {s:?}");
@@ -153,7 +203,10 @@ async fn passport_mode_uses_bearer_and_reattests_once_when_token_rejected() {
         tee_key_pem: None,
     };
     let c = Client::new(cfg).unwrap();
-    assert_eq!(&*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(), SECRET);
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(),
+        SECRET
+    );
 
     // Hand the token and key to a second client, as AA hands them to CDH.
     let token = c.attest().await.unwrap();
@@ -163,7 +216,12 @@ async fn passport_mode_uses_bearer_and_reattests_once_when_token_rejected() {
         tee_key_pem: Some(c.tee_key().to_pkcs8_pem().unwrap()),
     };
     let c2 = Client::new(cfg).unwrap();
-    assert_eq!(&*c2.get_resource(&uri("kbs:///default/cert/c1")).await.unwrap(), b"cert");
+    assert_eq!(
+        &*c2.get_resource(&uri("kbs:///default/cert/c1"))
+            .await
+            .unwrap(),
+        b"cert"
+    );
     let s = kbs.stats();
     assert_eq!(s.attest_ok, 1, "{s:?}");
 
@@ -171,7 +229,10 @@ async fn passport_mode_uses_bearer_and_reattests_once_when_token_rejected() {
     let (other, _d2) = start(|_| {}).await;
     let foreign = Client::new({
         let mut c = client_cfg(&other.url());
-        c.mode = Mode::Passport { token: None, tee_key_pem: None };
+        c.mode = Mode::Passport {
+            token: None,
+            tee_key_pem: None,
+        };
         c
     })
     .unwrap();
@@ -182,7 +243,12 @@ async fn passport_mode_uses_bearer_and_reattests_once_when_token_rejected() {
         tee_key_pem: Some(foreign.tee_key().to_pkcs8_pem().unwrap()),
     };
     let c3 = Client::new(cfg).unwrap();
-    assert_eq!(&*c3.get_resource(&uri("kbs:///default/cert/c1")).await.unwrap(), b"cert");
+    assert_eq!(
+        &*c3.get_resource(&uri("kbs:///default/cert/c1"))
+            .await
+            .unwrap(),
+        b"cert"
+    );
     let s = kbs.stats();
     assert_eq!((s.attest_ok, s.resource_unauthorized), (2, 1), "{s:?}");
 }
@@ -202,18 +268,29 @@ async fn kbs_not_running_retries_then_names_the_url() {
     };
     let c = Client::new(cfg).unwrap();
     let t0 = Instant::now();
-    let e = c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap_err();
+    let e = c
+        .get_resource(&uri("kbs:///default/key/k1"))
+        .await
+        .unwrap_err();
     let took = t0.elapsed();
     match &e {
-        Error::Unreachable { url: u, attempts, .. } => {
+        Error::Unreachable {
+            url: u, attempts, ..
+        } => {
             assert_eq!(u, &url);
             assert_eq!(*attempts, 4);
         }
         other => panic!("expected Unreachable, got {other}"),
     }
-    assert!(e.to_string().contains(&url) && e.to_string().to_lowercase().contains("refused"), "{e}");
+    assert!(
+        e.to_string().contains(&url) && e.to_string().to_lowercase().contains("refused"),
+        "{e}"
+    );
     // 3 backoffs of at most 100+200+400 ms (jitter only shortens them) plus connect attempts.
-    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     assert_eq!(e.exit_code(), 5);
 }
 
@@ -221,7 +298,10 @@ async fn kbs_not_running_retries_then_names_the_url() {
 async fn tampered_jwe_tag_is_an_error() {
     let (kbs, _d) = start(|c| c.tamper_jwe_tag = true).await;
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
-    let e = c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap_err();
+    let e = c
+        .get_resource(&uri("kbs:///default/key/k1"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Decrypt { .. }), "{e}");
     assert!(e.to_string().contains("authentication failed"), "{e}");
     assert_eq!(e.exit_code(), 7);
@@ -248,16 +328,27 @@ async fn admin_upload_and_policy_endpoints() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
-    assert_eq!(&*c.get_resource(&uri("kbs:///one/two/three")).await.unwrap(), b"uploaded");
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///one/two/three")).await.unwrap(),
+        b"uploaded"
+    );
     // The error body is the reference's, status included.
-    let r = http.get(format!("{}/kbs/v0/resource/one/two/three", kbs.url())).send().await.unwrap();
+    let r = http
+        .get(format!("{}/kbs/v0/resource/one/two/three", kbs.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(
         body["type"],
         "https://github.com/confidential-containers/kbs/errors/TokenNotFound"
     );
-    let r = http.get(format!("{}/kbs/v0/resource/one/two", kbs.url())).send().await.unwrap();
+    let r = http
+        .get(format!("{}/kbs/v0/resource/one/two", kbs.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -281,15 +372,35 @@ async fn cli_fetches_and_never_logs_secrets() {
     })
     .await;
     let url = kbs.url();
-    let out = cli(&["--url", &url, "--tee", "sample", "get-resource", "kbs:///default/key/k1"]).await;
+    let out = cli(&[
+        "--url",
+        &url,
+        "--tee",
+        "sample",
+        "get-resource",
+        "kbs:///default/key/k1",
+    ])
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
     assert_eq!(out.stdout, SECRET);
-    assert!(stderr.contains("TRACE") || stderr.contains("DEBUG"), "trace logging was on: {stderr}");
+    assert!(
+        stderr.contains("TRACE") || stderr.contains("DEBUG"),
+        "trace logging was on: {stderr}"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     let key_file = tmp.path().join("tee.pem");
-    let out = cli(&["--url", &url, "--tee", "sample", "attest", "--tee-key-file", key_file.to_str().unwrap()]).await;
+    let out = cli(&[
+        "--url",
+        &url,
+        "--tee",
+        "sample",
+        "attest",
+        "--tee-key-file",
+        key_file.to_str().unwrap(),
+    ])
+    .await;
     let stderr2 = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr2}");
     let printed = String::from_utf8(out.stdout).unwrap();
@@ -301,10 +412,18 @@ async fn cli_fetches_and_never_logs_secrets() {
     let before = kbs.stats().attest_ok;
     let out_file = tmp.path().join("out");
     let out = cli(&[
-        "--url", &url, "--tee", "sample", "get-resource", "default/key/k1",
-        "--attestation-token", token_file.to_str().unwrap(),
-        "--tee-key-file", key_file.to_str().unwrap(),
-        "--output", out_file.to_str().unwrap(),
+        "--url",
+        &url,
+        "--tee",
+        "sample",
+        "get-resource",
+        "default/key/k1",
+        "--attestation-token",
+        token_file.to_str().unwrap(),
+        "--tee-key-file",
+        key_file.to_str().unwrap(),
+        "--output",
+        out_file.to_str().unwrap(),
     ])
     .await;
     let stderr3 = String::from_utf8_lossy(&out.stderr).to_string();
@@ -342,17 +461,42 @@ async fn cli_exit_codes() {
     .await;
     let url = kbs.url();
     let code = |o: &std::process::Output| o.status.code().unwrap();
-    let o = cli(&["--url", &url, "--tee", "sample", "get-resource", "kbs:///default/cert/c1"]).await;
+    let o = cli(&[
+        "--url",
+        &url,
+        "--tee",
+        "sample",
+        "get-resource",
+        "kbs:///default/cert/c1",
+    ])
+    .await;
     assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.stdout.is_empty());
-    let o = cli(&["--url", &url, "--tee", "sample", "get-resource", "kbs:///default/key/absent"]).await;
+    let o = cli(&[
+        "--url",
+        &url,
+        "--tee",
+        "sample",
+        "get-resource",
+        "kbs:///default/key/absent",
+    ])
+    .await;
     assert_eq!(code(&o), 4);
     let o = cli(&["--url", &url, "get-resource", "kbs:///default/key"]).await;
     assert_eq!(code(&o), 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("exactly 3 segments"));
     let o = cli(&["--url", &url]).await;
     assert_eq!(code(&o), 2);
-    let o = cli(&["--url", "http://127.0.0.1:1", "--retries", "2", "--tee", "sample", "attest"]).await;
+    let o = cli(&[
+        "--url",
+        "http://127.0.0.1:1",
+        "--retries",
+        "2",
+        "--tee",
+        "sample",
+        "attest",
+    ])
+    .await;
     assert_eq!(code(&o), 5);
     assert!(String::from_utf8_lossy(&o.stderr).contains("http://127.0.0.1:1"));
 
@@ -360,10 +504,19 @@ async fn cli_exit_codes() {
     let tmp = tempfile::tempdir().unwrap();
     let out_file = tmp.path().join("out");
     let o = cli(&[
-        "--url", &bad.url(), "--tee", "sample", "get-resource", "kbs:///default/key/k1",
-        "--output", out_file.to_str().unwrap(),
+        "--url",
+        &bad.url(),
+        "--tee",
+        "sample",
+        "get-resource",
+        "kbs:///default/key/k1",
+        "--output",
+        out_file.to_str().unwrap(),
     ])
     .await;
     assert_eq!(code(&o), 7, "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.stdout.is_empty() && !out_file.exists(), "no output on a tampered response");
+    assert!(
+        o.stdout.is_empty() && !out_file.exists(),
+        "no output on a tampered response"
+    );
 }

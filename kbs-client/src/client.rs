@@ -70,7 +70,9 @@ impl Client {
         }
         let base = cfg.url.trim_end_matches('/').to_string();
         if cfg.retry.max_attempts == 0 {
-            return Err(Error::Config("retry.max_attempts must be at least 1".into()));
+            return Err(Error::Config(
+                "retry.max_attempts must be at least 1".into(),
+            ));
         }
         let mut b = reqwest::Client::builder()
             .cookie_store(true)
@@ -95,30 +97,31 @@ impl Client {
             .map_err(|e| Error::Config(format!("HTTP client: {}", chain(&e))))?;
 
         let tee = attester::detect(&cfg.hw_paths, cfg.tee);
-        let (key, token) = match &cfg.mode {
-            Mode::Passport {
-                token,
-                tee_key_pem: Some(pem),
-            } => {
-                let key = TeeKeyPair::from_pkcs8_pem(pem)?;
-                let token = match token {
-                    Some(t) => Some(
-                        Token::parse(t).map_err(|e| Error::Config(format!("passport token: {e}")))?,
-                    ),
-                    None => None,
-                };
-                (key, token)
-            }
-            Mode::Passport {
-                token: Some(_),
-                tee_key_pem: None,
-            } => {
-                return Err(Error::Config(
-                    "a passport token needs the TEE private key it was issued for (tee_key_pem)".into(),
-                ))
-            }
-            _ => (TeeKeyPair::generate(cfg.key_algorithm)?, None),
-        };
+        let (key, token) =
+            match &cfg.mode {
+                Mode::Passport {
+                    token,
+                    tee_key_pem: Some(pem),
+                } => {
+                    let key = TeeKeyPair::from_pkcs8_pem(pem)?;
+                    let token = match token {
+                        Some(t) => Some(
+                            Token::parse(t)
+                                .map_err(|e| Error::Config(format!("passport token: {e}")))?,
+                        ),
+                        None => None,
+                    };
+                    (key, token)
+                }
+                Mode::Passport {
+                    token: Some(_),
+                    tee_key_pem: None,
+                } => return Err(Error::Config(
+                    "a passport token needs the TEE private key it was issued for (tee_key_pem)"
+                        .into(),
+                )),
+                _ => (TeeKeyPair::generate(cfg.key_algorithm)?, None),
+            };
         let launch = (tee == Tee::Sev).then(|| LaunchSecrets::new(&cfg.hw_paths.efi_secrets_dir));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -228,7 +231,9 @@ impl Client {
                         detail: err.detail,
                     })
                 }
-                ResourceAction::Retry | ResourceAction::Fatal => return Err(self.protocol_err(&err)),
+                ResourceAction::Retry | ResourceAction::Fatal => {
+                    return Err(self.protocol_err(&err))
+                }
             }
         }
     }
@@ -261,12 +266,16 @@ impl Client {
         let started = Instant::now();
         let tee = self.inner.tee;
         let wire_tee = tee.wire().ok_or_else(|| {
-            Error::Unsupported(format!("{tee} has no runtime attestation; only launch secrets are available"))
+            Error::Unsupported(format!(
+                "{tee} has no runtime attestation; only launch secrets are available"
+            ))
         })?;
         let base = &self.inner.base;
         let auth_url = format!("{base}/kbs/v0/auth");
         let request = protocol::auth_request(wire_tee);
-        let resp = self.send(|| self.inner.http.post(&auth_url).json(&request)).await?;
+        let resp = self
+            .send(|| self.inner.http.post(&auth_url).json(&request))
+            .await?;
         let challenge: Challenge = self.json_or_attestation_error(resp, "auth").await?;
         let hash = protocol::selected_hash(&challenge).map_err(|detail| Error::Attestation {
             url: base.clone(),
@@ -291,7 +300,9 @@ impl Client {
             },
         };
         let attest_url = format!("{base}/kbs/v0/attest");
-        let resp = self.send(|| self.inner.http.post(&attest_url).json(&attestation)).await?;
+        let resp = self
+            .send(|| self.inner.http.post(&attest_url).json(&attestation))
+            .await?;
         #[derive(serde::Deserialize)]
         struct AttestResponse {
             token: String,
@@ -320,7 +331,12 @@ impl Client {
             let err = protocol::parse_error(status.as_u16(), &body);
             return Err(Error::Attestation {
                 url: base.clone(),
-                detail: format!("/{step} answered HTTP {} {}: {}", err.status, err.kind.name(), err.detail),
+                detail: format!(
+                    "/{step} answered HTTP {} {}: {}",
+                    err.status,
+                    err.kind.name(),
+                    err.detail
+                ),
             });
         }
         serde_json::from_slice(&body).map_err(|e| Error::Protocol {
@@ -370,4 +386,3 @@ const _: fn() = || {
     fn check<T: Send + Sync + Clone>() {}
     check::<Client>();
 };
-

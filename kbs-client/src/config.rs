@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-pub use crate::keys::KeyAlgorithm;
 use crate::error::Error;
+pub use crate::keys::KeyAlgorithm;
 
 /// The TEE whose evidence (or launch secrets) the client uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,7 +17,9 @@ pub enum UriError {
         reason: String,
     },
     /// The scheme is not `kbs` or `kbs+<plugin>`.
-    #[error("invalid resource URI {uri:?}: scheme must be `kbs` or `kbs+<plugin>`, got {scheme:?}")]
+    #[error(
+        "invalid resource URI {uri:?}: scheme must be `kbs` or `kbs+<plugin>`, got {scheme:?}"
+    )]
     Scheme {
         /// The offending input.
         uri: String,

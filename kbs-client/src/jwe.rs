@@ -62,7 +62,9 @@ fn b64_field(header: &Map<String, Value>, name: &str) -> Result<Vec<u8>, JweErro
         Some(Value::String(s)) => URL_SAFE_NO_PAD
             .decode(s)
             .map_err(|_| JweError::Malformed(format!("header {name} is not base64url"))),
-        Some(_) => Err(JweError::Malformed(format!("header {name} is not a string"))),
+        Some(_) => Err(JweError::Malformed(format!(
+            "header {name} is not a string"
+        ))),
     }
 }
 
@@ -120,10 +122,16 @@ pub fn decrypt(body: &[u8], key: &TeeKeyPair) -> Result<Zeroizing<Vec<u8>>, JweE
         return Err(JweError::Unsupported(format!("enc {}", header.enc)));
     }
     if resp.iv.len() != 12 {
-        return Err(JweError::Malformed(format!("IV is {} bytes, expected 12", resp.iv.len())));
+        return Err(JweError::Malformed(format!(
+            "IV is {} bytes, expected 12",
+            resp.iv.len()
+        )));
     }
     if resp.tag.len() != 16 {
-        return Err(JweError::Malformed(format!("tag is {} bytes, expected 16", resp.tag.len())));
+        return Err(JweError::Malformed(format!(
+            "tag is {} bytes, expected 16",
+            resp.tag.len()
+        )));
     }
     let cek = unwrap_cek(header, &resp.encrypted_key, key)?;
     if cek.len() != 32 {
@@ -139,9 +147,16 @@ pub fn decrypt(body: &[u8], key: &TeeKeyPair) -> Result<Zeroizing<Vec<u8>>, JweE
     let mut ct_tag = Vec::with_capacity(resp.ciphertext.len() + 16);
     ct_tag.extend_from_slice(&resp.ciphertext);
     ct_tag.extend_from_slice(&resp.tag);
-    let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| JweError::KeyUnwrap(header.alg.clone()))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(&cek).map_err(|_| JweError::KeyUnwrap(header.alg.clone()))?;
     cipher
-        .decrypt(Nonce::from_slice(&resp.iv), Payload { msg: &ct_tag, aad: &aad })
+        .decrypt(
+            Nonce::from_slice(&resp.iv),
+            Payload {
+                msg: &ct_tag,
+                aad: &aad,
+            },
+        )
         .map(Zeroizing::new)
         .map_err(|_| JweError::Authentication)
 }
@@ -161,7 +176,13 @@ fn unwrap_cek(
             let shared = p256::ecdh::diffie_hellman(sk.to_nonzero_scalar(), epk.as_affine());
             let apu = b64_field(&header.other_fields, "apu")?;
             let apv = b64_field(&header.other_fields, "apv")?;
-            let kek = concat_kdf(shared.raw_secret_bytes(), ALG_ECDH_ES_A256KW, &apu, &apv, 256);
+            let kek = concat_kdf(
+                shared.raw_secret_bytes(),
+                ALG_ECDH_ES_A256KW,
+                &apu,
+                &apv,
+                256,
+            );
             let kw = aes_kw::KekAes256::from(*kek);
             kw.unwrap_vec(encrypted_key)
                 .map(Zeroizing::new)
@@ -210,8 +231,14 @@ pub fn encrypt_to_tee_key(pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Respon
             let mut epk = Map::new();
             epk.insert("crv".into(), "P-256".into());
             epk.insert("kty".into(), "EC".into());
-            epk.insert("x".into(), URL_SAFE_NO_PAD.encode(point.x().expect("x")).into());
-            epk.insert("y".into(), URL_SAFE_NO_PAD.encode(point.y().expect("y")).into());
+            epk.insert(
+                "x".into(),
+                URL_SAFE_NO_PAD.encode(point.x().expect("x")).into(),
+            );
+            epk.insert(
+                "y".into(),
+                URL_SAFE_NO_PAD.encode(point.y().expect("y")).into(),
+            );
             let mut other = Map::new();
             other.insert("epk".into(), Value::Object(epk));
             (alg.clone(), other, wrapped)
@@ -228,14 +255,18 @@ pub fn encrypt_to_tee_key(pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Respon
             )
             .map_err(|e| JweError::Malformed(format!("RSA key: {e}")))?;
             let wrapped = match alg.as_str() {
-                ALG_RSA_OAEP_256 => pk.encrypt(&mut OsRng, rsa::Oaep::new::<Sha256>(), cek.as_ref()),
+                ALG_RSA_OAEP_256 => {
+                    pk.encrypt(&mut OsRng, rsa::Oaep::new::<Sha256>(), cek.as_ref())
+                }
                 ALG_RSA1_5 => pk.encrypt(&mut OsRng, rsa::Pkcs1v15Encrypt, cek.as_ref()),
                 other => return Err(JweError::Unsupported(format!("RSA key alg {other}"))),
             }
             .map_err(|e| JweError::Encrypt(format!("RSA: {e}")))?;
             (alg.clone(), Map::new(), wrapped)
         }
-        TeePubKey::AKP { alg, .. } => return Err(JweError::Unsupported(format!("AKP key alg {alg}"))),
+        TeePubKey::AKP { alg, .. } => {
+            return Err(JweError::Unsupported(format!("AKP key alg {alg}")))
+        }
     };
 
     let protected = ProtectedHeader {
@@ -248,7 +279,13 @@ pub fn encrypt_to_tee_key(pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Respon
         .map_err(|_| JweError::Encrypt("cannot serialize header".into()))?;
     let cipher = Aes256Gcm::new_from_slice(cek.as_ref()).expect("32-byte key");
     let mut ct = cipher
-        .encrypt(Nonce::from_slice(&iv), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&iv),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .map_err(|_| JweError::Encrypt("A256GCM".into()))?;
     let tag = ct.split_off(ct.len() - 16);
     Ok(Response {
@@ -283,6 +320,26 @@ mod tests {
         round_trip(KeyAlgorithm::Rsa);
     }
 
+    const VECTOR_PLAINTEXT: &[u8] = b"fixed vector plaintext \x00\x01\x02 from pyca/cryptography";
+
+    /// Fixed vectors produced by pyca/cryptography (testdata/gen_jwe_vectors.py): test-only keys.
+    #[test]
+    fn independent_vectors_decrypt() {
+        for (pem, jwe) in [
+            (
+                include_str!("../testdata/ec_p256.pem"),
+                include_str!("../testdata/ec_p256.jwe.json"),
+            ),
+            (
+                include_str!("../testdata/rsa2048.pem"),
+                include_str!("../testdata/rsa2048.jwe.json"),
+            ),
+        ] {
+            let key = TeeKeyPair::from_pkcs8_pem(pem).unwrap();
+            assert_eq!(&*decrypt(jwe.as_bytes(), &key).unwrap(), VECTOR_PLAINTEXT);
+        }
+    }
+
     #[test]
     fn concat_kdf_matches_rfc7518_appendix_c() {
         // RFC 7518 Appendix C (ECDH-ES, A128GCM, apu "Alice", apv "Bob"): Z and derived key.
@@ -299,13 +356,6 @@ mod tests {
         // A header whose key order differs from serde's: a re-serializing client would compute
         // another AAD and fail; we must succeed.
         let key = TeeKeyPair::generate(KeyAlgorithm::EcP256).unwrap();
-        let resp = encrypt_to_tee_key(&key.public_jwk(), b"abc").unwrap();
-        let mut reordered = String::from("{\"enc\":\"A256GCM\",\"epk\":");
-        reordered.push_str(&serde_json::to_string(&resp.protected.other_fields["epk"]).unwrap());
-        reordered.push_str(",\"alg\":\"ECDH-ES+A256KW\"}");
-        let protected = URL_SAFE_NO_PAD.encode(&reordered);
-        // Re-encrypt the same CEK under the new AAD is not possible without the CEK, so build a
-        // fresh message by hand with a known CEK wrapped to our key.
         let jwk = key.public_jwk();
         let (x, y) = match &jwk {
             TeePubKey::EC { x, y, .. } => (x.clone(), y.clone()),
@@ -313,7 +363,13 @@ mod tests {
         };
         let recipient = p256_from_xy(&x, &y).unwrap();
         let eph = p256::ecdh::EphemeralSecret::random(&mut OsRng);
-        let kek = concat_kdf(eph.diffie_hellman(&recipient).raw_secret_bytes(), ALG_ECDH_ES_A256KW, &[], &[], 256);
+        let kek = concat_kdf(
+            eph.diffie_hellman(&recipient).raw_secret_bytes(),
+            ALG_ECDH_ES_A256KW,
+            &[],
+            &[],
+            256,
+        );
         let cek = [7u8; 32];
         let wrapped = aes_kw::KekAes256::from(*kek).wrap_vec(&cek).unwrap();
         let point = eph.public_key().to_encoded_point(false);
@@ -326,7 +382,13 @@ mod tests {
         let iv = [1u8; 12];
         let mut ct = Aes256Gcm::new_from_slice(&cek)
             .unwrap()
-            .encrypt(Nonce::from_slice(&iv), Payload { msg: b"reordered", aad: protected2.as_bytes() })
+            .encrypt(
+                Nonce::from_slice(&iv),
+                Payload {
+                    msg: b"reordered",
+                    aad: protected2.as_bytes(),
+                },
+            )
             .unwrap();
         let tag = ct.split_off(ct.len() - 16);
         let body = serde_json::json!({
@@ -338,7 +400,6 @@ mod tests {
         });
         let out = decrypt(serde_json::to_string(&body).unwrap().as_bytes(), &key).unwrap();
         assert_eq!(&*out, b"reordered");
-        assert!(!protected.is_empty());
     }
 
     #[test]
@@ -355,15 +416,23 @@ mod tests {
         );
 
         let mut v = serde_json::to_value(&resp).unwrap();
-        let mut ek = URL_SAFE_NO_PAD.decode(v["encrypted_key"].as_str().unwrap()).unwrap();
+        let mut ek = URL_SAFE_NO_PAD
+            .decode(v["encrypted_key"].as_str().unwrap())
+            .unwrap();
         ek[3] ^= 1;
         v["encrypted_key"] = URL_SAFE_NO_PAD.encode(&ek).into();
-        assert!(matches!(decrypt(v.to_string().as_bytes(), &key), Err(JweError::KeyUnwrap(_))));
+        assert!(matches!(
+            decrypt(v.to_string().as_bytes(), &key),
+            Err(JweError::KeyUnwrap(_))
+        ));
 
         let other = TeeKeyPair::generate(KeyAlgorithm::EcP256).unwrap();
         let body = serde_json::to_vec(&resp).unwrap();
         assert!(decrypt(&body, &other).is_err());
         let rsa = TeeKeyPair::generate(KeyAlgorithm::Rsa).unwrap();
-        assert!(matches!(decrypt(&body, &rsa), Err(JweError::Unsupported(_))));
+        assert!(matches!(
+            decrypt(&body, &rsa),
+            Err(JweError::Unsupported(_))
+        ));
     }
 }

@@ -93,7 +93,9 @@ impl TeeKeyPair {
             .map(|k| Self {
                 inner: KeyInner::Rsa(Box::new(k)),
             })
-            .map_err(|_| Error::Key("TEE key is not a PKCS#8 PEM EC P-256 or RSA private key".into()))
+            .map_err(|_| {
+                Error::Key("TEE key is not a PKCS#8 PEM EC P-256 or RSA private key".into())
+            })
     }
 
     /// Exports the private key as PKCS#8 PEM (zeroized on drop) for a passport hand-over.
@@ -168,7 +170,10 @@ mod tests {
 
     #[test]
     fn parses_algorithm_names() {
-        assert_eq!("RSA-OAEP-256".parse::<KeyAlgorithm>().unwrap(), KeyAlgorithm::Rsa);
+        assert_eq!(
+            "RSA-OAEP-256".parse::<KeyAlgorithm>().unwrap(),
+            KeyAlgorithm::Rsa
+        );
         assert_eq!(
             "ECDH-ES+A256KW-P256".parse::<KeyAlgorithm>().unwrap(),
             KeyAlgorithm::EcP256

@@ -58,7 +58,11 @@ pub fn report_data(
     tee_pubkey: &TeePubKey,
     additional_evidence: &str,
 ) -> Vec<u8> {
-    hash.digest(&report_data_preimage(nonce, tee_pubkey, additional_evidence))
+    hash.digest(&report_data_preimage(
+        nonce,
+        tee_pubkey,
+        additional_evidence,
+    ))
 }
 
 /// The KBS error classes the client reacts to differently (the `type` suffix of the error body).
@@ -226,7 +230,8 @@ mod tests {
         assert_eq!(hex::encode(&rd), REPORT_DATA_SHA512_HEX);
     }
 
-    const REPORT_DATA_SHA384_B64: &str = "iL8ZGNcowTaWOtyQcmHU0QB9SrT/V9Aq2C4n/4qkukz6vUZ6Qekr2czClTJyYkVZ";
+    const REPORT_DATA_SHA384_B64: &str =
+        "iL8ZGNcowTaWOtyQcmHU0QB9SrT/V9Aq2C4n/4qkukz6vUZ6Qekr2czClTJyYkVZ";
     const REPORT_DATA_SHA512_HEX: &str = "dbb9895b4c2b75ccd3672d3bb910bc20da914efdd8c57f3b41e31b111fce30495362e39299e4e03f62699bceff2a7ef68143261d4f1726851e296b921df384f5";
 
     #[test]
@@ -235,7 +240,10 @@ mod tests {
             nonce: "n".into(),
             extra_params: v,
         };
-        assert_eq!(selected_hash(&ch(json!(""))).unwrap(), HashAlgorithm::Sha384);
+        assert_eq!(
+            selected_hash(&ch(json!(""))).unwrap(),
+            HashAlgorithm::Sha384
+        );
         assert_eq!(
             selected_hash(&ch(json!({"selected-hash-algorithm":"SHA512"}))).unwrap(),
             HashAlgorithm::Sha512
@@ -256,18 +264,45 @@ mod tests {
                 format!(r#"{{"type":"{ERROR_TYPE_PREFIX}{t}","detail":"d"}}"#).as_bytes(),
             )
         };
-        assert_eq!(resource_action(&e(401, "TokenNotFound")), ResourceAction::Reattest);
-        assert_eq!(resource_action(&e(401, "TokenVerifierError")), ResourceAction::Reattest);
-        assert_eq!(resource_action(&e(401, "AttestationError")), ResourceAction::Reattest);
-        assert_eq!(resource_action(&e(401, "PolicyDeny")), ResourceAction::PolicyDeny);
-        assert_eq!(resource_action(&e(403, "PolicyDeny")), ResourceAction::PolicyDeny);
-        assert_eq!(resource_action(&e(401, "PluginInternalError")), ResourceAction::NotFound);
-        assert_eq!(resource_action(&e(404, "PluginNotFound")), ResourceAction::InvalidPath);
-        assert_eq!(resource_action(&e(404, "InvalidRequestPath")), ResourceAction::InvalidPath);
+        assert_eq!(
+            resource_action(&e(401, "TokenNotFound")),
+            ResourceAction::Reattest
+        );
+        assert_eq!(
+            resource_action(&e(401, "TokenVerifierError")),
+            ResourceAction::Reattest
+        );
+        assert_eq!(
+            resource_action(&e(401, "AttestationError")),
+            ResourceAction::Reattest
+        );
+        assert_eq!(
+            resource_action(&e(401, "PolicyDeny")),
+            ResourceAction::PolicyDeny
+        );
+        assert_eq!(
+            resource_action(&e(403, "PolicyDeny")),
+            ResourceAction::PolicyDeny
+        );
+        assert_eq!(
+            resource_action(&e(401, "PluginInternalError")),
+            ResourceAction::NotFound
+        );
+        assert_eq!(
+            resource_action(&e(404, "PluginNotFound")),
+            ResourceAction::InvalidPath
+        );
+        assert_eq!(
+            resource_action(&e(404, "InvalidRequestPath")),
+            ResourceAction::InvalidPath
+        );
         assert_eq!(resource_action(&e(401, "JweError")), ResourceAction::Fatal);
         let html = parse_error(502, b"<html>bad gateway</html>");
         assert_eq!(resource_action(&html), ResourceAction::Retry);
         assert!(html.detail.contains("bad gateway"));
-        assert_eq!(e(401, "PolicyDeny").kind.type_url(), format!("{ERROR_TYPE_PREFIX}PolicyDeny"));
+        assert_eq!(
+            e(401, "PolicyDeny").kind.type_url(),
+            format!("{ERROR_TYPE_PREFIX}PolicyDeny")
+        );
     }
 }

@@ -125,10 +125,16 @@ mod tests {
     #[test]
     fn refresh_before_expiry() {
         let now = now_secs();
-        let fresh = Token::parse(&jwt(&format!(r#"{{"exp":{},"iat":{}}}"#, now + 300, now))).unwrap();
+        let fresh =
+            Token::parse(&jwt(&format!(r#"{{"exp":{},"iat":{}}}"#, now + 300, now))).unwrap();
         assert!(!fresh.needs_refresh(Duration::from_secs(10)));
         // within the 10 s margin (capped at lifetime/10 = 30 s) -> refresh
-        let near = Token::parse(&jwt(&format!(r#"{{"exp":{},"iat":{}}}"#, now + 5, now - 295))).unwrap();
+        let near = Token::parse(&jwt(&format!(
+            r#"{{"exp":{},"iat":{}}}"#,
+            now + 5,
+            now - 295
+        )))
+        .unwrap();
         assert!(near.needs_refresh(Duration::from_secs(10)));
         let expired = Token::parse(&jwt(&format!(r#"{{"exp":{}}}"#, now - 1))).unwrap();
         assert!(expired.needs_refresh(Duration::ZERO));

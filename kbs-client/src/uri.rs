@@ -41,9 +41,11 @@ impl ResourceUri {
             uri: s.to_string(),
             reason,
         };
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| malformed("expected `kbs://<host:port>/<repo>/<type>/<tag>` or `kbs:///<repo>/<type>/<tag>`"))?;
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            malformed(
+                "expected `kbs://<host:port>/<repo>/<type>/<tag>` or `kbs:///<repo>/<type>/<tag>`",
+            )
+        })?;
         let plugin = match scheme {
             "kbs" => RESOURCE_PLUGIN.to_string(),
             other => match other.strip_prefix("kbs+") {
@@ -74,7 +76,9 @@ impl ResourceUri {
         let segments: Vec<String> = path.split('/').map(str::to_string).collect();
         for seg in &segments {
             if seg.is_empty() {
-                return Err(path_err("empty path segment (double or trailing `/`)".into()));
+                return Err(path_err(
+                    "empty path segment (double or trailing `/`)".into(),
+                ));
             }
             if !valid_segment(seg) {
                 return Err(path_err(format!(
@@ -168,12 +172,17 @@ mod tests {
 
     #[test]
     fn parses_authority_query_and_plugin() {
-        let u: ResourceUri = "kbs://kbs.example:8080/my-repo/key/v1.2?version=3".parse().unwrap();
+        let u: ResourceUri = "kbs://kbs.example:8080/my-repo/key/v1.2?version=3"
+            .parse()
+            .unwrap();
         assert_eq!(u.authority(), "kbs.example:8080");
         assert_eq!(u.path(), "my-repo/key/v1.2");
         assert_eq!(u.query(), Some("version=3"));
         assert_eq!(u.request_path(), "resource/my-repo/key/v1.2?version=3");
-        assert_eq!(u.to_string(), "kbs://kbs.example:8080/my-repo/key/v1.2?version=3");
+        assert_eq!(
+            u.to_string(),
+            "kbs://kbs.example:8080/my-repo/key/v1.2?version=3"
+        );
 
         let p = ResourceUri::parse("kbs+pkcs11:///a/b").unwrap();
         assert_eq!(p.plugin(), "pkcs11");

@@ -9,7 +9,10 @@ use clap::Parser;
 use integration::kbs::{ResourcePolicy, TestKbs, TestKbsConfig};
 
 #[derive(Parser)]
-#[command(name = "test-kbs", about = "Test KBS speaking RCAR 0.4.0 (sample evidence only; not a product)")]
+#[command(
+    name = "test-kbs",
+    about = "Test KBS speaking RCAR 0.4.0 (sample evidence only; not a product)"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -39,7 +42,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let policy = match &args.policy {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             ResourcePolicy::parse(&text).map_err(anyhow::Error::msg)?
         }
         None => ResourcePolicy::AllowAll,
@@ -49,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
     cfg.listen = args.listen;
     cfg.session_ttl = Duration::from_secs(args.session_ttl);
     cfg.token_ttl = Duration::from_secs(args.token_ttl);
-    let kbs = TestKbs::start(cfg).await.with_context(|| format!("listening on {}", args.listen))?;
+    let kbs = TestKbs::start(cfg)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!("test KBS listening on {}", kbs.url());
     kbs.wait().await;
     Ok(())

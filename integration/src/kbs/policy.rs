@@ -61,10 +61,14 @@ mod tests {
 
     #[test]
     fn parses_both_formats() {
-        let p = ResourcePolicy::parse("mode = \"allow-listed\"\nallow = [\"default/key/*\"]").unwrap();
+        let p =
+            ResourcePolicy::parse("mode = \"allow-listed\"\nallow = [\"default/key/*\"]").unwrap();
         assert!(p.allows("default/key/k1"));
         assert!(!p.allows("default/cert/k1"));
-        assert_eq!(ResourcePolicy::parse(r#"{"mode":"deny-all"}"#).unwrap(), ResourcePolicy::DenyAll);
+        assert_eq!(
+            ResourcePolicy::parse(r#"{"mode":"deny-all"}"#).unwrap(),
+            ResourcePolicy::DenyAll
+        );
         assert!(ResourcePolicy::parse("mode = \"maybe\"").is_err());
         assert!(ResourcePolicy::parse("mode = \"allow-listed\"\nallow = [\"[\"]").is_err());
     }

@@ -83,7 +83,12 @@ fn kbs_error(kind: KbsErrorKind, detail: impl Into<String>) -> Response {
         error_type: kind.type_url(),
         detail: detail.into(),
     };
-    (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&body).expect("json")).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&body).expect("json"),
+    )
+        .into_response()
 }
 
 fn cookie(headers: &HeaderMap) -> Option<String> {
@@ -120,10 +125,14 @@ async fn dispatch(
         (Method::GET, "resource") => get_resource(&st, &headers, &rest),
         (Method::POST, "resource") => put_resource(&st, &rest, &body),
         (Method::POST, "resource-policy") => set_policy(&st, &body),
-        (_, "auth" | "attest" | "resource" | "resource-policy") => {
-            kbs_error(KbsErrorKind::InvalidRequestPath, format!("Request path {path} is invalid"))
-        }
-        (_, p) => kbs_error(KbsErrorKind::PluginNotFound, format!("Plugin {p} not found")),
+        (_, "auth" | "attest" | "resource" | "resource-policy") => kbs_error(
+            KbsErrorKind::InvalidRequestPath,
+            format!("Request path {path} is invalid"),
+        ),
+        (_, p) => kbs_error(
+            KbsErrorKind::PluginNotFound,
+            format!("Plugin {p} not found"),
+        ),
     }
 }
 
@@ -131,7 +140,12 @@ fn auth(st: &State, body: &[u8]) -> Response {
     st.counters.auth.fetch_add(1, Ordering::SeqCst);
     let req: Request = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return kbs_error(KbsErrorKind::Other("SerdeError".into()), format!("Serialize/Deserialize failed: {e}")),
+        Err(e) => {
+            return kbs_error(
+                KbsErrorKind::Other("SerdeError".into()),
+                format!("Serialize/Deserialize failed: {e}"),
+            )
+        }
     };
     if req.version != KBS_PROTOCOL_VERSION {
         return kbs_error(
@@ -165,7 +179,10 @@ fn auth(st: &State, body: &[u8]) -> Response {
     (
         StatusCode::OK,
         [
-            (header::SET_COOKIE, format!("{SESSION_COOKIE}={id}; Expires={expires}")),
+            (
+                header::SET_COOKIE,
+                format!("{SESSION_COOKIE}={id}; Expires={expires}"),
+            ),
             (header::CONTENT_TYPE, "application/json".into()),
         ],
         serde_json::to_string(&challenge).expect("json"),
@@ -202,7 +219,10 @@ fn attest(st: &State, headers: &HeaderMap, body: &[u8]) -> Response {
         Err(e) => return attest_failed(format!("bad Attestation body: {e}")),
     };
     if session.tee != Tee::Sample {
-        return attest_failed(format!("the test KBS verifies only sample evidence, not {}", session.tee));
+        return attest_failed(format!(
+            "the test KBS verifies only sample evidence, not {}",
+            session.tee
+        ));
     }
     if att.runtime_data.nonce != session.nonce {
         return attest_failed("nonce mismatch");
@@ -227,8 +247,12 @@ fn attest(st: &State, headers: &HeaderMap, body: &[u8]) -> Response {
     let init_data_claims = match &att.init_data {
         None => json!({}),
         Some(i) if i.format == "toml" => match toml::from_str::<toml::Value>(&i.body) {
-            Ok(v) => serde_json::to_value(v.get("data").cloned().unwrap_or(toml::Value::Table(Default::default())))
-                .unwrap_or(json!({})),
+            Ok(v) => serde_json::to_value(
+                v.get("data")
+                    .cloned()
+                    .unwrap_or(toml::Value::Table(Default::default())),
+            )
+            .unwrap_or(json!({})),
             Err(e) => return attest_failed(format!("init-data is not TOML: {e}")),
         },
         Some(i) => return attest_failed(format!("unsupported init-data format {}", i.format)),
@@ -283,7 +307,9 @@ fn get_resource(st: &State, headers: &HeaderMap, rest: &[&str]) -> Response {
         );
     }
     let unauthorized = |kind, detail: &str| {
-        st.counters.resource_unauthorized.fetch_add(1, Ordering::SeqCst);
+        st.counters
+            .resource_unauthorized
+            .fetch_add(1, Ordering::SeqCst);
         kbs_error(kind, detail)
     };
     // Like trustee: the cookie session's token first (not re-verified), then a bearer token.
@@ -306,12 +332,17 @@ fn get_resource(st: &State, headers: &HeaderMap, rest: &[&str]) -> Response {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
             match bearer {
-                None => return unauthorized(KbsErrorKind::TokenNotFound, "Attestation Token not found"),
+                None => {
+                    return unauthorized(KbsErrorKind::TokenNotFound, "Attestation Token not found")
+                }
                 Some(t) => match st.signer.verify(t.trim(), now_secs()) {
                     Ok(c) => c,
                     Err(e) => {
                         debug!("bearer token rejected: {e}");
-                        return unauthorized(KbsErrorKind::TokenVerifierError, "Token Verifier error");
+                        return unauthorized(
+                            KbsErrorKind::TokenVerifierError,
+                            "Token Verifier error",
+                        );
                     }
                 },
             }
@@ -345,7 +376,10 @@ fn get_resource(st: &State, headers: &HeaderMap, rest: &[&str]) -> Response {
             )
                 .into_response()
         }
-        Err(e) => kbs_error(KbsErrorKind::Other("JweError".into()), format!("JWE failed: {e}")),
+        Err(e) => kbs_error(
+            KbsErrorKind::Other("JweError".into()),
+            format!("JWE failed: {e}"),
+        ),
     }
 }
 
@@ -360,7 +394,10 @@ fn put_resource(st: &State, rest: &[&str], body: &[u8]) -> Response {
     let res = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join(rest[2]), body));
     match res {
         Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => kbs_error(KbsErrorKind::PluginInternalError, format!("Plugin internal error: {e}")),
+        Err(e) => kbs_error(
+            KbsErrorKind::PluginInternalError,
+            format!("Plugin internal error: {e}"),
+        ),
     }
 }
 
@@ -381,6 +418,9 @@ fn set_policy(st: &State, body: &[u8]) -> Response {
             *st.policy.write().expect("lock") = p;
             StatusCode::OK.into_response()
         }
-        Err(e) => kbs_error(KbsErrorKind::Other("PolicyEngineError".into()), format!("Failed to set policy, illegal policy: {e}")),
+        Err(e) => kbs_error(
+            KbsErrorKind::Other("PolicyEngineError".into()),
+            format!("Failed to set policy, illegal policy: {e}"),
+        ),
     }
 }

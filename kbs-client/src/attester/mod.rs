@@ -47,14 +47,19 @@ pub fn detect(paths: &HardwarePaths, explicit: Option<Tee>) -> Tee {
 /// Collects `primary_evidence` for `tee`, binding `report_data` (unpadded digest) into it.
 ///
 /// Runs blocking filesystem/ioctl work on the blocking pool.
-pub async fn evidence(tee: Tee, paths: &HardwarePaths, report_data: Vec<u8>) -> Result<Value, Error> {
+pub async fn evidence(
+    tee: Tee,
+    paths: &HardwarePaths,
+    report_data: Vec<u8>,
+) -> Result<Value, Error> {
     let paths = paths.clone();
     let job = move || match tee {
         Tee::Sample => Ok(sample::evidence(&report_data)),
         Tee::Tdx => tdx::evidence(&paths, &report_data),
         Tee::Snp => snp::evidence(&paths, &report_data),
         Tee::Sev => Err(Error::Unsupported(
-            "SEV/SEV-ES has no runtime attestation: resources come from the launch secret area".into(),
+            "SEV/SEV-ES has no runtime attestation: resources come from the launch secret area"
+                .into(),
         )),
     };
     tokio::task::spawn_blocking(job)

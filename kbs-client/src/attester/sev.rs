@@ -74,7 +74,11 @@ impl LaunchSecrets {
             }
         };
         let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&index)
-            .map_err(|_| not_found(format!("resource index {RESOURCE_INDEX_GUID} is not a JSON object")))?;
+            .map_err(|_| {
+                not_found(format!(
+                    "resource index {RESOURCE_INDEX_GUID} is not a JSON object"
+                ))
+            })?;
         let entry = map
             .get(&path)
             .ok_or_else(|| not_found("no entry in the resource index".into()))?;

@@ -20,13 +20,19 @@ fn err(detail: String) -> Error {
 /// `{"attestation_report": <AttestationReport>, "cert_chain": [CertTableEntry…] | null}`.
 pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Value, Error> {
     if report_data.len() > 64 {
-        return Err(err(format!("report data is {} bytes, SNP allows 64", report_data.len())));
+        return Err(err(format!(
+            "report data is {} bytes, SNP allows 64",
+            report_data.len()
+        )));
     }
     let data = pad64(report_data);
     let (raw, certs) = if paths.tsm_report_dir.is_dir() {
         let rep = tsm::report(&paths.tsm_report_dir, &data, true).map_err(err)?;
         if !rep.provider.starts_with("sev") {
-            return Err(err(format!("configfs-tsm provider is {:?}, not sev_guest", rep.provider)));
+            return Err(err(format!(
+                "configfs-tsm provider is {:?}, not sev_guest",
+                rep.provider
+            )));
         }
         let certs = match rep.auxblob {
             Some(aux) => Some(parse_cert_table(&aux).map_err(err)?),

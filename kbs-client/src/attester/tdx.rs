@@ -18,7 +18,10 @@ fn err(detail: String) -> Error {
 /// `{"cc_eventlog": <b64>|null, "quote": <b64>}` with report data padded to 64 bytes.
 pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Value, Error> {
     if report_data.len() > 64 {
-        return Err(err(format!("report data is {} bytes, TDX allows 64", report_data.len())));
+        return Err(err(format!(
+            "report data is {} bytes, TDX allows 64",
+            report_data.len()
+        )));
     }
     let rep = tsm::report(&paths.tsm_report_dir, &pad64(report_data), false).map_err(err)?;
     if !rep.provider.starts_with("tdx") {
@@ -27,7 +30,9 @@ pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Valu
             rep.provider
         )));
     }
-    let ccel = std::fs::read(&paths.ccel_path).ok().filter(|b| !b.is_empty());
+    let ccel = std::fs::read(&paths.ccel_path)
+        .ok()
+        .filter(|b| !b.is_empty());
     Ok(build(&rep.outblob, ccel.as_deref()))
 }
 

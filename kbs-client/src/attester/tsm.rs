@@ -49,7 +49,9 @@ pub(crate) fn probe_provider(dir: &Path) -> Option<String> {
         return None;
     }
     let e = new_entry(dir).ok()?;
-    read_trim(&e.0.join("provider")).ok().filter(|p| !p.is_empty())
+    read_trim(&e.0.join("provider"))
+        .ok()
+        .filter(|p| !p.is_empty())
 }
 
 /// Requests a report for exactly 64 bytes of report data.
@@ -60,13 +62,19 @@ pub(crate) fn report(dir: &Path, inblob: &[u8; 64], want_aux: bool) -> Result<Ts
     if !dir.is_dir() {
         return Err(format!("configfs-tsm directory {} does not exist (is configfs mounted and the TEE guest driver loaded?)", dir.display()));
     }
-    let e = new_entry(dir).map_err(|err| format!("cannot create a report entry in {}: {err}", dir.display()))?;
+    let e = new_entry(dir)
+        .map_err(|err| format!("cannot create a report entry in {}: {err}", dir.display()))?;
     let p = &e.0;
     let rd = |name: &str| p.join(name);
     let gen_before: u64 = read_trim(&rd("generation"))
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{} is not a configfs-tsm entry (no generation)", p.display()))?;
+        .ok_or_else(|| {
+            format!(
+                "{} is not a configfs-tsm entry (no generation)",
+                p.display()
+            )
+        })?;
     fs::write(rd("inblob"), inblob).map_err(|err| format!("writing inblob: {err}"))?;
     let outblob = fs::read(rd("outblob")).map_err(|err| format!("reading outblob: {err}"))?;
     if outblob.is_empty() {

@@ -13,7 +13,11 @@ use kbs_client::{Client, ClientConfig, Error, KeyAlgorithm, Mode, ResourceUri, T
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
-#[command(name = "kbs-client", version, about = "Attest to a KBS (RCAR 0.4.0) and fetch secrets")]
+#[command(
+    name = "kbs-client",
+    version,
+    about = "Attest to a KBS (RCAR 0.4.0) and fetch secrets"
+)]
 struct Cli {
     /// KBS base URL, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "KBS_URL")]
@@ -172,7 +176,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kbs-client: cannot start the async runtime: {e}");
