@@ -58,7 +58,7 @@ struct BuildArgs {
     /// registries.d directory naming the lookaside where simple signatures are written.
     #[arg(long)]
     registries_d: Option<PathBuf>,
-    /// Sign `<name>:latest` with this cosign private key (COSIGN_PASSWORD from the environment).
+    /// Sign `<name>:latest` (and `<name>:jwe`) with this cosign private key (COSIGN_PASSWORD from the environment).
     #[arg(long)]
     cosign_key: Option<PathBuf>,
     /// The cosign binary.
@@ -129,9 +129,16 @@ fn build(a: BuildArgs) -> Result<()> {
             entry["variants"]["gpg-signed"] = json!(dest);
         }
         if let Some(key) = &a.cosign_key {
+            // Signs the image and its encrypted variant: a signature binds one manifest digest.
             let password = std::env::var("COSIGN_PASSWORD").unwrap_or_default();
-            push::sign_cosign(&a.cosign, &format!("{repo}@{digest}"), key, &password)?;
-            entry["variants"]["cosign-signed"] = json!(format!("{repo}@{digest}"));
+            let mut signed = vec![format!("{repo}@{digest}")];
+            if let Some(jwe) = entry["variants"]["jwe"].as_str() {
+                signed.push(format!("{repo}@{}", push::manifest_digest(jwe)?));
+            }
+            for s in &signed {
+                push::sign_cosign(&a.cosign, s, key, &password)?;
+            }
+            entry["variants"]["cosign-signed"] = json!(signed);
         }
         built.push(entry);
     }

@@ -115,3 +115,22 @@ pub fn sign_cosign(
     )
     .map(|_| ())
 }
+
+/// The digest of the manifest `reference` resolves to, as the registry serves it.
+pub fn manifest_digest(reference: &str) -> Result<String, ToolError> {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .map_err(|_| ToolError::Missing {
+            tool: "skopeo".into(),
+            hint: "apt-get install skopeo".into(),
+        })?;
+    if !out.status.success() {
+        return Err(ToolError::Failed {
+            cmd: format!("skopeo inspect --raw {reference}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(crate::layer::sha256_digest(&out.stdout))
+}
