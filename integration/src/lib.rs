@@ -8,6 +8,7 @@ pub mod images;
 pub mod kbs;
 pub mod lab;
 pub mod registry;
+pub mod snapshotter_env;
 
 pub use containerd::{Containerd, ContainerdOpts, ContainerdVersion};
 pub use images::{push_test_image, PushedImage};

@@ -86,11 +86,12 @@ impl SnapshotInfo {
 
 impl Adaptor for SnapshotInfo {
     fn field(&self, path: &[String]) -> Option<String> {
-        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        // Like containerd's snapshot adaptor: name and parent are always present, so
+        // `parent==""` matches base layers (the unpacker sends exactly that).
         match (path.first().map(String::as_str), path.len()) {
             (Some("kind"), 1) => Some(self.kind.as_str().to_string()),
-            (Some("name"), 1) => nonempty(&self.name),
-            (Some("parent"), 1) => nonempty(&self.parent),
+            (Some("name"), 1) => Some(self.name.clone()),
+            (Some("parent"), 1) => Some(self.parent.clone()),
             (Some("labels"), n) if n > 1 => self.labels.get(&path[1..].join(".")).cloned(),
             _ => None,
         }
@@ -671,12 +672,14 @@ impl Engine {
     pub fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>> {
         let filter =
             Filter::parse_all(filters).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        Ok(self
+        let out: Vec<SnapshotInfo> = self
             .store
             .list()?
             .iter()
             .map(|(k, r)| SnapshotInfo::new(k, r))
             .filter(|i| filter.matches(i))
-            .collect())
+            .collect();
+        debug!(?filters, matched = out.len(), "list");
+        Ok(out)
     }
 }

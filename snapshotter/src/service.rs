@@ -237,6 +237,15 @@ mod tests {
             .await;
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].as_ref().unwrap().name, chain(2));
+        // Base layer: containerd sends parent=="" and expects a match.
+        let f = format!("labels.\"{LABEL_SNAPSHOT_REF}\"=={},parent==\"\"", chain(1));
+        let found: Vec<_> = s
+            .list(String::new(), vec![f])
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        assert_eq!(found.len(), 1);
         let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
         assert_eq!(all.len(), 3);
         assert_eq!(code(s.mounts(chain(1)).await), Code::FailedPrecondition);
