@@ -142,6 +142,7 @@ pub fn cri_body(version: ContainerdVersion, lab: &Lab, registry: &Registry<'_>) 
         ),
         ContainerdVersion::V1_7 => format!(
             "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n  disable_snapshot_annotations = false\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{HANDLER}]\n  runtime_type = \"io.containerd.runc.v2\"\n  snapshotter = \"{PLUGIN}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{certs}\"\n"
         ),

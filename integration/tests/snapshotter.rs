@@ -360,6 +360,29 @@ fn plain_image_runs_with_runc_containerd_2_1() {
     plain_runc(ContainerdVersion::V2_1);
 }
 
+/// Pulls, retrying only `Unavailable` for up to 60 s: after the snapshotter restarts,
+/// containerd's gRPC client redials the proxy with backoff (kubelet retries the same way).
+fn pull_retrying(
+    cri: &mut CriClient,
+    image: &str,
+    handler: Option<&str>,
+    snap: &SnapshotterDaemon<'_>,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match cri.pull_image(image, handler) {
+            Ok(_) => return,
+            Err(e)
+                if e.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            Err(e) => panic!("{what}: {e}\n{}", snap.log()),
+        }
+    }
+}
+
 /// kill -9 during a pull, restart of containerd, and a wiped snapshotter state.
 fn faults(v: ContainerdVersion) {
     Lab::require_root();
@@ -382,12 +405,13 @@ fn faults(v: ContainerdVersion) {
     let first = puller.join().unwrap();
     snap.restart();
     let mut cri = CriClient::connect(&ctrd.socket()).unwrap();
-    cri.pull_image(&img.reference, handler).unwrap_or_else(|e| {
-        panic!(
-            "retry after kill -9 (first attempt: {first:?}): {e}\n{}",
-            snap.log()
-        )
-    });
+    pull_retrying(
+        &mut cri,
+        &img.reference,
+        handler,
+        &snap,
+        &format!("retry after kill -9 (first attempt: {first:?})"),
+    );
     assert_eq!(markers(&ctrd, CRI_NS).len(), 3);
 
     // 2. restart containerd: state on both sides still agrees.
@@ -401,8 +425,7 @@ fn faults(v: ContainerdVersion) {
     // 3. wipe the snapshotter's state: the next pull and container self-heal.
     snap.wipe_state();
     snap.restart();
-    cri.pull_image(&img.reference, handler)
-        .unwrap_or_else(|e| panic!("pull after wipe: {e}\n{}", snap.log()));
+    pull_retrying(&mut cri, &img.reference, handler, &snap, "pull after wipe");
     let vol = check_container_mount(&ctrd, CRI_NS, "after-wipe", &m[2].0);
     assert!(!vol.source.is_empty());
     assert!(
