@@ -520,3 +520,122 @@ async fn cli_exit_codes() {
         "no output on a tampered response"
     );
 }
+
+// ---- HTTPS ----
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the HTTPS test needs the `openssl` command (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA and a 127.0.0.1 server certificate it signed.
+fn make_pki(dir: &Path) -> (Vec<u8>, integration::kbs::TlsIdentity) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kbs-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(dir, &a);
+    let mut b = vec!["req"];
+    b.extend(ec);
+    b.extend([
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(dir, &b);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    let rd = |n: &str| std::fs::read(dir.join(n)).unwrap();
+    (
+        rd("ca.pem"),
+        integration::kbs::TlsIdentity {
+            cert_chain_pem: rd("leaf.pem"),
+            key_pem: rd("leaf.key"),
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_extra_ca() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, id) = make_pki(pki.path());
+    let (kbs, _d) = start(|c| c.tls = Some(id)).await;
+    assert!(kbs.url().starts_with("https://"));
+
+    let mut cfg = client_cfg(&kbs.url());
+    cfg.extra_ca_pem = Some(ca);
+    let c = Client::new(cfg).unwrap();
+    assert_eq!(
+        &*c.get_resource(&uri("kbs:///default/key/k1")).await.unwrap(),
+        SECRET
+    );
+
+    // Without the CA the server is not trusted: a clear error naming the URL, no resource.
+    let mut cfg = client_cfg(&kbs.url());
+    cfg.retry.max_attempts = 1;
+    let e = Client::new(cfg)
+        .unwrap()
+        .get_resource(&uri("kbs:///default/key/k1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains(&kbs.url()), "{e}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    let mut bad = client_cfg(&kbs.url());
+    bad.extra_ca_pem = Some(b"not a certificate".to_vec());
+    assert!(matches!(Client::new(bad), Err(Error::Config(_))));
+}

@@ -11,6 +11,7 @@
 mod jwt;
 mod policy;
 mod server;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,17 @@ pub struct TestKbsConfig {
     pub listen: SocketAddr,
     /// Negative tests only: flip one bit of every JWE tag sent.
     pub tamper_jwe_tag: bool,
+    /// Serve HTTPS with this PEM certificate chain and PEM private key instead of HTTP.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A server certificate chain and key, both PEM.
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    /// Leaf first, then intermediates.
+    pub cert_chain_pem: Vec<u8>,
+    /// PKCS#8, SEC1 or PKCS#1 private key.
+    pub key_pem: Vec<u8>,
 }
 
 impl TestKbsConfig {
@@ -47,6 +59,7 @@ impl TestKbsConfig {
             token_ttl: Duration::from_secs(300),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tamper_jwe_tag: false,
+            tls: None,
         }
     }
 }
@@ -95,6 +108,7 @@ impl Counters {
 /// A running test KBS; stopped on drop.
 pub struct TestKbs {
     addr: SocketAddr,
+    https: bool,
     state: Arc<server::State>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -104,19 +118,30 @@ impl TestKbs {
     pub async fn start(cfg: TestKbsConfig) -> std::io::Result<TestKbs> {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
+        let tls = cfg.tls.clone().map(tls::acceptor).transpose()?;
+        let https = tls.is_some();
         let state = Arc::new(server::State::new(cfg));
         let app = server::router(state.clone());
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("test KBS stopped: {e}");
-            }
-        });
-        Ok(TestKbs { addr, state, task })
+        let task = match tls {
+            None => tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("test KBS stopped: {e}");
+                }
+            }),
+            Some(acceptor) => tokio::spawn(tls::serve(listener, acceptor, app)),
+        };
+        Ok(TestKbs {
+            addr,
+            https,
+            state,
+            task,
+        })
     }
 
     /// Base URL, e.g. `http://127.0.0.1:40123`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Listening address.
