@@ -65,6 +65,28 @@ async fn get_resource_bytes_equal_ec_and_rsa() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_data_reaches_the_token_claims() {
+    let (kbs, _d) = start(|_| {}).await;
+    let mut cfg = client_cfg(&kbs.url());
+    cfg.init_data = Some(
+        "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = \"marker-42\"\n"
+            .into(),
+    );
+    let c = Client::new(cfg).unwrap();
+    let t = c.attest().await.unwrap();
+    let claims = t.as_str().split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap();
+    let ae = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    assert_eq!(ae["init_data_claims"]["cdh.toml"], "marker-42", "{claims}");
+    assert!(ae["runtime_data_claims"]["tee-pubkey"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_attestation_for_100_resources() {
     let (kbs, _d) = start(|_| {}).await;
     let c = Client::new(client_cfg(&kbs.url())).unwrap();
@@ -499,6 +521,11 @@ async fn cli_exit_codes() {
     .await;
     assert_eq!(code(&o), 5);
     assert!(String::from_utf8_lossy(&o.stderr).contains("http://127.0.0.1:1"));
+
+    // Hardware evidence that is not there: a clear evidence error, never a fabricated quote.
+    let o = cli(&["--url", &url, "--tee", "tdx", "attest"]).await;
+    assert_eq!(code(&o), 6, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot collect tdx evidence"));
 
     let (bad, _d2) = start(|c| c.tamper_jwe_tag = true).await;
     let tmp = tempfile::tempdir().unwrap();
