@@ -490,3 +490,44 @@ fn check_containerd_config_cli() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("disable_snapshot_annotations = false"));
 }
+
+/// Socket handling like production daemons: 0700 dir, stale socket replaced, a
+/// non-socket never deleted, SIGTERM shuts down gracefully and removes the socket.
+#[test]
+fn daemon_socket_lifecycle() {
+    Lab::require_root();
+    let lab = Lab::new("snap-daemon");
+    let snap = SnapshotterDaemon::start(&lab, "");
+    use std::os::unix::fs::PermissionsExt;
+    let dir_mode = std::fs::metadata(snap.socket().parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    // kill -9 leaves a stale socket behind; a restart replaces it.
+    snap.kill9();
+    assert!(snap.socket().exists());
+    snap.restart();
+    assert!(snap.log().contains("removed stale socket"));
+    // SIGTERM: graceful stop, socket removed.
+    snap.stop();
+    assert!(!snap.socket().exists(), "socket removed on SIGTERM");
+    assert!(snap.log().contains("SIGTERM received"));
+    // A regular file at the address is an error and is left alone.
+    std::fs::write(snap.socket(), "not a socket").unwrap();
+    let out = std::process::Command::new(integration::bin_path("guestpull-snapshotter"))
+        .arg("--config")
+        .arg(lab.join("snap/snapshotter.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a socket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(snap.socket()).unwrap(),
+        "not a socket"
+    );
+}
