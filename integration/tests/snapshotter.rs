@@ -531,3 +531,58 @@ fn daemon_socket_lifecycle() {
         "not a socket"
     );
 }
+
+/// The helper alone, as mount.fuse runs it: drops the Kata/extra options and mounts a
+/// real overlay even when the options are longer than a page (chdir + relative paths).
+#[test]
+fn nydus_overlayfs_helper_mounts_long_option_strings() {
+    Lab::require_root();
+    let lab = Lab::new("snap-helper");
+    let base = lab.join("snapshots");
+    let mut lowers = Vec::new();
+    for i in 1..=80 {
+        let d = base.join(format!("{i}/fs"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i}")), format!("{i}")).unwrap();
+        lowers.push(d.display().to_string());
+    }
+    lowers.reverse(); // nearest layer first
+    for d in ["up/fs", "up/work"] {
+        std::fs::create_dir_all(base.join(d)).unwrap();
+    }
+    let target = lab.join("mnt");
+    std::fs::create_dir_all(&target).unwrap();
+    let vol = KataVirtualVolume::guest_pull("img", BTreeMap::new()).to_mount_option();
+    let opts = format!(
+        "rw,nodev,workdir={b}/up/work,upperdir={b}/up/fs,lowerdir={l},{vol},extraoption=xyz",
+        b = base.display(),
+        l = lowers.join(":")
+    );
+    assert!(opts.len() > 4096, "option string longer than a page");
+    let out = std::process::Command::new(integration::bin_path("nydus-overlayfs"))
+        .args(["overlay"])
+        .arg(&target)
+        .args(["-o", &opts])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounted
+        .lines()
+        .find(|l| l.contains(&*target.to_string_lossy()))
+        .expect("overlay is mounted");
+    assert!(line.contains(" - overlay "), "{line}");
+    assert!(line.contains("nodev"), "{line}");
+    assert_eq!(std::fs::read_to_string(target.join("f1")).unwrap(), "1");
+    assert_eq!(std::fs::read_to_string(target.join("f80")).unwrap(), "80");
+    std::fs::write(target.join("new"), "x").unwrap();
+    assert!(
+        base.join("up/fs/new").is_file(),
+        "writes land in the upper dir"
+    );
+    integration::lab::unmount_under(lab.path());
+}
