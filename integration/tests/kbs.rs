@@ -650,15 +650,20 @@ async fn https_with_extra_ca() {
         SECRET
     );
 
-    // Without the CA the server is not trusted: a clear error naming the URL, no resource.
-    let mut cfg = client_cfg(&kbs.url());
-    cfg.retry.max_attempts = 1;
-    let e = Client::new(cfg)
+    // Without the CA the server is not trusted: an immediate (not retried) error naming the URL.
+    let before = kbs.stats().auth;
+    let t0 = Instant::now();
+    let e = Client::new(client_cfg(&kbs.url()))
         .unwrap()
         .get_resource(&uri("kbs:///default/key/k1"))
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::Unreachable { .. }), "{e}");
+    assert!(matches!(e, Error::Tls { .. }), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(200),
+        "certificate errors are not retried"
+    );
+    assert_eq!(kbs.stats().auth, before);
     assert!(e.to_string().contains(&kbs.url()), "{e}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 

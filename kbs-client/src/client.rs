@@ -57,6 +57,30 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Whether a send error is a certificate rejection, which no retry can fix.
+fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        // hyper-rustls nests rustls's error in io::Errors, whose source() skips the wrapped
+        // error itself, so unwrap those explicitly.
+        let mut cand = Some(c);
+        while let Some(x) = cand {
+            if let Some(tls) = x.downcast_ref::<rustls::Error>() {
+                return matches!(
+                    tls,
+                    rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+                );
+            }
+            cand = x
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+        }
+        cur = c.source();
+    }
+    false
+}
+
 impl Client {
     /// Builds a client: validates the configuration, picks the TEE and generates the TEE key.
     pub fn new(cfg: ClientConfig) -> Result<Self, Error> {
@@ -363,6 +387,12 @@ impl Client {
                     format!("HTTP {}: {}", status.as_u16(), err.detail)
                 }
                 Ok(r) => return Ok(r),
+                Err(e) if is_certificate_error(&e) => {
+                    return Err(Error::Tls {
+                        url: self.inner.base.clone(),
+                        detail: chain(&e),
+                    })
+                }
                 Err(e) => chain(&e),
             };
             if attempt >= policy.max_attempts {

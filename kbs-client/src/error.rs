@@ -60,6 +60,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The TLS handshake failed for a reason retrying cannot fix (untrusted or invalid certificate).
+    #[error("TLS to KBS at {url} failed: {detail}; if the KBS uses a private CA, pass it as the extra CA certificate (--cert)")]
+    Tls {
+        /// The KBS URL.
+        url: String,
+        /// The cause.
+        detail: String,
+    },
+
     /// The KBS resource policy refused the resource for this TEE.
     #[error("KBS at {url} denied access to {path} by its resource policy (PolicyDeny): {detail}; check the KBS resource policy allows this TEE and path")]
     PolicyDeny {
@@ -173,7 +182,7 @@ impl Error {
             Error::ResourceNotFound { .. }
             | Error::InvalidPath { .. }
             | Error::LaunchSecretNotFound { .. } => 4,
-            Error::Unreachable { .. } => 5,
+            Error::Unreachable { .. } | Error::Tls { .. } => 5,
             Error::Attestation { .. } | Error::Unauthorized { .. } | Error::Evidence { .. } => 6,
             Error::Decrypt { .. } => 7,
             _ => 1,

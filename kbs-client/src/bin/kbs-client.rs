@@ -1,7 +1,7 @@
 //! `kbs-client`: attest to a KBS and fetch resources from scripts.
 //!
 //! Exit codes: 0 ok, 1 other error, 2 usage/configuration, 3 policy deny, 4 resource not found,
-//! 5 KBS unreachable, 6 attestation/authorization failed, 7 decryption failed.
+//! 5 KBS unreachable or TLS certificate untrusted, 6 attestation/authorization failed, 7 decryption failed.
 
 use std::io::Write;
 use std::path::PathBuf;
