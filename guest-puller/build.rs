@@ -18,7 +18,10 @@ fn main() {
     for entry in std::fs::read_dir(&out).expect("read protos out dir") {
         let path = entry.expect("dir entry").path();
         let text = std::fs::read_to_string(&path).expect("read generated file");
-        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).collect();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+            .collect();
         std::fs::write(&path, kept.join("\n")).expect("rewrite generated file");
     }
     println!("cargo:rerun-if-changed=protos");

@@ -96,7 +96,10 @@ impl ImageConfig {
             )));
         }
         if !c.os.is_empty() && c.os != "linux" {
-            return Err(BundleError::Config(format!("image OS {:?} is not linux", c.os)));
+            return Err(BundleError::Config(format!(
+                "image OS {:?} is not linux",
+                c.os
+            )));
         }
         Ok(c)
     }
@@ -104,7 +107,9 @@ impl ImageConfig {
 
 /// Resolves `user[:group]` to numeric ids, reading names from the rootfs' /etc/passwd and /etc/group.
 fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32, Option<String>), BundleError> {
-    let (u, g) = spec.split_once(':').map_or((spec, None), |(u, g)| (u, Some(g)));
+    let (u, g) = spec
+        .split_once(':')
+        .map_or((spec, None), |(u, g)| (u, Some(g)));
     let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
         let text = fs::read_to_string(rootfs.join(file)).ok()?;
         text.lines().find_map(|l| {
@@ -124,7 +129,9 @@ fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32, Option<String>),
             .and_then(|t| {
                 t.lines().find_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 3 && f[2] == u).then(|| f[3].parse().ok()).flatten()
+                    (f.len() > 3 && f[2] == u)
+                        .then(|| f[3].parse().ok())
+                        .flatten()
                 })
             })
             .unwrap_or(0);
@@ -142,10 +149,14 @@ fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32, Option<String>),
                 .and_then(|t| {
                     t.lines().find_map(|l| {
                         let f: Vec<&str> = l.split(':').collect();
-                        (f.len() > 2 && f[0] == g).then(|| f[2].parse().ok()).flatten()
+                        (f.len() > 2 && f[0] == g)
+                            .then(|| f[2].parse().ok())
+                            .flatten()
                     })
                 })
-                .ok_or_else(|| BundleError::Config(format!("group {g:?} not found in /etc/group")))?,
+                .ok_or_else(|| {
+                    BundleError::Config(format!("group {g:?} not found in /etc/group"))
+                })?,
         };
     }
     Ok((uid, gid, name))
@@ -157,7 +168,9 @@ pub fn runtime_spec(cfg: &ImageConfig, rootfs: &Path) -> Result<Spec, BundleErro
     let mut args: Vec<String> = run.and_then(|r| r.entrypoint.clone()).unwrap_or_default();
     args.extend(run.and_then(|r| r.cmd.clone()).unwrap_or_default());
     if args.is_empty() {
-        return Err(BundleError::Config("image has neither Entrypoint nor Cmd".into()));
+        return Err(BundleError::Config(
+            "image has neither Entrypoint nor Cmd".into(),
+        ));
     }
     let mut env = run.and_then(|r| r.env.clone()).unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -170,10 +183,8 @@ pub fn runtime_spec(cfg: &ImageConfig, rootfs: &Path) -> Result<Spec, BundleErro
         .and_then(|r| r.working_dir.clone())
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    let (uid, gid, username) = resolve_user(
-        run.and_then(|r| r.user.as_deref()).unwrap_or(""),
-        rootfs,
-    )?;
+    let (uid, gid, username) =
+        resolve_user(run.and_then(|r| r.user.as_deref()).unwrap_or(""), rootfs)?;
     let mut user = User::default();
     user.set_uid(uid);
     user.set_gid(gid);
@@ -232,15 +243,21 @@ pub fn create_bundle(
         escape_overlay(&work.to_string_lossy())
     );
     let cdata = std::ffi::CString::new(data).map_err(|e| BundleError::Config(e.to_string()))?;
-    mount("overlay", &rootfs, "overlay", MountFlags::empty(), cdata.as_c_str()).map_err(|e| {
-        BundleError::Mount {
-            target: rootfs.clone(),
-            source: e.into(),
-        }
+    mount(
+        "overlay",
+        &rootfs,
+        "overlay",
+        MountFlags::empty(),
+        cdata.as_c_str(),
+    )
+    .map_err(|e| BundleError::Mount {
+        target: rootfs.clone(),
+        source: e.into(),
     })?;
     let write = || -> Result<(), BundleError> {
         let spec = runtime_spec(cfg, &rootfs)?;
-        let json = serde_json::to_vec_pretty(&spec).map_err(|e| BundleError::Config(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&spec).map_err(|e| BundleError::Config(e.to_string()))?;
         let path = bundle.join("config.json");
         fs::write(&path, json).map_err(io_at(&path))
     };
@@ -252,7 +269,9 @@ pub fn create_bundle(
 }
 
 fn escape_overlay(p: &str) -> String {
-    p.replace('\\', "\\\\").replace(':', "\\:").replace(',', "\\,")
+    p.replace('\\', "\\\\")
+        .replace(':', "\\:")
+        .replace(',', "\\,")
 }
 
 /// Whether `p` is a mount point (its device differs from its parent's).
@@ -301,21 +320,36 @@ mod tests {
     fn spec_from_config() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("etc")).unwrap();
-        fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n").unwrap();
+        fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
         fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
-        let c = ImageConfig::parse(br#"{"os":"linux","architecture":"amd64",
+        let c = ImageConfig::parse(
+            br#"{"os":"linux","architecture":"amd64",
             "config":{"User":"app:staff","Env":["A=1"],"Entrypoint":["/bin/sh"],"Cmd":["-c","true"],
-            "WorkingDir":"/w","Labels":{"l":"v"}},"rootfs":{"type":"layers","diff_ids":[]}}"#).unwrap();
+            "WorkingDir":"/w","Labels":{"l":"v"}},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap();
         let s = runtime_spec(&c, dir.path()).unwrap();
         let p = s.process().as_ref().unwrap();
         assert_eq!(p.args().as_ref().unwrap(), &["/bin/sh", "-c", "true"]);
         assert_eq!(p.user().uid(), 1000);
         assert_eq!(p.user().gid(), 50);
         assert_eq!(p.cwd(), &PathBuf::from("/w"));
-        assert!(p.env().as_ref().unwrap().iter().any(|e| e.starts_with("PATH=")));
+        assert!(p
+            .env()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("PATH=")));
         assert_eq!(s.annotations().as_ref().unwrap()["l"], "v");
         assert!(ImageConfig::parse(br#"{"rootfs":{"type":"x","diff_ids":[]}}"#).is_err());
-        let bad = ImageConfig::parse(br#"{"config":{"User":"ghost","Cmd":["x"]},"rootfs":{"type":"layers"}}"#).unwrap();
+        let bad = ImageConfig::parse(
+            br#"{"config":{"User":"ghost","Cmd":["x"]},"rootfs":{"type":"layers"}}"#,
+        )
+        .unwrap();
         assert!(runtime_spec(&bad, dir.path()).is_err());
     }
 }

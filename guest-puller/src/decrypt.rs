@@ -77,9 +77,7 @@ pub fn compression_of(media_type: &str) -> Option<Compression> {
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
         "application/vnd.oci.image.layer.v1.tar+zstd"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-            Some(Compression::Zstd)
-        }
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
         _ => None,
     }
 }
@@ -345,7 +343,9 @@ impl KeyUnwrapper {
                     }
                 };
                 if keys.is_empty() {
-                    tried.push("jwe: no JWE private keys configured ([keys] jwe_private_keys)".into());
+                    tried.push(
+                        "jwe: no JWE private keys configured ([keys] jwe_private_keys)".into(),
+                    );
                     continue;
                 }
                 for entry in value.split(',').filter(|e| !e.is_empty()) {
@@ -407,7 +407,11 @@ impl KeyUnwrapper {
         let uri = if kid.contains("://") {
             kid.clone()
         } else {
-            format!("kbs://{}{}", if kid.starts_with('/') { "" } else { "/" }, kid)
+            format!(
+                "kbs://{}{}",
+                if kid.starts_with('/') { "" } else { "/" },
+                kid
+            )
         };
         let kek = self
             .fetcher
@@ -415,10 +419,7 @@ impl KeyUnwrapper {
             .await
             .map_err(|e| format!("key id {kid}: {e}"))?;
         if kek.len() != 32 {
-            return Err(format!(
-                "key id {kid}: KEK is {} bytes, need 32",
-                kek.len()
-            ));
+            return Err(format!("key id {kid}: KEK is {} bytes, need 32", kek.len()));
         }
         let wrapped = STANDARD
             .decode(p.wrapped_data.trim())
@@ -435,7 +436,9 @@ impl KeyUnwrapper {
                     .map_err(|_| format!("key id {kid}: bad KEK"))?;
                 gcm.decrypt(aes_gcm::Nonce::from_slice(&iv), wrapped.as_slice())
                     .map(Zeroizing::new)
-                    .map_err(|_| format!("key id {kid}: unwrap failed (wrong KEK or corrupted packet)"))
+                    .map_err(|_| {
+                        format!("key id {kid}: unwrap failed (wrong KEK or corrupted packet)")
+                    })
             }
             "A256CTR" => {
                 let iv: [u8; 16] = iv
@@ -530,8 +533,7 @@ mod tests {
 
     #[test]
     fn hmac_mismatch_fails_at_eof() {
-        let (mut ct, plbco, pubopts) =
-            ocicrypt_encrypt(b"hello world layer", [1; 32], [2; 16], "");
+        let (mut ct, plbco, pubopts) = ocicrypt_encrypt(b"hello world layer", [1; 32], [2; 16], "");
         ct[3] ^= 1;
         let k = LayerKey::from_opts("sha256:x", &plbco, Some(&pubopts)).unwrap();
         let mut out = Vec::new();
@@ -549,7 +551,8 @@ mod tests {
     #[test]
     fn missing_hmac_or_bad_cipher_rejected() {
         let (_, plbco, _) = ocicrypt_encrypt(b"x", [1; 32], [2; 16], "");
-        let no_hmac = STANDARD.encode(r#"{"cipher":"AES_256_CTR_HMAC_SHA256","cipheroptions":null}"#);
+        let no_hmac =
+            STANDARD.encode(r#"{"cipher":"AES_256_CTR_HMAC_SHA256","cipheroptions":null}"#);
         assert!(LayerKey::from_opts("l", &plbco, Some(&no_hmac)).is_err());
         let other = STANDARD.encode(r#"{"cipher":"ROT13","hmac":""}"#);
         assert!(matches!(
@@ -571,7 +574,10 @@ mod tests {
             compression_of("application/vnd.docker.image.rootfs.diff.tar.gzip"),
             Some(Compression::Gzip)
         );
-        assert_eq!(compression_of("application/vnd.oci.image.config.v1+json"), None);
+        assert_eq!(
+            compression_of("application/vnd.oci.image.config.v1+json"),
+            None
+        );
     }
 
     async fn packet_roundtrip(wrap_type: &str) {
@@ -596,7 +602,11 @@ mod tests {
         let mut ann = BTreeMap::new();
         ann.insert(
             format!("{PROVIDER_PREFIX}attestation-agent"),
-            format!("{},{}", STANDARD.encode("{}"), STANDARD.encode(packet.to_string())),
+            format!(
+                "{},{}",
+                STANDARD.encode("{}"),
+                STANDARD.encode(packet.to_string())
+            ),
         );
         ann.insert(PUBOPTS_ANNOTATION.to_string(), pubopts);
         let mut m = HashMap::new();
@@ -616,8 +626,15 @@ mod tests {
             vec!["attestation-agent".into()],
             vec![],
         );
-        let e = u.unwrap_layer_key("sha256:l1", &ann).await.unwrap_err().to_string();
-        assert!(e.contains("sha256:l1") && e.contains("kbs:///default/key/k1"), "{e}");
+        let e = u
+            .unwrap_layer_key("sha256:l1", &ann)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sha256:l1") && e.contains("kbs:///default/key/k1"),
+            "{e}"
+        );
         assert!(!e.contains(&STANDARD.encode([8u8; 32])));
     }
 

@@ -19,15 +19,18 @@ impl KbsResourceFetcher {
             Some(url) => {
                 let mut c = kbs_client::ClientConfig::new(url.clone());
                 if let Some(cert) = &cfg.cert {
-                    c.extra_ca_pem = Some(std::fs::read(cert).map_err(|e| ResourceError::Failed {
-                        uri: cert.display().to_string(),
-                        reason: format!("reading KBS CA certificate: {e}"),
-                    })?);
+                    c.extra_ca_pem =
+                        Some(std::fs::read(cert).map_err(|e| ResourceError::Failed {
+                            uri: cert.display().to_string(),
+                            reason: format!("reading KBS CA certificate: {e}"),
+                        })?);
                 }
-                Some(kbs_client::Client::new(c).map_err(|e| ResourceError::Failed {
-                    uri: url.clone(),
-                    reason: e.to_string(),
-                })?)
+                Some(
+                    kbs_client::Client::new(c).map_err(|e| ResourceError::Failed {
+                        uri: url.clone(),
+                        reason: e.to_string(),
+                    })?,
+                )
             }
             None => None,
         };
@@ -64,13 +67,17 @@ impl ResourceFetcher for KbsResourceFetcher {
                 });
             };
             let parsed: kbs_client::ResourceUri =
-                uri.parse().map_err(|e: kbs_client::UriError| ResourceError::InvalidUri {
-                    uri: uri.into(),
-                    reason: e.to_string(),
-                })?;
+                uri.parse()
+                    .map_err(|e: kbs_client::UriError| ResourceError::InvalidUri {
+                        uri: uri.into(),
+                        reason: e.to_string(),
+                    })?;
             return kbs.get_resource(&parsed).await.map_err(|e| map_kbs(uri, e));
         }
-        if let Some(path) = uri.strip_prefix("file://").or_else(|| uri.starts_with('/').then_some(uri)) {
+        if let Some(path) = uri
+            .strip_prefix("file://")
+            .or_else(|| uri.starts_with('/').then_some(uri))
+        {
             return tokio::fs::read(path)
                 .await
                 .map(Zeroizing::new)
@@ -86,10 +93,12 @@ impl ResourceFetcher for KbsResourceFetcher {
                 });
         }
         if let Some(rest) = uri.strip_prefix("data:") {
-            let (meta, data) = rest.split_once(',').ok_or_else(|| ResourceError::InvalidUri {
-                uri: "data:…".into(),
-                reason: "data URI without ','".into(),
-            })?;
+            let (meta, data) = rest
+                .split_once(',')
+                .ok_or_else(|| ResourceError::InvalidUri {
+                    uri: "data:…".into(),
+                    reason: "data URI without ','".into(),
+                })?;
             return if meta.ends_with(";base64") {
                 STANDARD
                     .decode(data.trim())
@@ -123,12 +132,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(&f.fetch(&format!("file://{}", p.display())).await.unwrap()[..], b"abc");
+        assert_eq!(
+            &f.fetch(&format!("file://{}", p.display())).await.unwrap()[..],
+            b"abc"
+        );
         assert_eq!(&f.fetch(p.to_str().unwrap()).await.unwrap()[..], b"abc");
         assert_eq!(&f.fetch("data:;base64,YWJj").await.unwrap()[..], b"abc");
-        assert_eq!(&f.fetch("{\"default\":[]}").await.unwrap()[..], b"{\"default\":[]}");
-        assert!(matches!(f.fetch("file:///nonexistent/x").await, Err(ResourceError::NotFound { .. })));
+        assert_eq!(
+            &f.fetch("{\"default\":[]}").await.unwrap()[..],
+            b"{\"default\":[]}"
+        );
+        assert!(matches!(
+            f.fetch("file:///nonexistent/x").await,
+            Err(ResourceError::NotFound { .. })
+        ));
         assert!(f.fetch("kbs:///default/key/x").await.is_err());
-        assert!(matches!(f.fetch("ftp://x/y").await, Err(ResourceError::InvalidUri { .. })));
+        assert!(matches!(
+            f.fetch("ftp://x/y").await,
+            Err(ResourceError::InvalidUri { .. })
+        ));
     }
 }

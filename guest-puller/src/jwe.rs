@@ -34,7 +34,9 @@ pub enum JweError {
     #[error("invalid private key: {0}")]
     BadKey(String),
     /// None of the supplied keys unwrapped any recipient.
-    #[error("no private key matches any of the {recipients} JWE recipient(s) (algorithms: {algs})")]
+    #[error(
+        "no private key matches any of the {recipients} JWE recipient(s) (algorithms: {algs})"
+    )]
     NoMatchingKey { recipients: usize, algs: String },
 }
 
@@ -166,8 +168,7 @@ fn b64(field: &str, s: &str) -> Result<Vec<u8>, JweError> {
 
 /// Decrypts a JWE in JSON serialization (general or flattened) with the first key that fits.
 pub fn decrypt(jwe: &[u8], keys: &[JwePrivateKey]) -> Result<Zeroizing<Vec<u8>>, JweError> {
-    let j: JweJson =
-        serde_json::from_slice(jwe).map_err(|e| JweError::Malformed(e.to_string()))?;
+    let j: JweJson = serde_json::from_slice(jwe).map_err(|e| JweError::Malformed(e.to_string()))?;
     let mut shared = Map::new();
     if let Some(p) = &j.protected {
         let bytes = b64("protected", p)?;
@@ -253,7 +254,9 @@ fn content_decrypt(
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, JweError> {
     if iv.len() != 12 || tag.len() != 16 {
-        return Err(JweError::Malformed("GCM iv must be 12 and tag 16 bytes".into()));
+        return Err(JweError::Malformed(
+            "GCM iv must be 12 and tag 16 bytes".into(),
+        ));
     }
     let mut msg = Vec::with_capacity(ct.len() + 16);
     msg.extend_from_slice(ct);
@@ -322,8 +325,13 @@ fn unwrap_cek(
             };
             let kek = concat_kdf(&z, alg.as_bytes(), &apu, &apv, kek_len);
             let cek = aes_kw_unwrap(&kek, ek)?;
-            if cek.as_ref().is_some_and(|c| c.len() != cek_len(enc).unwrap_or(0)) {
-                return Err(JweError::Malformed("unwrapped CEK has the wrong length".into()));
+            if cek
+                .as_ref()
+                .is_some_and(|c| c.len() != cek_len(enc).unwrap_or(0))
+            {
+                return Err(JweError::Malformed(
+                    "unwrapped CEK has the wrong length".into(),
+                ));
             }
             Ok(cek)
         }

@@ -75,7 +75,8 @@ fn valid_digest(d: &str) -> bool {
         Some((a, h)) => {
             matches!(a, "sha256" | "sha512")
                 && !h.is_empty()
-                && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         }
         None => false,
     }
@@ -160,11 +161,10 @@ impl LayerStore {
     /// against GC in other processes).
     pub async fn pin(self: &Arc<Self>, digests: Vec<String>) -> io::Result<Pin> {
         let f = self.lock_file()?;
-        let f = tokio::task::spawn_blocking(move || {
-            flock(&f, FlockOperation::LockShared).map(|_| f)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let f =
+            tokio::task::spawn_blocking(move || flock(&f, FlockOperation::LockShared).map(|_| f))
+                .await
+                .map_err(io::Error::other)??;
         let mut pins = self.pins.lock().expect("pins lock");
         for d in &digests {
             *pins.entry(d.clone()).or_default() += 1;
@@ -214,7 +214,11 @@ impl LayerStore {
         result.map(|p| (p, false))
     }
 
-    async fn fetch_and_unpack<F, Fut>(&self, spec: LayerSpec, fetch: F) -> Result<PathBuf, LayerError>
+    async fn fetch_and_unpack<F, Fut>(
+        &self,
+        spec: LayerSpec,
+        fetch: F,
+    ) -> Result<PathBuf, LayerError>
     where
         F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
@@ -233,7 +237,9 @@ impl LayerStore {
         let started = std::time::Instant::now();
         let work = tokio::task::spawn_blocking(move || process_layer(rx, &spec, &staging2));
         let fetched = fetch(tx).await;
-        let processed = work.await.map_err(|e| LayerError::Store(io::Error::other(e)))?;
+        let processed = work
+            .await
+            .map_err(|e| LayerError::Store(io::Error::other(e)))?;
         let outcome = match (processed, fetched) {
             (Ok(stats), Ok(())) => Ok(stats),
             // The consumer's error explains why the fetch was cut short.
@@ -387,8 +393,10 @@ impl Read for ChannelReader {
                 Some(Ok(b)) => {
                     self.seen += b.len() as u64;
                     if self.size > 0 && self.seen > self.size {
-                        return Err(fail(&self.failure, format!(
-                            "blob is larger than its descriptor size {}", self.size)));
+                        return Err(fail(
+                            &self.failure,
+                            format!("blob is larger than its descriptor size {}", self.size),
+                        ));
                     }
                     if let Some(h) = self.hasher.as_mut() {
                         h.update(&b);
@@ -401,13 +409,20 @@ impl Read for ChannelReader {
                 None => {
                     if let Some(h) = self.hasher.take() {
                         if self.size > 0 && self.seen != self.size {
-                            return Err(fail(&self.failure, format!(
-                                "blob truncated: got {} of {} bytes", self.seen, self.size)));
+                            return Err(fail(
+                                &self.failure,
+                                format!("blob truncated: got {} of {} bytes", self.seen, self.size),
+                            ));
                         }
                         let actual = h.finish();
                         if actual != self.expected {
-                            return Err(fail(&self.failure, format!(
-                                "blob digest mismatch: expected {}, got {actual}", self.expected)));
+                            return Err(fail(
+                                &self.failure,
+                                format!(
+                                    "blob digest mismatch: expected {}, got {actual}",
+                                    self.expected
+                                ),
+                            ));
                         }
                         *self.verified.borrow_mut() = true;
                     }
@@ -439,8 +454,13 @@ impl<R: Read> Read for HashReader<R> {
             if let Some(h) = self.hasher.take() {
                 let actual = h.finish();
                 if actual != self.expected {
-                    return Err(fail(&self.failure, format!(
-                        "{} mismatch: expected {}, got {actual}", self.what, self.expected)));
+                    return Err(fail(
+                        &self.failure,
+                        format!(
+                            "{} mismatch: expected {}, got {actual}",
+                            self.what, self.expected
+                        ),
+                    ));
                 }
                 *self.verified.borrow_mut() = true;
             }
@@ -478,7 +498,10 @@ fn hash_reader<R: Read>(
     failure: &Failure,
 ) -> io::Result<(HashReader<R>, Rc<RefCell<bool>>)> {
     let hasher = Hasher::for_digest(expected).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("unsupported {what} {expected:?}"))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unsupported {what} {expected:?}"),
+        )
     })?;
     let verified = Rc::new(RefCell::new(false));
     Ok((
@@ -552,10 +575,9 @@ pub fn process_layer(
     let plain: Box<dyn Read> = Box::new(plain);
     let tar: Box<dyn Read> = match spec.compression {
         Compression::None => plain,
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
-            64 * 1024,
-            plain,
-        ))),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(64 * 1024, plain),
+        )),
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::new(plain).map_err(|e| integrity(format!("zstd: {e}")))?,
         ),
@@ -582,7 +604,9 @@ pub fn process_layer(
         source,
     })?;
     if !checks.iter().all(|c| *c.borrow()) {
-        return Err(integrity("stream ended before all integrity checks ran".into()));
+        return Err(integrity(
+            "stream ended before all integrity checks ran".into(),
+        ));
     }
     Ok(stats)
 }

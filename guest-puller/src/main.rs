@@ -11,7 +11,11 @@ use guest_puller::fetcher::KbsResourceFetcher;
 use guest_puller::pull::Puller;
 
 #[derive(Parser)]
-#[command(name = "guest-puller", version, about = "Pull, verify, decrypt and unpack images inside a TEE guest")]
+#[command(
+    name = "guest-puller",
+    version,
+    about = "Pull, verify, decrypt and unpack images inside a TEE guest"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -38,6 +42,20 @@ enum Cmd {
         /// Socket path (overrides [server] socket).
         #[arg(long)]
         socket: Option<PathBuf>,
+    },
+    /// Ask a running server (CDH-compatible socket) to pull IMAGE into BUNDLE; prints the manifest digest.
+    ClientPull {
+        /// Server socket.
+        #[arg(long, default_value = guest_puller::config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Image reference.
+        image: String,
+        /// Bundle directory (absolute).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Request timeout in seconds (kata-agent's default image_pull_timeout is 1200).
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
     },
     /// Unmount a bundle's rootfs, remove it and garbage-collect unused layers.
     Unmount {
@@ -113,6 +131,22 @@ async fn main() -> anyhow::Result<()> {
             guest_puller::api::server::serve(p, &sock)
                 .await
                 .with_context(|| format!("serving on {}", sock.display()))?;
+        }
+        Cmd::ClientPull {
+            socket,
+            image,
+            bundle,
+            timeout,
+        } => {
+            let digest = guest_puller::api::client::pull_image(
+                &socket,
+                &image,
+                &absolute(bundle)?,
+                std::time::Duration::from_secs(timeout),
+            )
+            .await
+            .with_context(|| format!("PullImage {image} via {}", socket.display()))?;
+            println!("{digest}");
         }
         Cmd::Unmount { config, bundle } => {
             let cfg = load(&config)?;

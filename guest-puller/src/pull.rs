@@ -114,7 +114,8 @@ impl SignatureSource for RegistrySigs<'_> {
 impl Puller {
     /// Builds a puller: fetches credentials and registry configuration named by URI.
     pub async fn new(cfg: Config, fetcher: Arc<dyn ResourceFetcher>) -> Result<Self, PullError> {
-        cfg.validate().map_err(|e| PullError::Config(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| PullError::Config(e.to_string()))?;
         let auth = match &cfg.image.authenticated_registry_credentials_uri {
             Some(uri) => Some(fetcher.fetch(uri).await?),
             None => None,
@@ -122,8 +123,9 @@ impl Puller {
         let mut rules = cfg.image.registry_config.clone().unwrap_or_default();
         if let Some(uri) = &cfg.image.registry_configuration_uri {
             let raw = fetcher.fetch(uri).await?;
-            let text = std::str::from_utf8(&raw)
-                .map_err(|_| PullError::Config(format!("registry configuration {uri} is not UTF-8")))?;
+            let text = std::str::from_utf8(&raw).map_err(|_| {
+                PullError::Config(format!("registry configuration {uri} is not UTF-8"))
+            })?;
             let extra: RegistryConfig = toml::from_str(text)
                 .map_err(|e| PullError::Config(format!("registry configuration {uri}: {e}")))?;
             rules.insecure_registries.extend(extra.insecure_registries);
@@ -141,8 +143,9 @@ impl Puller {
             &roots,
             cfg.image.max_retries,
         )?;
-        let store = LayerStore::open(&cfg.image.work_dir)
-            .map_err(|e| PullError::Config(format!("work dir {}: {e}", cfg.image.work_dir.display())))?;
+        let store = LayerStore::open(&cfg.image.work_dir).map_err(|e| {
+            PullError::Config(format!("work dir {}: {e}", cfg.image.work_dir.display()))
+        })?;
         let unwrapper = KeyUnwrapper::new(
             fetcher.clone(),
             cfg.provider_names(),
@@ -186,7 +189,11 @@ impl Puller {
     }
 
     /// Pulls `image_ref` and mounts it as an OCI bundle at `bundle_dir`.
-    pub async fn pull_image(&self, image_ref: &str, bundle_dir: &Path) -> Result<PullResult, PullError> {
+    pub async fn pull_image(
+        &self,
+        image_ref: &str,
+        bundle_dir: &Path,
+    ) -> Result<PullResult, PullError> {
         if !bundle_dir.is_absolute() {
             return Err(PullError::InvalidArgument(format!(
                 "bundle path {} must be absolute",
@@ -203,8 +210,13 @@ impl Puller {
                 source: &img.source,
             };
             // Matched on the reference the user asked for, not the mirror it came from.
-            p.check_with_list(&requested, &img.manifest_digest, img.list_digest.as_deref(), &sigs)
-                .await?;
+            p.check_with_list(
+                &requested,
+                &img.manifest_digest,
+                img.list_digest.as_deref(),
+                &sigs,
+            )
+            .await?;
         }
         let config = ImageConfig::parse(&img.config)?;
         if config.rootfs.diff_ids.len() != img.manifest.layers.len() {
@@ -217,8 +229,17 @@ impl Puller {
                 ),
             }));
         }
-        let digests: Vec<String> = img.manifest.layers.iter().map(|l| l.digest.clone()).collect();
-        let pin = self.store.pin(digests.clone()).await.map_err(LayerError::Store)?;
+        let digests: Vec<String> = img
+            .manifest
+            .layers
+            .iter()
+            .map(|l| l.digest.clone())
+            .collect();
+        let pin = self
+            .store
+            .pin(digests.clone())
+            .await
+            .map_err(LayerError::Store)?;
         let items: Vec<(oci_client::manifest::OciDescriptor, String)> = img
             .manifest
             .layers
@@ -247,9 +268,11 @@ impl Puller {
         let json = serde_json::to_vec(&record).map_err(|e| PullError::Config(e.to_string()))?;
         std::fs::write(&record_path, json).map_err(LayerError::Store)?;
         let (bdir, odir) = (bundle_dir.to_owned(), overlay_dir.clone());
-        let made = tokio::task::spawn_blocking(move || bundle::create_bundle(&bdir, &odir, &paths, &config))
-            .await
-            .map_err(|e| LayerError::Store(std::io::Error::other(e)))?;
+        let made = tokio::task::spawn_blocking(move || {
+            bundle::create_bundle(&bdir, &odir, &paths, &config)
+        })
+        .await
+        .map_err(|e| LayerError::Store(std::io::Error::other(e)))?;
         if let Err(e) = made {
             let _ = std::fs::remove_file(&record_path);
             let _ = std::fs::remove_dir_all(&overlay_dir);
@@ -274,12 +297,11 @@ impl Puller {
         desc: &oci_client::manifest::OciDescriptor,
         diff_id: &str,
     ) -> Result<PulledLayer, PullError> {
-        let compression = decrypt::compression_of(&desc.media_type).ok_or_else(|| {
-            LayerError::MediaType {
+        let compression =
+            decrypt::compression_of(&desc.media_type).ok_or_else(|| LayerError::MediaType {
                 layer: desc.digest.clone(),
                 media_type: desc.media_type.clone(),
-            }
-        })?;
+            })?;
         // Keys are unwrapped for encrypted layers even when the plaintext is cached, so an
         // image whose keys this guest cannot obtain never runs from another image's layers.
         let key = if decrypt::is_encrypted(&desc.media_type) {

@@ -154,7 +154,10 @@ fn normalize_auth_key(k: &str) -> String {
         .trim_start_matches("https://")
         .trim_start_matches("http://");
     let k = k.trim_end_matches('/');
-    let k = k.strip_suffix("/v1").or_else(|| k.strip_suffix("/v2")).unwrap_or(k);
+    let k = k
+        .strip_suffix("/v1")
+        .or_else(|| k.strip_suffix("/v2"))
+        .unwrap_or(k);
     let (host, rest) = k.split_once('/').map_or((k, ""), |(h, r)| (h, r));
     let host = match host {
         "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io",
@@ -185,18 +188,20 @@ impl RegistryClient {
     ) -> Result<Self, RegistryError> {
         let mut creds = BTreeMap::new();
         if let Some(raw) = auth_json {
-            let f: AuthFile =
-                serde_json::from_slice(raw).map_err(|e| RegistryError::Credentials(e.to_string()))?;
+            let f: AuthFile = serde_json::from_slice(raw)
+                .map_err(|e| RegistryError::Credentials(e.to_string()))?;
             for (k, e) in f.auths {
                 let pair = if let (Some(u), Some(p)) = (e.username.clone(), e.password.clone()) {
                     Some((u, p))
                 } else if let Some(a) = e.auth.as_deref() {
-                    let dec = STANDARD
-                        .decode(a.trim())
-                        .map_err(|_| RegistryError::Credentials(format!("auth for {k} is not base64")))?;
-                    let s = String::from_utf8(dec)
-                        .map_err(|_| RegistryError::Credentials(format!("auth for {k} is not UTF-8")))?;
-                    s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string()))
+                    let dec = STANDARD.decode(a.trim()).map_err(|_| {
+                        RegistryError::Credentials(format!("auth for {k} is not base64"))
+                    })?;
+                    let s = String::from_utf8(dec).map_err(|_| {
+                        RegistryError::Credentials(format!("auth for {k} is not UTF-8"))
+                    })?;
+                    s.split_once(':')
+                        .map(|(u, p)| (u.to_string(), p.to_string()))
                 } else {
                     None
                 };
@@ -204,7 +209,9 @@ impl RegistryClient {
                     Some(p) => {
                         creds.insert(normalize_auth_key(&k), p);
                     }
-                    None => warn!(registry = %k, "auth.json entry without usable basic credentials ignored"),
+                    None => {
+                        warn!(registry = %k, "auth.json entry without usable basic credentials ignored")
+                    }
                 }
             }
         }
@@ -338,7 +345,9 @@ impl RegistryClient {
     async fn manifest_raw(&self, r: &Reference) -> Result<(Bytes, String), RegistryError> {
         let auth = self.auth_for(r);
         let (body, digest) = self
-            .with_retries(&r.whole(), || self.client.pull_manifest_raw(r, &auth, MANIFEST_TYPES))
+            .with_retries(&r.whole(), || {
+                self.client.pull_manifest_raw(r, &auth, MANIFEST_TYPES)
+            })
             .await?;
         if body.len() > MAX_MANIFEST_SIZE {
             return Err(RegistryError::Unsupported {
@@ -384,16 +393,15 @@ impl RegistryClient {
         let (manifest, manifest_digest, list_digest) = match parsed {
             OciManifest::Image(m) => (m, digest, None),
             OciManifest::ImageIndex(idx) => {
-                let chosen = select_platform(&idx.manifests).ok_or_else(|| {
-                    RegistryError::Unsupported {
+                let chosen =
+                    select_platform(&idx.manifests).ok_or_else(|| RegistryError::Unsupported {
                         reference: r.whole(),
                         reason: format!(
                             "image index has no manifest for {}/{}",
                             std::env::consts::OS,
                             go_arch()
                         ),
-                    }
-                })?;
+                    })?;
                 let pinned = r.clone_with_digest(chosen.clone());
                 let (body, d) = self.manifest_raw(&pinned).await?;
                 match serde_json::from_slice::<OciManifest>(&body) {
@@ -493,10 +501,15 @@ impl RegistryClient {
                     if attempt >= self.retries {
                         let e = RegistryError::Request {
                             reference: format!("{}@{}", r.repository(), desc.digest),
-                            reason: format!("{reason} (after {attempt} attempts, {offset} of {size} bytes)"),
+                            reason: format!(
+                                "{reason} (after {attempt} attempts, {offset} of {size} bytes)"
+                            ),
                         };
                         let _ = tx
-                            .send(Err(io::Error::new(io::ErrorKind::BrokenPipe, e.to_string())))
+                            .send(Err(io::Error::new(
+                                io::ErrorKind::BrokenPipe,
+                                e.to_string(),
+                            )))
                             .await;
                         return Err(e);
                     }
@@ -504,9 +517,7 @@ impl RegistryClient {
                     tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(StreamFail::Fatal(e)) => {
-                    let _ = tx
-                        .send(Err(io::Error::other(e.to_string())))
-                        .await;
+                    let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
                     return Err(e);
                 }
             }
@@ -522,7 +533,10 @@ impl RegistryClient {
         tx: &mpsc::Sender<io::Result<Bytes>>,
     ) -> Result<(), StreamFail> {
         let open = if offset == 0 {
-            self.client.pull_blob_stream(r, desc).await.map(BlobResponse::Full)
+            self.client
+                .pull_blob_stream(r, desc)
+                .await
+                .map(BlobResponse::Full)
         } else {
             self.client
                 .pull_blob_stream_partial(r, desc, offset, None)
@@ -643,10 +657,10 @@ fn is_not_found(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ImageManifestNotFoundError(_) => true,
         OciDistributionError::ServerError { code, .. } => *code == 404,
-        OciDistributionError::RegistryError { envelope, .. } => envelope
-            .errors
-            .iter()
-            .any(|e| format!("{:?}", e.code).contains("ManifestUnknown") || format!("{:?}", e.code).contains("NameUnknown")),
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            format!("{:?}", e.code).contains("ManifestUnknown")
+                || format!("{:?}", e.code).contains("NameUnknown")
+        }),
         _ => e.to_string().contains("404"),
     }
 }
@@ -655,7 +669,10 @@ fn retryable(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
         OciDistributionError::RequestError(r) => {
-            r.is_connect() || r.is_timeout() || r.is_body() || r.is_request()
+            r.is_connect()
+                || r.is_timeout()
+                || r.is_body()
+                || r.is_request()
                 || r.status().is_some_and(|s| s.is_server_error())
         }
         OciDistributionError::IoError(_) => true,

@@ -24,9 +24,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{
-    self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags,
-};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
 use tar::EntryType;
 use tracing::debug;
@@ -124,7 +122,9 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), Unpac
                             .flatten();
                         for ext in exts {
                             let ext = ext.map_err(|e| io_err(&shown, e))?;
-                            let key = ext.key().map_err(|e| io_err(&shown, io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                            let key = ext.key().map_err(|e| {
+                                io_err(&shown, io::Error::new(io::ErrorKind::InvalidData, e))
+                            })?;
                             pax.push((key.to_string(), ext.value_bytes().to_vec()));
                         }
                     } else {
@@ -267,7 +267,12 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 impl Unpacker {
     /// Opens the directory `comps` under the root without following any symlink, creating
     /// missing directories (mode 0755) when `create`.
-    fn open_dir(&self, comps: &[Vec<u8>], create: bool, shown: &str) -> Result<OwnedFd, UnpackError> {
+    fn open_dir(
+        &self,
+        comps: &[Vec<u8>],
+        create: bool,
+        shown: &str,
+    ) -> Result<OwnedFd, UnpackError> {
         let mut cur = rfs::openat(
             &self.root,
             ".",
@@ -306,7 +311,13 @@ impl Unpacker {
     }
 
     /// Removes whatever non-directory (or, unless `keep_dir`, directory) sits at `name`.
-    fn clear(&self, parent: &OwnedFd, name: &[u8], keep_dir: bool, shown: &str) -> Result<bool, UnpackError> {
+    fn clear(
+        &self,
+        parent: &OwnedFd,
+        name: &[u8],
+        keep_dir: bool,
+        shown: &str,
+    ) -> Result<bool, UnpackError> {
         match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(io_err(shown, e.into())),
@@ -414,7 +425,11 @@ impl Unpacker {
                 let fd = rfs::openat(
                     &parent,
                     name.as_slice(),
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| io_err(shown, e.into()))?;
@@ -435,10 +450,12 @@ impl Unpacker {
                 rfs::futimens(&file, &times(meta.mtime)).map_err(|e| io_err(shown, e.into()))?;
             }
             EntryType::Symlink => {
-                let target = link.filter(|l| !l.is_empty()).ok_or_else(|| UnpackError::Bad {
-                    path: shown.into(),
-                    reason: "symlink without target".into(),
-                })?;
+                let target = link
+                    .filter(|l| !l.is_empty())
+                    .ok_or_else(|| UnpackError::Bad {
+                        path: shown.into(),
+                        reason: "symlink without target".into(),
+                    })?;
                 self.clear(&parent, name, false, shown)?;
                 // The target text is stored verbatim; it is never followed while unpacking.
                 rfs::symlinkat(target.as_slice(), &parent, name.as_slice())
@@ -453,12 +470,22 @@ impl Unpacker {
                     )
                     .map_err(|e| io_err(shown, e.into()))?;
                     for (k, v) in &meta.xattrs {
-                        let r = rfs::lsetxattr(proc_path(&parent, name), k.as_slice(), v, XattrFlags::empty());
+                        let r = rfs::lsetxattr(
+                            proc_path(&parent, name),
+                            k.as_slice(),
+                            v,
+                            XattrFlags::empty(),
+                        );
                         self.xattr_result(r, k, shown)?;
                     }
                 }
-                rfs::utimensat(&parent, name.as_slice(), &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io_err(shown, e.into()))?;
+                rfs::utimensat(
+                    &parent,
+                    name.as_slice(),
+                    &times(meta.mtime),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io_err(shown, e.into()))?;
             }
             EntryType::Link => {
                 let target = link.ok_or_else(|| UnpackError::Bad {
@@ -480,7 +507,9 @@ impl Unpacker {
                     UnpackError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                         UnpackError::Bad {
                             path: shown.into(),
-                            reason: format!("hardlink target {tshown:?} does not exist in this layer"),
+                            reason: format!(
+                                "hardlink target {tshown:?} does not exist in this layer"
+                            ),
                         }
                     }
                     e => e,
@@ -490,14 +519,20 @@ impl Unpacker {
                 }
                 self.clear(&parent, name, false, shown)?;
                 // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
-                rfs::linkat(&tparent, tname.as_slice(), &parent, name.as_slice(), AtFlags::empty())
-                    .map_err(|e| match e {
-                        Errno::NOENT => UnpackError::Bad {
-                            path: shown.into(),
-                            reason: format!("hardlink target {tshown:?} does not exist in this layer"),
-                        },
-                        e => io_err(shown, e.into()),
-                    })?;
+                rfs::linkat(
+                    &tparent,
+                    tname.as_slice(),
+                    &parent,
+                    name.as_slice(),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| match e {
+                    Errno::NOENT => UnpackError::Bad {
+                        path: shown.into(),
+                        reason: format!("hardlink target {tshown:?} does not exist in this layer"),
+                    },
+                    e => io_err(shown, e.into()),
+                })?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 let ft = match et {
@@ -513,8 +548,14 @@ impl Unpacker {
                 }
                 self.clear(&parent, name, false, shown)?;
                 let dev = rustix::fs::makedev(meta.dev_major, meta.dev_minor);
-                rfs::mknodat(&parent, name.as_slice(), ft, Mode::from_raw_mode(meta.mode), dev)
-                    .map_err(|e| io_err(shown, e.into()))?;
+                rfs::mknodat(
+                    &parent,
+                    name.as_slice(),
+                    ft,
+                    Mode::from_raw_mode(meta.mode),
+                    dev,
+                )
+                .map_err(|e| io_err(shown, e.into()))?;
                 if self.is_root {
                     rfs::chownat(
                         &parent,
@@ -524,11 +565,21 @@ impl Unpacker {
                         AtFlags::SYMLINK_NOFOLLOW,
                     )
                     .map_err(|e| io_err(shown, e.into()))?;
-                    rfs::chmodat(&parent, name.as_slice(), Mode::from_raw_mode(meta.mode), AtFlags::empty())
-                        .map_err(|e| io_err(shown, e.into()))?;
-                }
-                rfs::utimensat(&parent, name.as_slice(), &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
+                    rfs::chmodat(
+                        &parent,
+                        name.as_slice(),
+                        Mode::from_raw_mode(meta.mode),
+                        AtFlags::empty(),
+                    )
                     .map_err(|e| io_err(shown, e.into()))?;
+                }
+                rfs::utimensat(
+                    &parent,
+                    name.as_slice(),
+                    &times(meta.mtime),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io_err(shown, e.into()))?;
             }
             EntryType::GNUSparse => {
                 return Err(UnpackError::Bad {
@@ -562,7 +613,12 @@ impl Unpacker {
         Ok(())
     }
 
-    fn xattr_result(&self, r: rustix::io::Result<()>, k: &[u8], shown: &str) -> Result<(), UnpackError> {
+    fn xattr_result(
+        &self,
+        r: rustix::io::Result<()>,
+        k: &[u8],
+        shown: &str,
+    ) -> Result<(), UnpackError> {
         match r {
             Ok(()) => Ok(()),
             // Filesystems without xattr support, or trusted.* as non-root: the layer is still usable.
@@ -576,7 +632,7 @@ impl Unpacker {
 
     fn finish(&mut self) -> Result<(), UnpackError> {
         // Deepest first so a parent's mtime is set after its children changed it.
-        self.dirs.sort_by(|a, b| b.comps.len().cmp(&a.comps.len()));
+        self.dirs.sort_by_key(|d| std::cmp::Reverse(d.comps.len()));
         let dirs = std::mem::take(&mut self.dirs);
         for d in dirs {
             let shown = String::from_utf8_lossy(&d.comps.join(&b'/')).into_owned();

@@ -4,7 +4,17 @@ pub mod client;
 pub mod server;
 
 /// Generated protobuf/ttrpc bindings.
-#[allow(missing_docs, clippy::all, unused_imports, unused_qualifications, unused_mut, dead_code, non_upper_case_globals, non_camel_case_types, non_snake_case)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    unused_imports,
+    unused_qualifications,
+    unused_mut,
+    dead_code,
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case
+)]
 pub mod protos {
     /// `package api` messages.
     pub mod api {

@@ -35,9 +35,15 @@ pub fn pull_error_code(e: &PullError) -> Code {
         PullError::Registry(RegistryError::Unsupported { .. }) => Code::UNIMPLEMENTED,
         PullError::Registry(RegistryError::Credentials(_)) => Code::FAILED_PRECONDITION,
         PullError::Registry(RegistryError::Request { reason, .. }) => {
-            if reason.contains("404") || reason.contains("not found") || reason.contains("MANIFEST_UNKNOWN") {
+            if reason.contains("404")
+                || reason.contains("not found")
+                || reason.contains("MANIFEST_UNKNOWN")
+            {
                 Code::NOT_FOUND
-            } else if reason.contains("401") || reason.contains("403") || reason.contains("Not authorized") {
+            } else if reason.contains("401")
+                || reason.contains("403")
+                || reason.contains("Not authorized")
+            {
                 Code::PERMISSION_DENIED
             } else {
                 Code::UNAVAILABLE
@@ -83,7 +89,10 @@ impl api_ttrpc::ImagePullService for Service {
             }
             Err(e) => {
                 error!(image = %req.image_url, "PullImage failed: {e}");
-                Err(status(pull_error_code(&e), format!("pull {}: {e}", req.image_url)))
+                Err(status(
+                    pull_error_code(&e),
+                    format!("pull {}: {e}", req.image_url),
+                ))
             }
         }
     }
@@ -93,7 +102,10 @@ impl api_ttrpc::ImagePullService for Service {
 fn json_bytes(v: &Value) -> Option<Vec<u8>> {
     match v {
         Value::String(s) => STANDARD.decode(s.trim()).ok(),
-        Value::Array(a) => a.iter().map(|b| b.as_u64().and_then(|n| u8::try_from(n).ok())).collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|b| b.as_u64().and_then(|n| u8::try_from(n).ok()))
+            .collect(),
         _ => None,
     }
 }
@@ -116,15 +128,28 @@ impl keyprovider_ttrpc::KeyProviderService for Service {
         _ctx: &ttrpc::r#async::TtrpcContext,
         req: keyprovider::KeyProviderKeyWrapProtocolInput,
     ) -> ttrpc::Result<keyprovider::KeyProviderKeyWrapProtocolOutput> {
-        let input: Value = serde_json::from_slice(&req.KeyProviderKeyWrapProtocolInput)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("keyprovider input JSON: {e}")))?;
+        let input: Value =
+            serde_json::from_slice(&req.KeyProviderKeyWrapProtocolInput).map_err(|e| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!("keyprovider input JSON: {e}"),
+                )
+            })?;
         if input.get("op").and_then(Value::as_str) != Some("keyunwrap") {
-            return Err(status(Code::INVALID_ARGUMENT, "UnWrapKey needs op \"keyunwrap\""));
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "UnWrapKey needs op \"keyunwrap\"",
+            ));
         }
         let annotation = input
             .pointer("/keyunwrapparams/annotation")
             .and_then(json_bytes)
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "keyunwrapparams.annotation missing or not bytes"))?;
+            .ok_or_else(|| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    "keyunwrapparams.annotation missing or not bytes",
+                )
+            })?;
         let plbco = self
             .puller
             .unwrapper()
@@ -134,7 +159,8 @@ impl keyprovider_ttrpc::KeyProviderService for Service {
         // Array form, as CDH emits it (ocicrypt-rs callers expect it).
         let out = serde_json::json!({"keyunwrapresults": {"optsdata": plbco.as_slice()}});
         let mut resp = keyprovider::KeyProviderKeyWrapProtocolOutput::new();
-        resp.KeyProviderKeyWrapProtocolOutput = zeroize::Zeroizing::new(out.to_string().into_bytes()).to_vec();
+        resp.KeyProviderKeyWrapProtocolOutput =
+            zeroize::Zeroizing::new(out.to_string().into_bytes()).to_vec();
         Ok(resp)
     }
 }
@@ -142,7 +168,8 @@ impl keyprovider_ttrpc::KeyProviderService for Service {
 /// Runs the server on `socket` until SIGTERM/SIGINT.
 pub async fn serve(puller: Arc<Puller>, socket: &Path) -> Result<(), ttrpc::Error> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ttrpc::Error::Others(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ttrpc::Error::Others(format!("{}: {e}", dir.display())))?;
     }
     match std::fs::remove_file(socket) {
         Ok(()) => {}

@@ -32,7 +32,12 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-fn spec(blob: &[u8], compression: Compression, diff_id: String, key: Option<LayerKey>) -> LayerSpec {
+fn spec(
+    blob: &[u8],
+    compression: Compression,
+    diff_id: String,
+    key: Option<LayerKey>,
+) -> LayerSpec {
     LayerSpec {
         digest: sha(blob),
         size: blob.len() as u64,
@@ -42,7 +47,11 @@ fn spec(blob: &[u8], compression: Compression, diff_id: String, key: Option<Laye
     }
 }
 
-async fn run(store: &Arc<LayerStore>, spec: LayerSpec, sent: Vec<u8>) -> Result<(PathBuf, bool), LayerError> {
+async fn run(
+    store: &Arc<LayerStore>,
+    spec: LayerSpec,
+    sent: Vec<u8>,
+) -> Result<(PathBuf, bool), LayerError> {
     store
         .ensure_layer(spec, |tx| async move {
             for c in sent.chunks(1000) {
@@ -56,8 +65,18 @@ async fn run(store: &Arc<LayerStore>, spec: LayerSpec, sent: Vec<u8>) -> Result<
 }
 
 fn assert_nothing_visible(store: &LayerStore) {
-    assert_eq!(std::fs::read_dir(store.root().join("layers")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(store.root().join("staging")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(store.root().join("layers"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(store.root().join("staging"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -68,16 +87,28 @@ async fn gzip_multi_member_and_zstd_layers_unpack() {
     // Two gzip members: MultiGzDecoder must read both.
     let mut blob = gzip(&tar[..512]);
     blob.extend(gzip(&tar[512..]));
-    let (p, cached) = run(&store, spec(&blob, Compression::Gzip, sha(&tar), None), blob.clone())
-        .await
-        .unwrap();
+    let (p, cached) = run(
+        &store,
+        spec(&blob, Compression::Gzip, sha(&tar), None),
+        blob.clone(),
+    )
+    .await
+    .unwrap();
     assert!(!cached);
     assert_eq!(std::fs::read(p.join("b.txt")).unwrap(), b"world");
     let z = zstd::encode_all(&tar[..], 3).unwrap();
-    let (p, _) = run(&store, spec(&z, Compression::Zstd, sha(&tar), None), z.clone()).await.unwrap();
+    let (p, _) = run(
+        &store,
+        spec(&z, Compression::Zstd, sha(&tar), None),
+        z.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(p.join("a.txt")).unwrap(), b"hello");
     // Second request of the same digest is a cache hit.
-    let (_, cached) = run(&store, spec(&z, Compression::Zstd, sha(&tar), None), vec![]).await.unwrap();
+    let (_, cached) = run(&store, spec(&z, Compression::Zstd, sha(&tar), None), vec![])
+        .await
+        .unwrap();
     assert!(cached);
 }
 
@@ -87,10 +118,17 @@ async fn truncated_blob_is_rejected() {
     let store = LayerStore::open(dir.path()).unwrap();
     let tar = tar_with(&[("a", &[7u8; 5000])]);
     let blob = gzip(&tar);
-    let e = run(&store, spec(&blob, Compression::Gzip, sha(&tar), None), blob[..blob.len() - 10].to_vec())
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("truncated") || e.to_string().contains("layer"), "{e}");
+    let e = run(
+        &store,
+        spec(&blob, Compression::Gzip, sha(&tar), None),
+        blob[..blob.len() - 10].to_vec(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("truncated") || e.to_string().contains("layer"),
+        "{e}"
+    );
     assert_nothing_visible(&store);
 }
 
@@ -102,9 +140,13 @@ async fn wrong_blob_digest_is_rejected() {
     let blob = tar.clone();
     let mut corrupted = blob.clone();
     corrupted[600] ^= 0xff; // inside the file data: tar still parses
-    let e = run(&store, spec(&blob, Compression::None, sha(&tar), None), corrupted)
-        .await
-        .unwrap_err();
+    let e = run(
+        &store,
+        spec(&blob, Compression::None, sha(&tar), None),
+        corrupted,
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("blob digest mismatch"), "{e}");
     assert_nothing_visible(&store);
 }
@@ -115,9 +157,13 @@ async fn diff_id_mismatch_is_rejected() {
     let store = LayerStore::open(dir.path()).unwrap();
     let tar = tar_with(&[("a", b"x")]);
     let blob = gzip(&tar);
-    let e = run(&store, spec(&blob, Compression::Gzip, sha(b"other"), None), blob.clone())
-        .await
-        .unwrap_err();
+    let e = run(
+        &store,
+        spec(&blob, Compression::Gzip, sha(b"other"), None),
+        blob.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("diff_id mismatch"), "{e}");
     assert_nothing_visible(&store);
 }
@@ -135,14 +181,22 @@ async fn encrypted_zstd_layer_and_hmac_mismatch() {
     let mut bad = ct.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    let e = run(&store, spec(&bad, Compression::Zstd, sha(&tar), Some(key())), bad.clone())
-        .await
-        .unwrap_err();
+    let e = run(
+        &store,
+        spec(&bad, Compression::Zstd, sha(&tar), Some(key())),
+        bad.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("HMAC"), "{e}");
     assert_nothing_visible(&store);
-    let (p, _) = run(&store, spec(&ct, Compression::Zstd, sha(&tar), Some(key())), ct.clone())
-        .await
-        .unwrap();
+    let (p, _) = run(
+        &store,
+        spec(&ct, Compression::Zstd, sha(&tar), Some(key())),
+        ct.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(p.join("secret.txt")).unwrap(), b"plaintext");
 }
 
@@ -153,10 +207,17 @@ async fn plaintext_digest_from_private_options_is_checked() {
     let tar = tar_with(&[("f", b"1")]);
     let (ct, plbco, pubopts) = ocicrypt_encrypt(&tar, [5; 32], [6; 16], &sha(b"not the layer"));
     let key = LayerKey::from_opts("l", &plbco, Some(&pubopts)).unwrap();
-    let e = run(&store, spec(&ct, Compression::None, sha(&tar), Some(key)), ct.clone())
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("decrypted layer digest mismatch"), "{e}");
+    let e = run(
+        &store,
+        spec(&ct, Compression::None, sha(&tar), Some(key)),
+        ct.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("decrypted layer digest mismatch"),
+        "{e}"
+    );
     assert_nothing_visible(&store);
 }
 
@@ -169,17 +230,23 @@ async fn concurrent_requests_fetch_once() {
     let fetches = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let (store, blob, tar, fetches) = (store.clone(), blob.clone(), tar.clone(), fetches.clone());
+        let (store, blob, tar, fetches) =
+            (store.clone(), blob.clone(), tar.clone(), fetches.clone());
         tasks.push(tokio::spawn(async move {
             store
-                .ensure_layer(spec(&blob, Compression::Gzip, sha(&tar), None), |tx| async move {
-                    fetches.fetch_add(1, Ordering::SeqCst);
-                    for c in blob.chunks(4096) {
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                        tx.send(Ok(Bytes::copy_from_slice(c))).await.map_err(|_| "gone".to_string())?;
-                    }
-                    Ok(())
-                })
+                .ensure_layer(
+                    spec(&blob, Compression::Gzip, sha(&tar), None),
+                    |tx| async move {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        for c in blob.chunks(4096) {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                            tx.send(Ok(Bytes::copy_from_slice(c)))
+                                .await
+                                .map_err(|_| "gone".to_string())?;
+                        }
+                        Ok(())
+                    },
+                )
                 .await
                 .map(|(_, cached)| cached)
         }));
@@ -201,7 +268,13 @@ async fn gc_keeps_referenced_and_pinned_layers() {
     let mut digests = Vec::new();
     for n in 0..3u8 {
         let tar = tar_with(&[("f", &[n])]);
-        run(&store, spec(&tar, Compression::None, sha(&tar), None), tar.clone()).await.unwrap();
+        run(
+            &store,
+            spec(&tar, Compression::None, sha(&tar), None),
+            tar.clone(),
+        )
+        .await
+        .unwrap();
         digests.push(sha(&tar));
     }
     let rec = BundleRecord {
@@ -210,12 +283,19 @@ async fn gc_keeps_referenced_and_pinned_layers() {
         manifest_digest: "sha256:00".into(),
         layers: vec![digests[0].clone()],
     };
-    std::fs::write(store.record_path(Path::new("/b")), serde_json::to_vec(&rec).unwrap()).unwrap();
+    std::fs::write(
+        store.record_path(Path::new("/b")),
+        serde_json::to_vec(&rec).unwrap(),
+    )
+    .unwrap();
     let removed = {
         let s = store.clone();
         let _pin = store.pin(vec![digests[1].clone()]).await.unwrap();
         // The pin holds the shared store lock, so GC in this state must not run at all.
-        let r = tokio::task::spawn_blocking(move || s.gc()).await.unwrap().unwrap();
+        let r = tokio::task::spawn_blocking(move || s.gc())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(r.is_empty());
         drop(_pin);
         store.gc().unwrap()

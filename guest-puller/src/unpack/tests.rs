@@ -5,7 +5,14 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use tar::{Builder, Header};
 
 /// Appends an entry whose name bytes are written raw, bypassing the builder's path checks.
-fn raw(b: &mut Builder<Vec<u8>>, name: &[u8], kind: EntryType, link: Option<&[u8]>, data: &[u8], mode: u32) {
+fn raw(
+    b: &mut Builder<Vec<u8>>,
+    name: &[u8],
+    kind: EntryType,
+    link: Option<&[u8]>,
+    data: &[u8],
+    mode: u32,
+) {
     let mut h = Header::new_gnu();
     h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
     h.set_entry_type(kind);
@@ -39,8 +46,22 @@ fn regular_tree_with_modes_links_and_times() {
     let tar = build(|b| {
         raw(b, b"./etc/", EntryType::Directory, None, b"", 0o750);
         raw(b, b"etc/suid", EntryType::Regular, None, b"x", 0o4755);
-        raw(b, b"etc/hard", EntryType::Link, Some(b"etc/suid"), b"", 0o644);
-        raw(b, b"etc/soft", EntryType::Symlink, Some(b"/does/not/matter"), b"", 0o777);
+        raw(
+            b,
+            b"etc/hard",
+            EntryType::Link,
+            Some(b"etc/suid"),
+            b"",
+            0o644,
+        );
+        raw(
+            b,
+            b"etc/soft",
+            EntryType::Symlink,
+            Some(b"/does/not/matter"),
+            b"",
+            0o777,
+        );
         raw(b, b"/abs/contained", EntryType::Regular, None, b"y", 0o644);
     });
     let (d, r) = run(&tar);
@@ -50,9 +71,21 @@ fn regular_tree_with_modes_links_and_times() {
     assert_eq!(m.permissions().mode() & 0o7777, 0o4755);
     assert_eq!(m.nlink(), 2);
     assert_eq!(m.mtime(), 1_600_000_000);
-    assert_eq!(std::fs::metadata(l.join("etc")).unwrap().mode() & 0o777, 0o750);
-    assert_eq!(std::fs::metadata(l.join("etc")).unwrap().mtime(), 1_600_000_000);
-    assert_eq!(std::fs::read_link(l.join("etc/soft")).unwrap().to_str().unwrap(), "/does/not/matter");
+    assert_eq!(
+        std::fs::metadata(l.join("etc")).unwrap().mode() & 0o777,
+        0o750
+    );
+    assert_eq!(
+        std::fs::metadata(l.join("etc")).unwrap().mtime(),
+        1_600_000_000
+    );
+    assert_eq!(
+        std::fs::read_link(l.join("etc/soft"))
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "/does/not/matter"
+    );
     // Absolute paths are taken relative to the layer root.
     assert_eq!(std::fs::read(l.join("abs/contained")).unwrap(), b"y");
 }
@@ -117,7 +150,16 @@ fn hardlink_outside_is_contained_or_rejected() {
     assert!(matches!(r, Err(UnpackError::Bad { .. })), "{r:?}");
     assert!(!d.path().join("layer/h").exists());
     assert_eq!(std::fs::metadata(&secret).unwrap().nlink(), 1);
-    let tar = build(|b| raw(b, b"h", EntryType::Link, Some(b"../../../etc/passwd"), b"", 0o644));
+    let tar = build(|b| {
+        raw(
+            b,
+            b"h",
+            EntryType::Link,
+            Some(b"../../../etc/passwd"),
+            b"",
+            0o644,
+        )
+    });
     let (_d, r) = run(&tar);
     assert!(matches!(r, Err(UnpackError::Unsafe { .. })), "{r:?}");
     // Through a symlinked directory: the parent walk refuses the link.
@@ -174,7 +216,10 @@ fn pax_path_uid_and_xattr_are_applied() {
     let tar = b.into_inner().unwrap();
     let (d, r) = run(&tar);
     r.unwrap();
-    assert_eq!(std::fs::read(d.path().join("layer").join(&long)).unwrap(), b"z");
+    assert_eq!(
+        std::fs::read(d.path().join("layer").join(&long)).unwrap(),
+        b"z"
+    );
 }
 
 #[test]
@@ -189,8 +234,15 @@ fn whiteouts_and_devices_follow_the_root_policy() {
         r.unwrap();
         let m = std::fs::symlink_metadata(l.join("etc/gone")).unwrap();
         assert!(m.file_type().is_char_device());
-        assert_eq!((m.rdev(), m.mode() & 0o7777, m.uid(), m.gid()), (0, 0, 0, 0));
-        let v = rustix::fs::getxattr(l.join("opq").as_path(), "trusted.overlay.opaque", &mut [0u8; 4]);
+        assert_eq!(
+            (m.rdev(), m.mode() & 0o7777, m.uid(), m.gid()),
+            (0, 0, 0, 0)
+        );
+        let v = rustix::fs::getxattr(
+            l.join("opq").as_path(),
+            "trusted.overlay.opaque",
+            &mut [0u8; 4],
+        );
         assert_eq!(v.unwrap(), 1);
     } else {
         assert!(matches!(r, Err(UnpackError::Bad { .. })), "{r:?}");
