@@ -154,6 +154,13 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
 
+/// fsyncs a directory so entries created or renamed in it are durable.
+fn sync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", path.display()), e))
+}
+
 /// Disk usage like containerd's `fs.DiskUsage`: allocated blocks of unique inodes.
 pub fn disk_usage(dir: &Path) -> Result<DiskUsage> {
     let mut seen = HashSet::new();
@@ -337,7 +344,8 @@ impl Engine {
         let built = (|| {
             mkdir(&tmp, 0o755)?;
             mkdir(&tmp.join("fs"), 0o755)?;
-            mkdir(&tmp.join("work"), 0o711)
+            mkdir(&tmp.join("work"), 0o711)?;
+            sync_dir(&tmp)
         })();
         let created = built.and_then(|_| {
             let new = NewSnapshot {
@@ -355,7 +363,9 @@ impl Engine {
                         .map_err(|e| Error::io(format!("removing orphan {}", dst.display()), e))?;
                 }
                 std::fs::rename(&tmp, &dst)
-                    .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))
+                    .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))?;
+                // The rename must be on disk before the record that points at it.
+                sync_dir(&self.snapshots_dir)
             })
         });
         let rec = match created {
