@@ -539,10 +539,149 @@ fn skopeo_jwe_encrypted_image_decrypts_and_wrong_key_leaves_nothing() {
     let b = lab.join("b-jwe");
     let r = e.pull_ok(&enc, &b);
     assert_eq!(r["config_digest"], plain.config_digest);
-    assert_same_tree(
-        &b.join("rootfs"),
-        &e.umoci_rootfs(&plain.reference, "plain"),
+    let reference = e.umoci_rootfs(&plain.reference, "plain");
+    assert_same_tree(&b.join("rootfs"), &reference);
+
+    // tar+zstd+encrypted, which image-rs cannot read: recompress with skopeo, then encrypt.
+    let zl = lab.join("zstd-layout");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-compress",
+        "--dest-compress-format",
+        "zstd",
+        &format!("docker://{}", plain.reference),
+        &format!("oci:{}:z", zl.display()),
+    ]));
+    let zenc = format!("{}/lab/enc:jwe-zstd", e.reg.host());
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--encryption-key",
+        &format!("jwe:{}", keys.join("good.pub").display()),
+        &format!("oci:{}:z", zl.display()),
+        &format!("docker://{zenc}"),
+    ]));
+    let m = integration::images::inspect(&e.reg, &zenc).manifest;
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd+encrypted"
     );
+    let b = lab.join("b-jwe-zstd");
+    e.pull_ok(&zenc, &b);
+    assert_same_tree(&b.join("rootfs"), &reference);
+}
+
+#[test]
+fn gpg_signature_policy_is_enforced_on_every_pull_including_cache_hits() {
+    let lab = Lab::new("puller-policy");
+    Lab::require_cmd("gpg", "gnupg");
+    let gnupg = lab.join("gnupg");
+    fs::create_dir_all(&gnupg).unwrap();
+    run_ok(Command::new("chmod").arg("700").arg(&gnupg));
+    let gpg = |args: &[&str]| {
+        run_ok(
+            Command::new("gpg")
+                .env("GNUPGHOME", &gnupg)
+                .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+                .args(args),
+        )
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "Lab Signer <lab@example.invalid>",
+        "rsa2048",
+        "sign",
+        "never",
+    ]);
+    let fpr = gpg(&["--list-keys", "--with-colons"])
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fpr:")
+                .map(|r| r.trim_matches(':').to_string())
+        })
+        .expect("key fingerprint");
+    let pubkey = lab.join("signer.asc");
+    fs::write(&pubkey, gpg(&["--armor", "--export", &fpr])).unwrap();
+    let sigstore = lab.join("sigstore");
+    let regd = lab.join("regd");
+    fs::create_dir_all(&regd).unwrap();
+    let policy = lab.join("policy.json");
+    let e = env(&lab, "");
+    // The policy keys belong in [image]: splice them in right after the section header.
+    let extra = format!(
+        "image_security_policy_uri = \"file://{}\"\nsigstore_config_uri = \"file://{}\"\n",
+        policy.display(),
+        regd.join("default.yaml").display()
+    );
+    let cfg =
+        fs::read_to_string(&e.cfg)
+            .unwrap()
+            .replacen("[image]\n", &format!("[image]\n{extra}"), 1);
+    fs::write(&e.cfg, cfg).unwrap();
+    fs::write(
+        regd.join("default.yaml"),
+        format!(
+            "docker:\n  {}:\n    lookaside: file://{}\n    lookaside-staging: file://{}\n",
+            e.reg.host(),
+            sigstore.display(),
+            sigstore.display()
+        ),
+    )
+    .unwrap();
+    let signed_policy = serde_json::json!({"default": [{"type": "reject"}],
+        "transports": {"docker": {format!("{}/lab/pol", e.reg.host()): [{"type": "signedBy",
+            "keyType": "GPGKeys", "keyPath": pubkey.to_str().unwrap(),
+            "signedIdentity": {"type": "matchRepository"}}]}}});
+    fs::write(&policy, signed_policy.to_string()).unwrap();
+    let plain = push_test_image(&e.reg, "lab/pol:plain", 2, &["/bin/sh"]);
+    let unsigned = push_test_image(&e.reg, "lab/pol:unsigned", 1, &["/bin/sh"]);
+    let signed = format!("{}/lab/pol:signed", e.reg.host());
+    run_ok(
+        Command::new("skopeo")
+            .env("GNUPGHOME", &gnupg)
+            .arg("--registries.d")
+            .arg(&regd)
+            .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
+            .args(["--sign-by", &fpr])
+            .arg(format!("docker://{}", plain.reference))
+            .arg(format!("docker://{signed}")),
+    );
+    let _ = Command::new("gpgconf")
+        .env("GNUPGHOME", &gnupg)
+        .args(["--kill", "gpg-agent"])
+        .status();
+
+    e.pull_ok(&signed, &lab.join("b-signed"));
+
+    let out = e.pull(&unsigned.reference, &lab.join("b-unsigned"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "unsigned image accepted");
+    assert!(
+        err.contains("rejected by signature policy") && err.contains("lab/pol"),
+        "{err}"
+    );
+    assert!(!lab.join("b-unsigned/config.json").exists());
+
+    // Another repository falls to the default `reject`.
+    let other = push_test_image(&e.reg, "lab/other:v1", 1, &["/bin/sh"]);
+    let out = e.pull(&other.reference, &lab.join("b-other"));
+    assert!(!out.status.success(), "default reject ignored");
+
+    // Cache hit: every layer is in the store, yet the changed policy is applied.
+    fs::write(
+        &policy,
+        serde_json::json!({"default": [{"type": "reject"}]}).to_string(),
+    )
+    .unwrap();
+    let out = e.pull(&signed, &lab.join("b-again"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cache hit skipped the policy");
+    assert!(err.contains("reject"), "{err}");
+    // A policy that cannot be read fails the pull.
+    fs::remove_file(&policy).unwrap();
+    let out = e.pull(&signed, &lab.join("b-nopolicy"));
+    assert!(!out.status.success(), "missing policy accepted");
 }
 
 #[test]
