@@ -154,13 +154,6 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
 
-/// fsyncs a directory so entries created or renamed in it are durable.
-fn sync_dir(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(format!("fsync {}", path.display()), e))
-}
-
 /// Disk usage like containerd's `fs.DiskUsage`: allocated blocks of unique inodes.
 pub fn disk_usage(dir: &Path) -> Result<DiskUsage> {
     let mut seen = HashSet::new();
@@ -344,8 +337,7 @@ impl Engine {
         let built = (|| {
             mkdir(&tmp, 0o755)?;
             mkdir(&tmp.join("fs"), 0o755)?;
-            mkdir(&tmp.join("work"), 0o711)?;
-            sync_dir(&tmp)
+            mkdir(&tmp.join("work"), 0o711)
         })();
         let created = built.and_then(|_| {
             let new = NewSnapshot {
@@ -362,10 +354,11 @@ impl Engine {
                     std::fs::remove_dir_all(&dst)
                         .map_err(|e| Error::io(format!("removing orphan {}", dst.display()), e))?;
                 }
+                // No directory fsync: the record's fsync (redb) orders after these
+                // metadata operations on journaling filesystems, and should a crash still
+                // lose them, Mounts recreates an active snapshot's (empty) directories.
                 std::fs::rename(&tmp, &dst)
-                    .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))?;
-                // The rename must be on disk before the record that points at it.
-                sync_dir(&self.snapshots_dir)
+                    .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))
             })
         });
         let rec = match created {
@@ -507,6 +500,18 @@ impl Engine {
             upper: dir.join("fs"),
             work: dir.join("work"),
         };
+        if !upper.upper.is_dir() || !upper.work.is_dir() {
+            // Only after a crash lost the directory operations of a fresh snapshot:
+            // its content was necessarily empty, so recreating it loses nothing.
+            warn!(key, dir = %dir.display(), "snapshot directories missing; recreating them empty");
+            for d in [&upper.upper, &upper.work] {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(d)
+                    .map_err(|e| Error::io(format!("recreating {}", d.display()), e))?;
+            }
+        }
         let readonly = rec.kind == Kind::View;
         let volatile = self.cfg.snapshot.overlayfs_volatile;
         if rec.flavor == Flavor::Plain && ancestors.is_empty() {

@@ -579,6 +579,16 @@ mod tests {
             .collect();
         assert_eq!(left.len(), 1, "{left:?}");
         assert!(s.mounts("b".into()).await.is_ok());
+        // Directories of a live snapshot lost in a crash come back empty on Mounts.
+        let b_dir = std::fs::read_dir(&snaps)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::remove_dir_all(&b_dir).unwrap();
+        let m = s.mounts("b".into()).await.unwrap();
+        assert!(Path::new(&m[0].source).is_dir());
         drop(s);
         let mut c = cfg(d.path());
         c.snapshot.sync_remove = true;
