@@ -119,5 +119,13 @@ mod tests {
             Err(ServerError::NotASocket(_))
         ));
         assert!(file.exists(), "a regular file is never removed");
+        // chown to our own ids exercises the configured uid/gid path without root.
+        use std::os::unix::fs::MetadataExt;
+        let me = std::fs::metadata(dir.path()).unwrap();
+        let owned = dir.path().join("owned.sock");
+        bind(&owned, Some(me.uid()), Some(me.gid())).unwrap();
+        let md = std::fs::symlink_metadata(&owned).unwrap();
+        assert_eq!((md.uid(), md.gid()), (me.uid(), me.gid()));
+        assert_eq!(md.permissions().mode() & 0o777, 0o660);
     }
 }

@@ -23,13 +23,13 @@ struct Cli {
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// State directory (overrides `root`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     root: Option<PathBuf>,
     /// gRPC unix socket (overrides `address`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     address: Option<PathBuf>,
     /// Log filter, e.g. info, debug, snapshotter=debug (overrides `log_level`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
