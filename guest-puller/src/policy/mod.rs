@@ -233,13 +233,13 @@ impl PolicyEvaluator {
                         .await
                 }
             };
-            let image = image.whole();
             match outcome {
                 Ok(()) => {}
                 Err(Failure::Rejected(reason)) => {
-                    tracing::warn!(%image, %scope, index, rule = req.type_name(), %reason, "image rejected by signature policy");
+                    let shown = image.whole();
+                    tracing::warn!(image = %shown, %scope, index, rule = req.type_name(), %reason, "image rejected by signature policy");
                     return Err(PolicyError::Rejected {
-                        image,
+                        image: shown,
                         scope,
                         index,
                         rule: req.describe(),
@@ -248,7 +248,7 @@ impl PolicyEvaluator {
                 }
                 Err(Failure::Error(cause)) => {
                     return Err(PolicyError::Evaluation {
-                        image,
+                        image: image.whole(),
                         scope,
                         index,
                         rule: req.describe(),
