@@ -35,6 +35,7 @@ struct Results {
     commit: Vec<f64>,
     stat: Vec<f64>,
     mounts: Vec<f64>,
+    list_filtered: Vec<f64>,
 }
 
 fn time<T>(v: &mut Vec<f64>, f: impl FnOnce() -> T) -> T {
@@ -98,6 +99,11 @@ fn run(n: usize) -> Results {
         });
         time(&mut r.mounts, || e.mounts(&key).unwrap());
         time(&mut r.stat, || e.stat(&c).unwrap());
+        // The Walk containerd sends after every AlreadyExists (a full scan of the store).
+        let f = format!("labels.\"containerd.io/snapshot.ref\"=={c},parent==\"{parent}\"");
+        time(&mut r.list_filtered, || {
+            assert_eq!(e.list(&[f]).unwrap().len(), 1)
+        });
         let pkey = format!("k8s.io/b{i}/plain");
         time(&mut r.prepare_plain, || {
             e.prepare(&pkey, "", HashMap::new()).unwrap()
@@ -156,7 +162,7 @@ fn main() {
         "{:<20} {:>10} {:>10} {:>12} {:>10} {:>12}",
         "op", "p50 ms", "p99 ms", "base p99 ms", "p99 ratio", "p99 / fsync"
     );
-    let rows: [(&str, Vec<f64>, Vec<f64>); 6] = [
+    let rows: [(&str, Vec<f64>, Vec<f64>); 7] = [
         ("Prepare(layer)", big.prepare_layer, small.prepare_layer),
         (
             "Prepare(container)",
@@ -167,6 +173,7 @@ fn main() {
         ("Commit", big.commit, small.commit),
         ("Stat", big.stat, small.stat),
         ("Mounts", big.mounts, small.mounts),
+        ("List(ref filter)", big.list_filtered, small.list_filtered),
     ];
     for (name, b, s) in rows {
         let (mut b, mut s) = (Lat(b), Lat(s));

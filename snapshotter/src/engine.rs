@@ -687,9 +687,20 @@ impl Engine {
     pub fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>> {
         let filter =
             Filter::parse_all(filters).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let out: Vec<SnapshotInfo> = self
-            .store
-            .list()?
+        let records = match filter.required_values() {
+            // containerd's post-AlreadyExists Walk names the chain ID: decode only the
+            // records that mention it instead of the whole store.
+            Some(values) => {
+                let finders: Vec<memchr::memmem::Finder> = values
+                    .iter()
+                    .map(|v| memchr::memmem::Finder::new(v.as_bytes()))
+                    .collect();
+                self.store
+                    .list_prefiltered(|raw| finders.iter().any(|f| f.find(raw).is_some()))?
+            }
+            None => self.store.list()?,
+        };
+        let out: Vec<SnapshotInfo> = records
             .iter()
             .map(|(k, r)| SnapshotInfo::new(k, r))
             .filter(|i| filter.matches(i))

@@ -90,6 +90,34 @@ impl Filter {
         Ok(Filter { any })
     }
 
+    /// For each OR branch, one exact value that a label or the parent must equal, if
+    /// every branch has such a selector. A stored record can only match if its JSON
+    /// contains one of these strings verbatim, which lets List skip decoding the rest.
+    /// Values JSON would escape are not offered (`None`), keeping the check exact.
+    pub fn required_values(&self) -> Option<Vec<String>> {
+        if self.any.is_empty() {
+            return None;
+        }
+        self.any
+            .iter()
+            .map(|all| {
+                all.iter().find_map(|s| match &s.op {
+                    Op::Equal(v)
+                        if !v.is_empty()
+                            && !v.chars().any(|c| c == '"' || c == '\\' || c.is_control())
+                            && matches!(
+                                s.path.first().map(String::as_str),
+                                Some("labels" | "parent")
+                            ) =>
+                    {
+                        Some(v.clone())
+                    }
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
     /// Whether the object behind `a` matches.
     pub fn matches(&self, a: &dyn Adaptor) -> bool {
         self.any.is_empty() || self.any.iter().any(|all| all.iter().all(|s| s.matches(a)))
@@ -373,6 +401,31 @@ mod tests {
         let f = Filter::parse_all(&["name==nope", "kind==active"]).unwrap();
         assert!(!f.matches(&obj()));
         assert!(Filter::parse_all::<&str>(&[]).unwrap().matches(&obj()));
+    }
+
+    #[test]
+    fn required_values_for_prefiltering() {
+        let f = Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="p""#)
+            .unwrap();
+        assert_eq!(f.required_values(), Some(vec!["sha256:abc".to_string()]));
+        let f = Filter::parse_all(&["parent==x", "labels.a==y"]).unwrap();
+        assert_eq!(
+            f.required_values(),
+            Some(vec!["x".to_string(), "y".to_string()])
+        );
+        assert_eq!(
+            Filter::parse_all(&["parent==x", "kind==active"])
+                .unwrap()
+                .required_values(),
+            None
+        );
+        assert_eq!(
+            Filter::parse("labels.a==\"q\\\"x\"")
+                .unwrap()
+                .required_values(),
+            None
+        );
+        assert_eq!(Filter::parse("").unwrap().required_values(), None);
     }
 
     #[test]

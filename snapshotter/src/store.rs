@@ -190,6 +190,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Snapshots whose stored bytes pass `pre` (a cheap prefilter), sorted by key.
+    pub fn list_prefiltered(&self, pre: impl Fn(&[u8]) -> bool) -> Result<Vec<(String, Record)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            if pre(v.value()) {
+                out.push((k.value().to_string(), decode(k.value(), v.value())?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Ids of all snapshots that own a directory.
     pub fn dir_ids(&self) -> Result<HashSet<u64>> {
         Ok(self
