@@ -74,6 +74,8 @@ impl ContainerdVersion {
 pub struct ContainerdOpts {
     /// Keep the CRI plugin (and disable NRI, which wants /var/run/nri).
     pub cri: bool,
+    /// Extra environment for the daemon; shims and mount helpers inherit it.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running containerd with private root, state, sockets and namespace.
@@ -83,6 +85,7 @@ pub struct Containerd<'a> {
     dir: PathBuf,
     config: PathBuf,
     namespace: String,
+    env: Vec<(String, String)>,
 }
 
 impl<'a> Containerd<'a> {
@@ -150,6 +153,7 @@ impl<'a> Containerd<'a> {
             dir,
             config: config_path,
             namespace: format!("guestpull-{}", version.label().replace('.', "-")),
+            env: opts.env,
         };
         c.restart();
         c
@@ -162,7 +166,8 @@ impl<'a> Containerd<'a> {
         let mut cmd = Command::new(self.version.bin_dir().join("containerd"));
         cmd.arg("--config")
             .arg(&self.config)
-            .env("PATH", self.path_env());
+            .env("PATH", self.path_env())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.lab.spawn("containerd", cmd);
         let sock = self.socket();
         wait_for("containerd's socket", Duration::from_secs(30), || {
