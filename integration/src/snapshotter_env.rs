@@ -25,6 +25,7 @@ pub struct SnapshotterDaemon<'a> {
     lab: &'a Lab,
     dir: PathBuf,
     config: PathBuf,
+    pid: std::cell::Cell<u32>,
 }
 
 impl<'a> SnapshotterDaemon<'a> {
@@ -46,7 +47,12 @@ impl<'a> SnapshotterDaemon<'a> {
             ),
         )
         .unwrap();
-        let d = SnapshotterDaemon { lab, dir, config };
+        let d = SnapshotterDaemon {
+            lab,
+            dir,
+            config,
+            pid: std::cell::Cell::new(0),
+        };
         d.restart();
         d
     }
@@ -55,11 +61,22 @@ impl<'a> SnapshotterDaemon<'a> {
     pub fn restart(&self) {
         let mut cmd = Command::new(bin_path("guestpull-snapshotter"));
         cmd.arg("--config").arg(&self.config);
-        self.lab.spawn("guestpull-snapshotter", cmd);
+        self.pid.set(self.lab.spawn("guestpull-snapshotter", cmd));
         let sock = self.socket();
         wait_for("the snapshotter socket", Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
+    }
+
+    /// Resident set size of the running daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid.get()))
+            .expect("the snapshotter is running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
     }
 
     /// SIGKILL (a crash).

@@ -45,7 +45,15 @@ fn start_cri<'a>(
         cri_body(v, lab, reg),
         proxy_body(v, &snap.socket(), &snap.root())
     );
-    Containerd::start_with(lab, v, ContainerdOpts { cri: true }, &body)
+    Containerd::start_with(
+        lab,
+        v,
+        ContainerdOpts {
+            cri: true,
+            ..Default::default()
+        },
+        &body,
+    )
 }
 
 fn layer_gets(reg: &Registry<'_>, img: &PushedImage) -> usize {
@@ -220,6 +228,15 @@ fn cri_guest_pull(v: ContainerdVersion) {
         "Prepare labels are logged"
     );
     let vol = check_container_mount(&ctrd, CRI_NS, "ctr-rootfs", &m[2].0);
+    let rss = snap.rss_kib();
+    eprintln!(
+        "snapshotter RSS after pull + container on {}: {rss} KiB",
+        v.label()
+    );
+    assert!(
+        rss < 20 * 1024,
+        "daemon RSS {rss} KiB exceeds the 20 MiB budget"
+    );
     assert_eq!(
         vol.source, img.reference,
         "real image reference from the chain"
