@@ -240,16 +240,35 @@ impl Puller {
             .pin(digests.clone())
             .await
             .map_err(LayerError::Store)?;
-        let items: Vec<(oci_client::manifest::OciDescriptor, String)> = img
-            .manifest
-            .layers
-            .iter()
-            .cloned()
-            .zip(config.rootfs.diff_ids.iter().cloned())
-            .collect();
+        // Media types and keys for every layer before any download: a missing key or an
+        // unsupported layer fails the pull without leaving other layers behind.
+        let mut items = Vec::with_capacity(img.manifest.layers.len());
+        for (desc, diff_id) in img.manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+            let compression =
+                decrypt::compression_of(&desc.media_type).ok_or_else(|| LayerError::MediaType {
+                    layer: desc.digest.clone(),
+                    media_type: desc.media_type.clone(),
+                })?;
+            // Unwrapped even when the plaintext is cached, so an image whose keys this guest
+            // cannot obtain never runs from another image's layers.
+            let key = if decrypt::is_encrypted(&desc.media_type) {
+                let ann = desc.annotations.clone().unwrap_or_default();
+                Some(self.unwrapper.unwrap_layer_key(&desc.digest, &ann).await?)
+            } else {
+                None
+            };
+            let spec = LayerSpec {
+                digest: desc.digest.clone(),
+                size: u64::try_from(desc.size).unwrap_or(0),
+                compression,
+                diff_id: diff_id.clone(),
+                key,
+            };
+            items.push((desc.clone(), spec));
+        }
         let source = &img.source;
         let layers: Vec<PulledLayer> = stream::iter(items)
-            .map(|(desc, diff_id)| async move { self.layer(source, &desc, &diff_id).await })
+            .map(|(desc, spec)| async move { self.layer(source, &desc, spec).await })
             .buffered(self.cfg.image.max_concurrent_layer_downloads_per_image)
             .try_collect()
             .await?;
@@ -295,28 +314,9 @@ impl Puller {
         &self,
         source: &Reference,
         desc: &oci_client::manifest::OciDescriptor,
-        diff_id: &str,
+        spec: LayerSpec,
     ) -> Result<PulledLayer, PullError> {
-        let compression =
-            decrypt::compression_of(&desc.media_type).ok_or_else(|| LayerError::MediaType {
-                layer: desc.digest.clone(),
-                media_type: desc.media_type.clone(),
-            })?;
-        // Keys are unwrapped for encrypted layers even when the plaintext is cached, so an
-        // image whose keys this guest cannot obtain never runs from another image's layers.
-        let key = if decrypt::is_encrypted(&desc.media_type) {
-            let ann = desc.annotations.clone().unwrap_or_default();
-            Some(self.unwrapper.unwrap_layer_key(&desc.digest, &ann).await?)
-        } else {
-            None
-        };
-        let spec = LayerSpec {
-            digest: desc.digest.clone(),
-            size: u64::try_from(desc.size).unwrap_or(0),
-            compression,
-            diff_id: diff_id.to_string(),
-            key,
-        };
+        let diff_id = spec.diff_id.clone();
         let registry = &self.registry;
         let (path, cached) = self
             .store
@@ -329,7 +329,7 @@ impl Puller {
             .await?;
         Ok(PulledLayer {
             digest: desc.digest.clone(),
-            diff_id: diff_id.to_string(),
+            diff_id,
             path,
             cached,
         })
