@@ -98,6 +98,42 @@ impl api_ttrpc::ImagePullService for Service {
     }
 }
 
+impl Service {
+    /// Handles one ocicrypt keyprovider `keyunwrap` request (JSON in, JSON out).
+    async fn unwrap_key_json(&self, input: &[u8]) -> ttrpc::Result<Vec<u8>> {
+        let input: Value = serde_json::from_slice(input).map_err(|e| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("keyprovider input JSON: {e}"),
+            )
+        })?;
+        if input.get("op").and_then(Value::as_str) != Some("keyunwrap") {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "UnWrapKey needs op \"keyunwrap\"",
+            ));
+        }
+        let annotation = input
+            .pointer("/keyunwrapparams/annotation")
+            .and_then(json_bytes)
+            .ok_or_else(|| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    "keyunwrapparams.annotation missing or not bytes",
+                )
+            })?;
+        let plbco = self
+            .puller
+            .unwrapper()
+            .unwrap_annotation_packet(&annotation)
+            .await
+            .map_err(|e| status(Code::PERMISSION_DENIED, format!("UnWrapKey: {e}")))?;
+        // Array form, as CDH emits it (ocicrypt-rs callers expect it).
+        let out = serde_json::json!({"keyunwrapresults": {"optsdata": plbco.as_slice()}});
+        Ok(out.to_string().into_bytes())
+    }
+}
+
 /// Extracts a Go `[]byte` JSON field, accepting base64 strings and byte arrays.
 fn json_bytes(v: &Value) -> Option<Vec<u8>> {
     match v {
@@ -128,39 +164,11 @@ impl keyprovider_ttrpc::KeyProviderService for Service {
         _ctx: &ttrpc::r#async::TtrpcContext,
         req: keyprovider::KeyProviderKeyWrapProtocolInput,
     ) -> ttrpc::Result<keyprovider::KeyProviderKeyWrapProtocolOutput> {
-        let input: Value =
-            serde_json::from_slice(&req.KeyProviderKeyWrapProtocolInput).map_err(|e| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    format!("keyprovider input JSON: {e}"),
-                )
-            })?;
-        if input.get("op").and_then(Value::as_str) != Some("keyunwrap") {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "UnWrapKey needs op \"keyunwrap\"",
-            ));
-        }
-        let annotation = input
-            .pointer("/keyunwrapparams/annotation")
-            .and_then(json_bytes)
-            .ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    "keyunwrapparams.annotation missing or not bytes",
-                )
-            })?;
-        let plbco = self
-            .puller
-            .unwrapper()
-            .unwrap_annotation_packet(&annotation)
-            .await
-            .map_err(|e| status(Code::PERMISSION_DENIED, format!("UnWrapKey: {e}")))?;
-        // Array form, as CDH emits it (ocicrypt-rs callers expect it).
-        let out = serde_json::json!({"keyunwrapresults": {"optsdata": plbco.as_slice()}});
+        let out = self
+            .unwrap_key_json(&req.KeyProviderKeyWrapProtocolInput)
+            .await?;
         let mut resp = keyprovider::KeyProviderKeyWrapProtocolOutput::new();
-        resp.KeyProviderKeyWrapProtocolOutput =
-            zeroize::Zeroizing::new(out.to_string().into_bytes()).to_vec();
+        resp.KeyProviderKeyWrapProtocolOutput = out;
         Ok(resp)
     }
 }
@@ -193,4 +201,74 @@ pub async fn serve(puller: Arc<Puller>, socket: &Path) -> Result<(), ttrpc::Erro
     server.shutdown().await?;
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resource::ResourceFetcher;
+    use aes_gcm::aead::{Aead, KeyInit};
+    use zeroize::Zeroizing;
+
+    struct OneKey;
+    #[async_trait::async_trait]
+    impl ResourceFetcher for OneKey {
+        async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError> {
+            if uri == "kbs:///default/key/k1" {
+                Ok(Zeroizing::new(vec![9u8; 32]))
+            } else {
+                Err(ResourceError::Denied { uri: uri.into() })
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unwrap_key_accepts_string_and_array_annotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::Config::from_toml(&format!(
+            "[image]\nwork_dir = \"{}\"",
+            dir.path().display()
+        ))
+        .unwrap();
+        let puller = Arc::new(Puller::new(cfg, Arc::new(OneKey)).await.unwrap());
+        let svc = Service { puller };
+        let plbco = br#"{"symkey":"AA==","digest":"","cipheroptions":{}}"#;
+        let iv = [3u8; 12];
+        let ct = aes_gcm::Aes256Gcm::new_from_slice(&[9u8; 32])
+            .unwrap()
+            .encrypt(aes_gcm::Nonce::from_slice(&iv), &plbco[..])
+            .unwrap();
+        let packet = serde_json::json!({"kid": "kbs:///default/key/k1", "wrap_type": "A256GCM",
+            "wrapped_data": STANDARD.encode(&ct), "iv": STANDARD.encode(iv)})
+        .to_string();
+        for ann in [
+            serde_json::json!(STANDARD.encode(&packet)),
+            serde_json::json!(packet.as_bytes()),
+        ] {
+            let req = serde_json::json!({"op": "keyunwrap",
+                "keyunwrapparams": {"dc": null, "annotation": ann}});
+            let out = svc
+                .unwrap_key_json(req.to_string().as_bytes())
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(
+                json_bytes(&v["keyunwrapresults"]["optsdata"]).unwrap(),
+                plbco
+            );
+        }
+        // A denied KEK is PERMISSION_DENIED naming the key id.
+        let packet = packet.replace("k1", "k2");
+        let req = serde_json::json!({"op": "keyunwrap",
+            "keyunwrapparams": {"annotation": STANDARD.encode(&packet)}});
+        match svc.unwrap_key_json(req.to_string().as_bytes()).await {
+            Err(TtrpcError::RpcStatus(s)) => {
+                assert_eq!(s.code(), Code::PERMISSION_DENIED);
+                assert!(s.message().contains("kbs:///default/key/k2"));
+            }
+            other => panic!("expected PERMISSION_DENIED, got {other:?}"),
+        }
+        let bad = svc.unwrap_key_json(br#"{"op":"keywrap"}"#).await;
+        assert!(matches!(bad, Err(TtrpcError::RpcStatus(s)) if s.code() == Code::INVALID_ARGUMENT));
+    }
 }
