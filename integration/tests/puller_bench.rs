@@ -189,7 +189,7 @@ fn bench_encrypted_gzip_image() {
             .arg(at("gp-bundle"))
             .env("GUEST_PULLER_LOG", "warn"),
     );
-    assert!(lab.join("gp-bundle/rootfs/data").is_dir());
+    assert!(at("gp-bundle/rootfs/data").is_dir());
 
     let reference_s = skopeo_s + umoci_s;
     println!("\n=== guest-puller benchmark ({tree}: {unpacked_mb:.0} MB unpacked, {blob_mb:.0} MB gzip, JWE-encrypted) ===");
