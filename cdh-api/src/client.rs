@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::protos::{api, api_ttrpc};
+use crate::protos::{api, api_ttrpc};
 
 /// Calls `PullImage{image_url, bundle_path}` on the server at `socket`; returns the manifest digest.
 pub async fn pull_image(
