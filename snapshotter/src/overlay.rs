@@ -29,6 +29,16 @@ pub enum HelperError {
     /// A Kata volume option that does not decode.
     #[error("bad {KATA_VOLUME_OPTION_PREFIX} option: {0}")]
     Volume(#[from] crate::volume::VolumeError),
+    /// Local-guest mode: the guest-puller refused or failed the pull.
+    #[error("local guest: pulling {image} through {socket:?} failed: {detail}")]
+    GuestPull {
+        /// The image asked for.
+        image: String,
+        /// The CDH socket called.
+        socket: PathBuf,
+        /// The guest-puller's message.
+        detail: String,
+    },
     /// mount(2) or chdir failed.
     #[error("{context}: {source}")]
     Io {
@@ -162,19 +172,24 @@ pub fn parse_options(options: &str) -> Result<ParsedOptions, HelperError> {
 }
 
 /// What to do with a mount that carried a Kata volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum VolumeAction {
-    /// Mount the host overlay from the real work/upper/lower directories.
+    /// Mount the host overlay from the real work/upper/lower directories (for guest-pull
+    /// chains those are empty on the host: the image only exists inside the guest).
     MountOverlay,
+    /// Local-guest mode: have the guest-puller pull the image and mount its rootfs.
+    LocalGuest(crate::local_guest::LocalGuestConfig),
 }
 
-/// Extension point: decides what the helper does with the decoded volume.
-///
-/// Today every mount is a plain overlay of the directories the snapshotter handed
-/// out (for guest-pull chains those are empty on the host). A "local guest" mode
-/// (issue 5) will hook in here, e.g. to have the guest-puller fill the rootfs.
-pub fn volume_action(_volume: Option<&KataVirtualVolume>) -> VolumeAction {
-    VolumeAction::MountOverlay
+/// Decides what the helper does with the decoded volume: a guest-pull volume goes to the
+/// local guest when one is configured, everything else is a plain overlay.
+pub fn volume_action(volume: Option<&KataVirtualVolume>) -> Result<VolumeAction, HelperError> {
+    if crate::local_guest::wants_guest_pull(volume) {
+        if let Some(cfg) = crate::local_guest::LocalGuestConfig::discover()? {
+            return Ok(VolumeAction::LocalGuest(cfg));
+        }
+    }
+    Ok(VolumeAction::MountOverlay)
 }
 
 const PATH_KEYS: [&str; 3] = ["lowerdir=", "upperdir=", "workdir="];
@@ -269,8 +284,16 @@ pub fn mount_overlay(target: &Path, flags: MountFlags, data: &[String]) -> Resul
 pub fn run<S: AsRef<str>>(args: &[S]) -> Result<(), HelperError> {
     let a = parse_args(args)?;
     let opts = parse_options(&a.options)?;
-    match volume_action(opts.volume.as_ref()) {
+    match volume_action(opts.volume.as_ref())? {
         VolumeAction::MountOverlay => mount_overlay(&a.target, opts.flags, &opts.data),
+        VolumeAction::LocalGuest(cfg) => {
+            let volume = opts
+                .volume
+                .as_ref()
+                .expect("guest-pull action implies a volume");
+            let image = crate::local_guest::image_reference(&a.target, volume)?;
+            crate::local_guest::pull_and_mount(&cfg, &image, &a.target, opts.flags).map(|_| ())
+        }
     }
 }
 
