@@ -8,13 +8,14 @@
 //! failure or Ctrl-C.
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
-use integration::lab::{bin_path, free_port, run_ok, wait_for};
+use anyhow::{bail, ensure, Result};
+use integration::chain::{
+    blob_gets_by, build_images, catalog_repo, cosign_policy, find_bytes, GuestPuller, KbsProcess,
+    OwnerKeys, HELLO,
+};
 use integration::snapshotter_env::{proxy_body, SnapshotterDaemon, PLUGIN};
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
 
@@ -83,21 +84,6 @@ fn main() {
     }
 }
 
-/// Counts registry access-log GETs for blobs of `repo` by containerd (host) and by the guest-puller.
-fn blob_gets(reg: &Registry<'_>, repo: &str) -> (usize, usize) {
-    let needle = format!("\"GET /v2/{repo}/blobs/");
-    let mut host = 0;
-    let mut guest = 0;
-    for l in reg.log().lines().filter(|l| l.contains(&needle)) {
-        if l.contains("containerd/") {
-            host += 1;
-        } else {
-            guest += 1;
-        }
-    }
-    (host, guest)
-}
-
 fn run(lab: &Lab, steps: &mut Steps) -> Result<()> {
     let version = ContainerdVersion::V2_1;
     let reg = steps.step("registry: Debian's docker-registry on loopback", || {
@@ -105,157 +91,79 @@ fn run(lab: &Lab, steps: &mut Steps) -> Result<()> {
         println!("     listening on {}", r.host());
         Ok(r)
     })?;
-
-    let keys = lab.join("keys");
-    let cosign = integration::containerd::lab_cache().join("cosign/usr/bin/cosign");
-    steps.step(
+    let keys = steps.step(
         "image owner keys: RSA for layer encryption (JWE), cosign for signing",
-        || {
-            fs::create_dir_all(&keys)?;
-            run_ok(
-                Command::new("openssl")
-                    .args(["genrsa", "-out"])
-                    .arg(keys.join("image.pem"))
-                    .arg("2048"),
-            );
-            run_ok(
-                Command::new("openssl")
-                    .args(["rsa", "-pubout", "-in"])
-                    .arg(keys.join("image.pem"))
-                    .arg("-out")
-                    .arg(keys.join("image.pub.pem")),
-            );
-            ensure!(
-                cosign.is_file(),
-                "cosign missing at {}: run integration/scripts/fetch-components.sh",
-                cosign.display()
-            );
-            run_ok(
-                Command::new(&cosign)
-                    .current_dir(&keys)
-                    .env("COSIGN_PASSWORD", "demo")
-                    .args(["generate-key-pair"]),
-            );
-            Ok(())
-        },
+        || Ok(OwnerKeys::generate(lab)),
     )?;
-
-    let built = lab.join("images.json");
-    let image_repo = "guestpull/busybox";
-    let image = format!("{}/{image_repo}:jwe", reg.host());
+    let repo = catalog_repo(&reg, "busybox");
+    let image = format!("{repo}:jwe");
     steps.step("build, encrypt (skopeo, JWE) and sign (cosign) the image", || {
-        run_ok(
-            Command::new(bin_path("test-images"))
-                .env("COSIGN_PASSWORD", "demo")
-                .args(["build", "--registry", &reg.host(), "--only", "busybox", "--work-dir"])
-                .arg(lab.join("image-build"))
-                .arg("--jwe-public-key")
-                .arg(keys.join("image.pub.pem"))
-                .arg("--cosign-key")
-                .arg(keys.join("cosign.key"))
-                .arg("--cosign")
-                .arg(&cosign)
-                .arg("--out")
-                .arg(&built),
-        );
+        build_images(lab, &reg, &keys, &["busybox"]);
         println!("     {image}: every layer AES-256-CTR encrypted, key wrapped to the owner's RSA key");
         Ok(())
     })?;
-
-    let kbs_port = free_port();
-    let kbs_url = format!("http://127.0.0.1:{kbs_port}");
-    steps.step(
+    let kbs = steps.step(
         "KBS (test KBS, RCAR 0.4.0): image key, cosign key and signature policy",
         || {
-            let res = lab.join("kbs-resources/default");
-            for d in ["image-key", "cosign-public-key", "security-policy"] {
-                fs::create_dir_all(res.join(d))?;
-            }
-            fs::copy(keys.join("image.pem"), res.join("image-key/demo"))?;
-            fs::copy(keys.join("cosign.pub"), res.join("cosign-public-key/demo"))?;
-            let policy = serde_json::json!({
-                "default": [{"type": "reject"}],
-                "transports": {"docker": {format!("{}/{image_repo}", reg.host()): [{
-                    "type": "sigstoreSigned",
-                    "keyPath": "kbs:///default/cosign-public-key/demo",
-                    "signedIdentity": {"type": "matchRepository"}
-                }]}}
-            });
-            fs::write(
-                res.join("security-policy/demo"),
-                serde_json::to_vec_pretty(&policy)?,
-            )?;
-            let mut cmd = Command::new(bin_path("test-kbs"));
-            cmd.args(["--listen", &format!("127.0.0.1:{kbs_port}"), "--resources"])
-                .arg(lab.join("kbs-resources"));
-            lab.spawn("kbs", cmd);
-            wait_for("the KBS", Duration::from_secs(20), || {
-                std::net::TcpStream::connect(("127.0.0.1", kbs_port)).is_ok()
-            });
-            println!("     {kbs_url}: policy allows the sample TEE to read default/*");
-            Ok(())
+            let kbs = KbsProcess::start(lab);
+            kbs.put("default/image-key/demo", &fs::read(keys.jwe_private())?);
+            kbs.put(
+                "default/cosign-public-key/demo",
+                &fs::read(keys.cosign_pub())?,
+            );
+            let policy = cosign_policy(&[repo.clone()], "kbs:///default/cosign-public-key/demo");
+            kbs.put(
+                "default/security-policy/demo",
+                &serde_json::to_vec_pretty(&policy)?,
+            );
+            println!(
+                "     {}: serves the key, the cosign public key and the policy to attested guests",
+                kbs.url()
+            );
+            Ok(kbs)
         },
     )?;
-
-    let cdh_sock = lab.join("guest/cdh.sock");
-    steps.step("guest-puller (local guest: stands in for the Kata VM on this runc host)", || {
-        let guest = lab.join("guest");
-        fs::create_dir_all(&guest)?;
-        let cfg = format!(
-            "[image]\nwork_dir = \"{work}\"\nimage_security_policy_uri = \"kbs:///default/security-policy/demo\"\n\
-             [image.registry_config]\ninsecure_registries = [\"{reg}\"]\n\
-             [kbs]\nurl = \"{kbs_url}\"\n[keys]\njwe_private_keys = [\"kbs:///default/image-key/demo\"]\n\
-             [server]\nsocket = \"{sock}\"\n",
-            work = guest.join("work").display(),
-            reg = reg.host(),
-            sock = cdh_sock.display(),
-        );
-        fs::write(guest.join("guest-puller.toml"), cfg)?;
-        let mut cmd = Command::new(bin_path("guest-puller"));
-        cmd.arg("serve").arg("--config").arg(guest.join("guest-puller.toml")).env("RUST_LOG", "info");
-        lab.spawn("guest-puller", cmd);
-        wait_for("the CDH socket", Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&cdh_sock).is_ok()
-        });
-        println!("     serving CDH ImagePullService on {}", cdh_sock.display());
-        Ok(())
-    })?;
-
-    let local_guest = lab.join("local-guest.toml");
-    let snap = steps.step(
+    let guest = steps.step(
+        "guest-puller (local guest: stands in for the Kata VM on this runc host)",
+        || {
+            let g = GuestPuller::start(
+                lab,
+                &reg,
+                &kbs.url(),
+                "kbs:///default/security-policy/demo",
+                &["kbs:///default/image-key/demo"],
+            );
+            println!(
+                "     serving CDH ImagePullService on {}",
+                g.socket().display()
+            );
+            Ok(g)
+        },
+    )?;
+    let (snap, ctrd) = steps.step(
         "guestpull-snapshotter + containerd 2.1 (vanilla, Debian sid build)",
         || {
-            fs::write(
-                &local_guest,
-                format!(
-                    "cdh_socket = \"{}\"\nbundle_root = \"{}\"\n",
-                    cdh_sock.display(),
-                    lab.join("guest/bundles").display()
-                ),
-            )?;
-            Ok(SnapshotterDaemon::start(lab, ""))
+            let snap = SnapshotterDaemon::start(lab, "");
+            let ctrd = Containerd::start_with(
+                lab,
+                version,
+                ContainerdOpts {
+                    cri: false,
+                    env: vec![guest.helper_env()],
+                },
+                &proxy_body(version, &snap.socket(), &snap.root()),
+            );
+            Ok((snap, ctrd))
         },
     )?;
-    let ctrd = Containerd::start_with(
-        lab,
-        version,
-        ContainerdOpts {
-            cri: false,
-            env: vec![(
-                "GUESTPULL_LOCAL_GUEST_CONFIG".into(),
-                local_guest.display().to_string(),
-            )],
-        },
-        &proxy_body(version, &snap.socket(), &snap.root()),
-    );
 
     steps.step(&format!("host: ctr image pull --snapshotter {PLUGIN} {image}"), || {
         ctrd.ctr_ok(&["images", "pull", "--plain-http", "--snapshotter", PLUGIN, &image]);
-        let (host, _) = blob_gets(&reg, image_repo);
+        let (host, _) = blob_gets_by(&reg, repo.split_once('/').unwrap().1);
         let content = ctrd.ctr_ok(&["content", "ls", "-q"]);
-        let layers = content.lines().filter(|l| !l.trim().is_empty()).count();
+        let blobs = content.lines().filter(|l| !l.trim().is_empty()).count();
         println!("     registry: containerd fetched {host} blob(s) (the config); layer blobs fetched by the host: 0");
-        println!("     containerd content store: {layers} blob(s): manifest/index and config only");
+        println!("     containerd content store: {blobs} blob(s): manifest and config only");
         ensure!(host == 1, "the host fetched {host} blobs, expected only the config");
         Ok(())
     })?;
@@ -267,16 +175,15 @@ fn run(lab: &Lab, steps: &mut Steps) -> Result<()> {
             "demo",
             &[],
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
                 "ctr run failed: {}\nguest-puller log:\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                lab.log("guest-puller")
+                guest.log()
             );
         }
-        println!("     container printed: {}", stdout.trim());
-        let log = lab.log("guest-puller");
+        println!("     container printed: {}", String::from_utf8_lossy(&out.stdout).trim());
+        let log = guest.log();
         for (needle, say) in [
             ("attested to KBS", "attested to the KBS (sample TEE evidence, RCAR 0.4.0)"),
             ("accepted by signature policy", "cosign signature verified against the policy from the KBS"),
@@ -285,17 +192,16 @@ fn run(lab: &Lab, steps: &mut Steps) -> Result<()> {
             ensure!(log.contains(needle), "guest-puller log lacks {needle:?}:\n{log}");
             println!("     guest: {say}");
         }
-        let (host, guest) = blob_gets(&reg, image_repo);
-        println!("     registry: blobs fetched by the host {host}, by the guest {guest}");
+        let (host, guest_gets) = blob_gets_by(&reg, repo.split_once('/').unwrap().1);
+        println!("     registry: blobs fetched by the host {host}, by the guest {guest_gets}");
         Ok(())
     })?;
 
     steps.step(
         "host check: no plaintext under containerd's or the snapshotter's state",
         || {
-            let needle = b"hello from guestpull test image";
             for root in [ctrd.root(), snap.root()] {
-                if let Some(p) = find_bytes(&root, needle)? {
+                if let Some(p) = find_bytes(&root, HELLO.as_bytes()) {
                     bail!("plaintext found on the host at {}", p.display());
                 }
             }
@@ -305,35 +211,4 @@ fn run(lab: &Lab, steps: &mut Steps) -> Result<()> {
     )?;
     drop(ctrd);
     Ok(())
-}
-
-/// The first regular file under `dir` (not following symlinks or crossing into mounts) containing `needle`.
-fn find_bytes(dir: &Path, needle: &[u8]) -> Result<Option<std::path::PathBuf>> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = fs::symlink_metadata(dir)
-        .with_context(|| format!("stat {}", dir.display()))?
-        .dev();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            let Ok(m) = fs::symlink_metadata(&p) else {
-                continue;
-            };
-            if m.dev() != dev {
-                continue;
-            }
-            if m.is_dir() {
-                stack.push(p);
-            } else if m.is_file() {
-                if let Ok(data) = fs::read(&p) {
-                    if data.windows(needle.len()).any(|w| w == needle) {
-                        return Ok(Some(p));
-                    }
-                }
-            }
-        }
-    }
-    Ok(None)
 }

@@ -1,0 +1,334 @@
+//! The whole guest-pull chain on one host, as the demo and the end-to-end tests run it: image
+//! owner keys, catalog images (encrypted and signed with skopeo and cosign), the test KBS, the
+//! guest-puller as local guest, and the snapshotter's local-guest mount-helper config.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::containerd::lab_cache;
+use crate::lab::{bin_path, free_port, run_ok, wait_for, Lab};
+use crate::registry::Registry;
+
+/// Password of the cosign key the tests generate.
+pub const COSIGN_PASSWORD: &str = "guestpull-test";
+/// What the catalog images print.
+pub const HELLO: &str = "hello from guestpull test image";
+
+/// The image owner's keys: an RSA key pair for JWE layer encryption and a cosign key pair.
+pub struct OwnerKeys {
+    dir: PathBuf,
+}
+
+impl OwnerKeys {
+    /// Generates both key pairs under `<lab>/keys`.
+    pub fn generate(lab: &Lab) -> OwnerKeys {
+        let dir = lab.join("keys");
+        fs::create_dir_all(&dir).unwrap();
+        run_ok(
+            Command::new("openssl")
+                .args(["genrsa", "-out"])
+                .arg(dir.join("image.pem"))
+                .arg("2048"),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["rsa", "-pubout", "-in"])
+                .arg(dir.join("image.pem"))
+                .arg("-out")
+                .arg(dir.join("image.pub.pem")),
+        );
+        run_ok(
+            Command::new(cosign())
+                .current_dir(&dir)
+                .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
+                .arg("generate-key-pair"),
+        );
+        OwnerKeys { dir }
+    }
+
+    /// RSA private key (PEM) that decrypts the JWE-wrapped layer keys.
+    pub fn jwe_private(&self) -> PathBuf {
+        self.dir.join("image.pem")
+    }
+
+    /// RSA public key (PEM) skopeo encrypts to.
+    pub fn jwe_public(&self) -> PathBuf {
+        self.dir.join("image.pub.pem")
+    }
+
+    /// cosign private key.
+    pub fn cosign_key(&self) -> PathBuf {
+        self.dir.join("cosign.key")
+    }
+
+    /// cosign public key (PEM).
+    pub fn cosign_pub(&self) -> PathBuf {
+        self.dir.join("cosign.pub")
+    }
+}
+
+/// The cosign binary unpacked by fetch-components.sh.
+pub fn cosign() -> PathBuf {
+    let p = lab_cache().join("cosign/usr/bin/cosign");
+    if !p.is_file() {
+        panic!(
+            "cosign missing at {}: run integration/scripts/fetch-components.sh",
+            p.display()
+        );
+    }
+    p
+}
+
+/// Builds catalog images `only` with `test-images`, each also as `:jwe` (encrypted to the owner's
+/// key) and cosign-signed (plain and encrypted); returns the build manifest.
+pub fn build_images(
+    lab: &Lab,
+    reg: &Registry<'_>,
+    keys: &OwnerKeys,
+    only: &[&str],
+) -> serde_json::Value {
+    let out = lab.join("images.json");
+    run_ok(
+        Command::new(bin_path("test-images"))
+            .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
+            .args([
+                "build",
+                "--registry",
+                &reg.host(),
+                "--only",
+                &only.join(","),
+                "--work-dir",
+            ])
+            .arg(lab.join("image-build"))
+            .arg("--jwe-public-key")
+            .arg(keys.jwe_public())
+            .arg("--cosign-key")
+            .arg(keys.cosign_key())
+            .arg("--cosign")
+            .arg(cosign())
+            .arg("--out")
+            .arg(&out),
+    );
+    serde_json::from_slice(&fs::read(&out).unwrap()).unwrap()
+}
+
+/// `<registry>/guestpull/<name>` (the repository `test-images` pushes catalog image `name` to).
+pub fn catalog_repo(reg: &Registry<'_>, name: &str) -> String {
+    format!("{}/guestpull/{name}", reg.host())
+}
+
+/// A policy.json: cosign signatures by `key_uri` required for `scopes`, everything else rejected.
+pub fn cosign_policy(scopes: &[String], key_uri: &str) -> serde_json::Value {
+    let mut docker = serde_json::Map::new();
+    for s in scopes {
+        docker.insert(
+            s.clone(),
+            serde_json::json!([{
+                "type": "sigstoreSigned",
+                "keyPath": key_uri,
+                "signedIdentity": {"type": "matchRepository"}
+            }]),
+        );
+    }
+    serde_json::json!({"default": [{"type": "reject"}], "transports": {"docker": docker}})
+}
+
+/// The test KBS as a separate process, serving resources from `<lab>/kbs-resources`.
+pub struct KbsProcess<'a> {
+    lab: &'a Lab,
+    port: u16,
+    resources: PathBuf,
+    policy: PathBuf,
+}
+
+impl<'a> KbsProcess<'a> {
+    /// Starts `test-kbs` on a free loopback port with an allow-all policy.
+    pub fn start(lab: &'a Lab) -> KbsProcess<'a> {
+        let k = KbsProcess {
+            lab,
+            port: free_port(),
+            resources: lab.join("kbs-resources"),
+            policy: lab.join("kbs-policy.toml"),
+        };
+        fs::create_dir_all(&k.resources).unwrap();
+        k.set_policy("mode = \"allow-all\"\n");
+        k
+    }
+
+    /// The KBS URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stores resource `repo/type/tag`.
+    pub fn put(&self, path: &str, data: &[u8]) {
+        let p = self.resources.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    }
+
+    /// Deletes resource `repo/type/tag`.
+    pub fn delete(&self, path: &str) {
+        fs::remove_file(self.resources.join(path)).unwrap();
+    }
+
+    /// Restarts the KBS with `policy` (test-kbs TOML: `mode = "allow-all" | "deny-all" | ...`).
+    pub fn set_policy(&self, policy: &str) {
+        fs::write(&self.policy, policy).unwrap();
+        let mut cmd = Command::new(bin_path("test-kbs"));
+        cmd.args([
+            "--listen",
+            &format!("127.0.0.1:{}", self.port),
+            "--resources",
+        ])
+        .arg(&self.resources)
+        .arg("--policy")
+        .arg(&self.policy);
+        self.lab.spawn("kbs", cmd);
+        let port = self.port;
+        wait_for("the test KBS", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Stats of requests served, from the log: (auth, attest) counts.
+    pub fn log(&self) -> String {
+        self.lab.log("kbs")
+    }
+}
+
+/// `guest-puller serve` playing the guest, plus the mount-helper config that points at it.
+pub struct GuestPuller<'a> {
+    lab: &'a Lab,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+impl<'a> GuestPuller<'a> {
+    /// Starts the guest-puller: registry `reg` over plain HTTP, KBS `kbs_url`, the signature policy
+    /// and JWE private keys at the given KBS URIs.
+    pub fn start(
+        lab: &'a Lab,
+        reg: &Registry<'_>,
+        kbs_url: &str,
+        policy_uri: &str,
+        jwe_key_uris: &[&str],
+    ) -> GuestPuller<'a> {
+        let dir = lab.join("guest");
+        fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("cdh.sock");
+        let keys: Vec<String> = jwe_key_uris.iter().map(|k| format!("\"{k}\"")).collect();
+        let config = dir.join("guest-puller.toml");
+        fs::write(
+            &config,
+            format!(
+                "[image]\nwork_dir = \"{work}\"\nimage_security_policy_uri = \"{policy_uri}\"\n\
+                 [image.registry_config]\ninsecure_registries = [\"{reg}\"]\n\
+                 [kbs]\nurl = \"{kbs_url}\"\n[keys]\njwe_private_keys = [{keys}]\n\
+                 [server]\nsocket = \"{sock}\"\n",
+                work = dir.join("work").display(),
+                reg = reg.host(),
+                keys = keys.join(", "),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        fs::write(
+            lab.join("local-guest.toml"),
+            format!(
+                "cdh_socket = \"{}\"\nbundle_root = \"{}\"\ntimeout_secs = 120\n",
+                socket.display(),
+                dir.join("bundles").display()
+            ),
+        )
+        .unwrap();
+        let g = GuestPuller {
+            lab,
+            config,
+            socket,
+        };
+        g.restart();
+        g
+    }
+
+    /// (Re)starts the daemon (a running one is SIGKILLed) and waits for its socket.
+    pub fn restart(&self) {
+        let mut cmd = Command::new(bin_path("guest-puller"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("GUEST_PULLER_LOG", "info");
+        let _ = fs::remove_file(&self.socket);
+        self.lab.spawn("guest-puller", cmd);
+        let sock = self.socket.clone();
+        wait_for(
+            "the guest-puller's CDH socket",
+            Duration::from_secs(20),
+            || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        );
+    }
+
+    /// The CDH socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The guest-puller's log.
+    pub fn log(&self) -> String {
+        self.lab.log("guest-puller")
+    }
+
+    /// The environment containerd needs so its mount helper acts as the local guest.
+    pub fn helper_env(&self) -> (String, String) {
+        (
+            "GUESTPULL_LOCAL_GUEST_CONFIG".into(),
+            self.lab.join("local-guest.toml").display().to_string(),
+        )
+    }
+}
+
+/// Blob GETs of `repo` in the registry log: (by containerd on the host, by anyone else = the guest).
+pub fn blob_gets_by(reg: &Registry<'_>, repo: &str) -> (usize, usize) {
+    let needle = format!("\"GET /v2/{repo}/blobs/");
+    let mut host = 0;
+    let mut guest = 0;
+    for l in reg.log().lines().filter(|l| l.contains(&needle)) {
+        if l.contains("containerd/") {
+            host += 1;
+        } else {
+            guest += 1;
+        }
+    }
+    (host, guest)
+}
+
+/// The first regular file under `dir` (same filesystem, no symlinks) that contains `needle`.
+pub fn find_bytes(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::symlink_metadata(dir).ok()?.dev();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if m.dev() != dev {
+                continue;
+            }
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() {
+                if let Ok(data) = fs::read(&p) {
+                    if data.windows(needle.len()).any(|w| w == needle) {
+                        return Some(p);
+                    }
+                }
+            }
+        }
+    }
+    None
+}

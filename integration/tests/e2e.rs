@@ -1,0 +1,390 @@
+//! End to end: an encrypted, signed image pulled through the guestpull snapshotter by an unchanged
+//! containerd (host: manifest and config only) and run with runc, with the guest-puller as the
+//! local guest doing attestation, key fetch, signature and digest checks, decryption and unpack.
+
+use std::fs;
+use std::process::Output;
+
+use integration::chain::{
+    blob_gets_by, build_images, catalog_repo, cosign_policy, find_bytes, GuestPuller, KbsProcess,
+    OwnerKeys, HELLO,
+};
+use integration::snapshotter_env::cri::CriClient;
+use integration::snapshotter_env::{
+    cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon, PLUGIN,
+};
+use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
+
+const POLICY_URI: &str = "kbs:///default/security-policy/e2e";
+const KEY_URI: &str = "kbs:///default/image-key/e2e";
+
+/// One host: registry with the catalog images, KBS, guest-puller, snapshotter.
+struct World<'a> {
+    reg: Registry<'a>,
+    kbs: KbsProcess<'a>,
+    guest: GuestPuller<'a>,
+    snap: SnapshotterDaemon<'a>,
+    keys: OwnerKeys,
+}
+
+fn world<'a>(lab: &'a Lab, images: &[&str]) -> World<'a> {
+    Lab::require_root();
+    let reg = Registry::start(lab);
+    let keys = OwnerKeys::generate(lab);
+    build_images(lab, &reg, &keys, images);
+    let kbs = KbsProcess::start(lab);
+    kbs.put(
+        "default/image-key/e2e",
+        &fs::read(keys.jwe_private()).unwrap(),
+    );
+    kbs.put(
+        "default/cosign-public-key/e2e",
+        &fs::read(keys.cosign_pub()).unwrap(),
+    );
+    let scopes: Vec<String> = images.iter().map(|n| catalog_repo(&reg, n)).collect();
+    let policy = cosign_policy(&scopes, "kbs:///default/cosign-public-key/e2e");
+    kbs.put(
+        "default/security-policy/e2e",
+        &serde_json::to_vec(&policy).unwrap(),
+    );
+    let guest = GuestPuller::start(lab, &reg, &kbs.url(), POLICY_URI, &[KEY_URI]);
+    let snap = SnapshotterDaemon::start(lab, "");
+    World {
+        reg,
+        kbs,
+        guest,
+        snap,
+        keys,
+    }
+}
+
+fn containerd<'a>(lab: &'a Lab, w: &World<'_>, v: ContainerdVersion, cri: bool) -> Containerd<'a> {
+    let mut body = proxy_body(v, &w.snap.socket(), &w.snap.root());
+    if cri {
+        body += &cri_body(v, lab, &w.reg);
+    }
+    Containerd::start_with(
+        lab,
+        v,
+        ContainerdOpts {
+            cri,
+            env: vec![w.guest.helper_env()],
+        },
+        &body,
+    )
+}
+
+/// `ctr run` of `image` in namespace `ns` through the guestpull snapshotter, with the image name
+/// annotation kata-agent's caller would set.
+fn run_in(ctrd: &Containerd<'_>, ns: &str, image: &str, id: &str) -> Output {
+    let fifo = ctrd.dir().join("fifo");
+    let runc = ctrd.dir().join("runc");
+    ctr_ns(
+        ctrd,
+        ns,
+        &[
+            "run",
+            "--rm",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc.to_str().unwrap(),
+            "--snapshotter",
+            PLUGIN,
+            "--annotation",
+            &format!("io.kubernetes.cri.image-name={image}"),
+            image,
+            id,
+        ],
+    )
+    .output()
+    .unwrap()
+}
+
+fn assert_ran(out: &Output, what: &str, guest_log: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: ctr run failed: {}\n--- guest-puller log ---\n{guest_log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), HELLO, "{what}");
+}
+
+fn assert_no_plaintext(ctrd: &Containerd<'_>, w: &World<'_>) {
+    for root in [ctrd.root(), w.snap.root()] {
+        if let Some(p) = find_bytes(&root, HELLO.as_bytes()) {
+            panic!(
+                "plaintext of the image found on the host at {}",
+                p.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
+    for v in ContainerdVersion::all() {
+        let lab = Lab::new(&format!("e2e-{}", v.label()));
+        let w = world(&lab, &["busybox"]);
+        let repo = catalog_repo(&w.reg, "busybox");
+        let image = format!("{repo}:jwe");
+        let repo_path = repo.split_once('/').unwrap().1.to_string();
+        let ctrd = containerd(&lab, &w, v, true);
+        // Building and signing the images (skopeo, cosign) already read some blobs.
+        let (_, base) = blob_gets_by(&w.reg, &repo_path);
+
+        // CRI PullImage with the runtime handler mapped to guestpull (1.6: global snapshotter).
+        let mut cri = CriClient::connect(&ctrd.socket()).expect("CRI client");
+        cri.pull_image(&image, handler_for(v))
+            .unwrap_or_else(|e| panic!("CRI pull on {}: {e}", v.label()));
+        let (host, guest) = blob_gets_by(&w.reg, &repo_path);
+        assert_eq!(
+            (host, guest - base),
+            (1, 0),
+            "{}: the host fetched only the config",
+            v.label()
+        );
+        let content = ctr_ns(&ctrd, "k8s.io", &["content", "ls", "-q"])
+            .output()
+            .unwrap();
+        let content = String::from_utf8_lossy(&content.stdout).to_string();
+        let manifest = integration::images::inspect(&w.reg, &image);
+        for layer in &manifest.layer_digests {
+            assert!(
+                !content.contains(layer),
+                "{}: layer blob {layer} in containerd's content store",
+                v.label()
+            );
+        }
+
+        let out = run_in(&ctrd, "k8s.io", &image, "e2e-cri");
+        assert_ran(
+            &out,
+            &format!("containerd {} CRI", v.label()),
+            &w.guest.log(),
+        );
+        let (host, guest) = blob_gets_by(&w.reg, &repo_path);
+        assert_eq!(host, 1, "{}: layers fetched by containerd", v.label());
+        assert!(
+            guest - base >= 2,
+            "{}: the guest fetched config and layer ({guest})",
+            v.label()
+        );
+        let log = w.guest.log();
+        assert!(log.contains("attested to KBS"), "{log}");
+        assert!(log.contains("accepted by signature policy"), "{log}");
+
+        // ctr image pull: through the 2.1 transfer service the layers are skipped as well.
+        if v == ContainerdVersion::V2_1 {
+            let before = blob_gets_by(&w.reg, &repo_path).0;
+            ctrd.ctr_ok(&[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                PLUGIN,
+                &image,
+            ]);
+            // The config may already be in the (namespace-shared) content store.
+            assert!(
+                blob_gets_by(&w.reg, &repo_path).0 <= before + 1,
+                "ctr pull: config only"
+            );
+            let log = w.reg.log();
+            for layer in &manifest.layer_digests {
+                assert!(
+                    !log.lines()
+                        .any(|l| l.contains(layer.as_str()) && l.contains("containerd/")),
+                    "containerd fetched layer {layer}"
+                );
+            }
+            let out = run_in(&ctrd, ctrd.namespace(), &image, "e2e-ctr");
+            assert_ran(&out, "containerd 2.1 ctr pull", &w.guest.log());
+        }
+        assert_no_plaintext(&ctrd, &w);
+        drop(ctrd);
+    }
+}
+
+/// Each refusal must stop the container with the guest-puller's own message in ctr's error.
+#[test]
+fn refusals_stop_the_container_with_a_clear_message() {
+    let lab = Lab::new("e2e-refusals");
+    let w = world(&lab, &["busybox", "layers3"]);
+    let v = ContainerdVersion::V2_1;
+    let ctrd = containerd(&lab, &w, v, false);
+    let image = format!("{}:jwe", catalog_repo(&w.reg, "busybox"));
+    ctrd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        PLUGIN,
+        &image,
+    ]);
+    let expect_failure = |id: &str, image: &str, needles: &[&str]| {
+        let out = run_in(&ctrd, ctrd.namespace(), image, id);
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(!out.status.success(), "{id}: ran although it must not");
+        assert!(
+            needles.iter().any(|n| err.contains(n)),
+            "{id}: ctr's error should carry the guest-puller's reason ({needles:?}):\n{err}"
+        );
+    };
+
+    // KBS policy denies every resource: no policy, no key.
+    w.kbs.set_policy("mode = \"deny-all\"\n");
+    expect_failure("deny", &image, &["denied", "deny"]);
+
+    // Key missing from the KBS.
+    w.kbs.set_policy("mode = \"allow-all\"\n");
+    w.kbs.delete("default/image-key/e2e");
+    expect_failure("nokey", &image, &["not found", "missing"]);
+    w.kbs.put(
+        "default/image-key/e2e",
+        &fs::read(w.keys.jwe_private()).unwrap(),
+    );
+
+    // Unsigned image under a reject-by-default policy: an image the policy does not name.
+    let unsigned = format!("{}/guestpull-unsigned/busybox:latest", w.reg.host());
+    integration::lab::run_ok(std::process::Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{}:latest", catalog_repo(&w.reg, "busybox")),
+        &format!("docker://{unsigned}"),
+    ]));
+    ctrd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        PLUGIN,
+        &unsigned,
+    ]);
+    expect_failure("unsigned", &unsigned, &["reject"]);
+
+    // A layer blob tampered with in the registry's storage.
+    let tampered = format!("{}:jwe", catalog_repo(&w.reg, "layers3"));
+    ctrd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        PLUGIN,
+        &tampered,
+    ]);
+    let manifest = integration::images::inspect(&w.reg, &tampered);
+    let blob = w.reg.blob_path(manifest.layer_digests.last().unwrap());
+    let mut data = fs::read(&blob).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    fs::write(&blob, data).unwrap();
+    expect_failure("tampered", &tampered, &["digest", "mismatch", "corrupt"]);
+
+    // And after all that, the good image still runs.
+    let out = run_in(&ctrd, ctrd.namespace(), &image, "after");
+    assert_ran(&out, "good image after refusals", &w.guest.log());
+    drop(ctrd);
+}
+
+#[test]
+fn concurrent_containers_and_restarts() {
+    let lab = Lab::new("e2e-concurrency");
+    let w = world(&lab, &["busybox", "layers3"]);
+    let v = ContainerdVersion::V2_1;
+    let ctrd = containerd(&lab, &w, v, false);
+    let a = format!("{}:jwe", catalog_repo(&w.reg, "busybox"));
+    let b = format!("{}:jwe", catalog_repo(&w.reg, "layers3"));
+    for img in [&a, &b] {
+        ctrd.ctr_ok(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            PLUGIN,
+            img,
+        ]);
+    }
+    // Two containers of one image and one of another, at once.
+    let outs: Vec<(String, Output)> = std::thread::scope(|s| {
+        let hs: Vec<_> = [("c1", &a), ("c2", &a), ("c3", &b)]
+            .into_iter()
+            .map(|(id, img)| {
+                let ctrd = &ctrd;
+                s.spawn(move || (id.to_string(), run_in(ctrd, ctrd.namespace(), img, id)))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (id, out) in &outs {
+        assert!(
+            out.status.success(),
+            "{id}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            w.guest.log()
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with(HELLO),
+            "{id}"
+        );
+    }
+    // Same image twice: each layer blob fetched by the guest once.
+    let m = integration::images::inspect(&w.reg, &a);
+    for l in &m.layer_digests {
+        assert_eq!(
+            w.reg.blob_gets_of(&m.repo, l),
+            1,
+            "layer {l} fetched more than once"
+        );
+    }
+
+    // Restart the snapshotter and the guest-puller: the next run works.
+    w.snap.restart();
+    w.guest.restart();
+    let out = run_in(&ctrd, ctrd.namespace(), &a, "after-restart");
+    assert_ran(
+        &out,
+        "after restarting snapshotter and guest-puller",
+        &w.guest.log(),
+    );
+    drop(ctrd);
+}
+
+/// Without the local-guest config the host sees only the empty directories the snapshotter
+/// handed out: the image is not on the host, so the container cannot start.
+#[test]
+fn without_local_guest_the_host_sees_empty_directories() {
+    let lab = Lab::new("e2e-noguest");
+    let w = world(&lab, &["busybox"]);
+    let v = ContainerdVersion::V2_1;
+    let body = proxy_body(v, &w.snap.socket(), &w.snap.root());
+    let ctrd = Containerd::start(&lab, v, &body);
+    let image = format!("{}:jwe", catalog_repo(&w.reg, "busybox"));
+    let (_, base) = blob_gets_by(&w.reg, "guestpull/busybox");
+    ctrd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        PLUGIN,
+        &image,
+    ]);
+    let out = run_in(&ctrd, ctrd.namespace(), &image, "empty");
+    assert!(
+        !out.status.success(),
+        "ran without the image content on the host"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no such file") || err.contains("not found"),
+        "{err}"
+    );
+    assert_eq!(
+        blob_gets_by(&w.reg, "guestpull/busybox").1,
+        base,
+        "nobody fetched the layers"
+    );
+    assert_no_plaintext(&ctrd, &w);
+    drop(ctrd);
+}
