@@ -111,7 +111,10 @@ fn run(lab: &Lab, steps: &mut Steps) -> Result<()> {
                 "default/cosign-public-key/demo",
                 &fs::read(keys.cosign_pub())?,
             );
-            let policy = cosign_policy(&[repo.clone()], "kbs:///default/cosign-public-key/demo");
+            let policy = cosign_policy(
+                std::slice::from_ref(&repo),
+                "kbs:///default/cosign-public-key/demo",
+            );
             kbs.put(
                 "default/security-policy/demo",
                 &serde_json::to_vec_pretty(&policy)?,
