@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
+// The busybox applets linked in every test image: the same set as the catalog images.
+use test_images::catalog::APPLETS;
 
 use crate::lab::run_ok;
 use crate::registry::Registry;
@@ -26,22 +28,6 @@ pub struct PushedImage {
     /// The raw manifest JSON.
     pub manifest: serde_json::Value,
 }
-
-/// The busybox applets linked in every test image.
-const APPLETS: &[&str] = &[
-    "sh",
-    "ls",
-    "cat",
-    "echo",
-    "sleep",
-    "mount",
-    "uname",
-    "id",
-    "find",
-    "stat",
-    "sha256sum",
-    "wc",
-];
 
 /// Builds a busybox image with `layers` layers (`layers >= 1`; layer N > 1 adds
 /// `/etc/layer<N>.txt` containing `layer <N>`), default command `cmd`, and pushes it to
