@@ -6,7 +6,6 @@ use std::io::{self, Read};
 use std::sync::Arc;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use aes_gcm::aead::{Aead, KeyInit};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -16,6 +15,7 @@ use tokio::sync::OnceCell;
 use zeroize::Zeroizing;
 
 use crate::jwe::{self, JwePrivateKey};
+use crate::keyprovider::AnnotationPacket;
 use crate::resource::ResourceFetcher;
 
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
@@ -253,19 +253,6 @@ impl<R: Read> Read for DecryptReader<R> {
     }
 }
 
-/// AnnotationPacket (CoCo keyprovider) v1/v2.
-#[derive(Deserialize)]
-struct AnnotationPacket {
-    kid: String,
-    wrapped_data: String,
-    #[serde(default)]
-    iv: Option<String>,
-    #[serde(default)]
-    wrap_type: Option<String>,
-    #[serde(default)]
-    provider: Option<String>,
-}
-
 /// Unwraps layer keys from descriptor annotations using the KBS and configured JWE keys.
 pub struct KeyUnwrapper {
     fetcher: Arc<dyn ResourceFetcher>,
@@ -391,70 +378,20 @@ impl KeyUnwrapper {
         self.unwrap_annotation_packet(&packet).await
     }
 
-    /// Unwraps a CoCo AnnotationPacket (v1/v2 JSON) to the PLBCO JSON it protects.
+    /// Unwraps a CoCo AnnotationPacket (v1/v2 JSON) to the PLBCO JSON it protects, with the KEK
+    /// fetched from the KBS resource named by the packet's `kid`.
     pub async fn unwrap_annotation_packet(
         &self,
         packet_json: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, String> {
-        let p: AnnotationPacket = serde_json::from_slice(packet_json)
-            .map_err(|e| format!("AnnotationPacket JSON: {e}"))?;
-        let kid = p.kid.clone();
-        if let Some(prov) = p.provider.as_deref() {
-            if prov != "kbs" {
-                return Err(format!("key id {kid}: unsupported key provider {prov:?}"));
-            }
-        }
-        let uri = if kid.contains("://") {
-            kid.clone()
-        } else {
-            format!(
-                "kbs://{}{}",
-                if kid.starts_with('/') { "" } else { "/" },
-                kid
-            )
-        };
+        let p = AnnotationPacket::from_json(packet_json).map_err(|e| e.to_string())?;
+        p.check_provider().map_err(|e| e.to_string())?;
         let kek = self
             .fetcher
-            .fetch(&uri)
+            .fetch(&p.kek_uri())
             .await
-            .map_err(|e| format!("key id {kid}: {e}"))?;
-        if kek.len() != 32 {
-            return Err(format!("key id {kid}: KEK is {} bytes, need 32", kek.len()));
-        }
-        let wrapped = STANDARD
-            .decode(p.wrapped_data.trim())
-            .map_err(|e| format!("key id {kid}: wrapped_data base64: {e}"))?;
-        let iv = STANDARD
-            .decode(p.iv.as_deref().unwrap_or("").trim())
-            .map_err(|e| format!("key id {kid}: iv base64: {e}"))?;
-        match p.wrap_type.as_deref().unwrap_or("A256GCM") {
-            "A256GCM" => {
-                if iv.len() != 12 {
-                    return Err(format!("key id {kid}: A256GCM iv must be 12 bytes"));
-                }
-                let gcm = aes_gcm::Aes256Gcm::new_from_slice(&kek)
-                    .map_err(|_| format!("key id {kid}: bad KEK"))?;
-                gcm.decrypt(aes_gcm::Nonce::from_slice(&iv), wrapped.as_slice())
-                    .map(Zeroizing::new)
-                    .map_err(|_| {
-                        format!("key id {kid}: unwrap failed (wrong KEK or corrupted packet)")
-                    })
-            }
-            "A256CTR" => {
-                let iv: [u8; 16] = iv
-                    .try_into()
-                    .map_err(|_| format!("key id {kid}: A256CTR iv must be 16 bytes"))?;
-                let mut out = Zeroizing::new(wrapped);
-                let kek_arr: &[u8; 32] = kek[..].try_into().expect("checked length");
-                Aes256Ctr::new(kek_arr.into(), &iv.into()).apply_keystream(&mut out);
-                // CTR has no integrity; a wrong KEK shows up as unparsable PLBCO JSON.
-                if serde_json::from_slice::<serde_json::Value>(&out).is_err() {
-                    return Err(format!("key id {kid}: unwrap failed (wrong KEK)"));
-                }
-                Ok(out)
-            }
-            other => Err(format!("key id {kid}: unsupported wrap_type {other:?}")),
-        }
+            .map_err(|e| format!("key id {}: {e}", p.kid))?;
+        p.open(&kek).map_err(|e| e.to_string())
     }
 }
 
@@ -492,6 +429,7 @@ mod tests {
     use super::testutil::*;
     use super::*;
     use crate::resource::ResourceError;
+    use aes_gcm::aead::{Aead, KeyInit};
     use std::collections::HashMap;
 
     struct MapFetcher(HashMap<String, Vec<u8>>);

@@ -6,6 +6,7 @@ pub mod config;
 pub mod decrypt;
 pub mod fetcher;
 pub mod jwe;
+pub mod keyprovider;
 pub mod layer;
 pub mod policy;
 pub mod pull;

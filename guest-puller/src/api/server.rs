@@ -4,13 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use serde_json::Value;
 use tracing::{error, info};
 use ttrpc::{Code, Error as TtrpcError};
 
 use super::protos::{api, api_ttrpc, keyprovider, keyprovider_ttrpc};
+use crate::keyprovider::{
+    ByteForm, KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput, KeyUnwrapResults,
+    Operation, WireBytes,
+};
 use crate::policy::PolicyError;
 use crate::pull::{PullError, Puller};
 use crate::registry::RegistryError;
@@ -101,48 +102,34 @@ impl api_ttrpc::ImagePullService for Service {
 impl Service {
     /// Handles one ocicrypt keyprovider `keyunwrap` request (JSON in, JSON out).
     async fn unwrap_key_json(&self, input: &[u8]) -> ttrpc::Result<Vec<u8>> {
-        let input: Value = serde_json::from_slice(input).map_err(|e| {
-            status(
-                Code::INVALID_ARGUMENT,
-                format!("keyprovider input JSON: {e}"),
-            )
-        })?;
-        if input.get("op").and_then(Value::as_str) != Some("keyunwrap") {
+        let input = KeyProviderKeyWrapProtocolInput::from_json(input)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        if input.op != Operation::Keyunwrap {
             return Err(status(
                 Code::INVALID_ARGUMENT,
                 "UnWrapKey needs op \"keyunwrap\"",
             ));
         }
-        let annotation = input
-            .pointer("/keyunwrapparams/annotation")
-            .and_then(json_bytes)
-            .ok_or_else(|| {
-                status(
-                    Code::INVALID_ARGUMENT,
-                    "keyunwrapparams.annotation missing or not bytes",
-                )
-            })?;
+        let annotation = input.keyunwrapparams.annotation.ok_or_else(|| {
+            status(
+                Code::INVALID_ARGUMENT,
+                "keyunwrapparams.annotation missing or not bytes",
+            )
+        })?;
         let plbco = self
             .puller
             .unwrapper()
-            .unwrap_annotation_packet(&annotation)
+            .unwrap_annotation_packet(annotation.as_slice())
             .await
             .map_err(|e| status(Code::PERMISSION_DENIED, format!("UnWrapKey: {e}")))?;
-        // Array form, as CDH emits it (ocicrypt-rs callers expect it).
-        let out = serde_json::json!({"keyunwrapresults": {"optsdata": plbco.as_slice()}});
-        Ok(out.to_string().into_bytes())
-    }
-}
-
-/// Extracts a Go `[]byte` JSON field, accepting base64 strings and byte arrays.
-fn json_bytes(v: &Value) -> Option<Vec<u8>> {
-    match v {
-        Value::String(s) => STANDARD.decode(s.trim()).ok(),
-        Value::Array(a) => a
-            .iter()
-            .map(|b| b.as_u64().and_then(|n| u8::try_from(n).ok()))
-            .collect(),
-        _ => None,
+        // Array form, as CDH emits it (ocicrypt-rs callers expect it; Go accepts both).
+        let out = KeyProviderKeyWrapProtocolOutput {
+            keywrapresults: None,
+            keyunwrapresults: Some(KeyUnwrapResults {
+                optsdata: WireBytes::new(plbco.to_vec(), ByteForm::Array),
+            }),
+        };
+        Ok(out.to_json())
     }
 }
 
@@ -208,6 +195,8 @@ mod tests {
     use super::*;
     use crate::resource::ResourceFetcher;
     use aes_gcm::aead::{Aead, KeyInit};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
     use zeroize::Zeroizing;
 
     struct OneKey;
@@ -251,11 +240,10 @@ mod tests {
                 .unwrap_key_json(req.to_string().as_bytes())
                 .await
                 .unwrap();
-            let v: Value = serde_json::from_slice(&out).unwrap();
-            assert_eq!(
-                json_bytes(&v["keyunwrapresults"]["optsdata"]).unwrap(),
-                plbco
-            );
+            let v: KeyProviderKeyWrapProtocolOutput = serde_json::from_slice(&out).unwrap();
+            let got = v.keyunwrapresults.unwrap().optsdata;
+            assert_eq!(got.as_slice(), plbco);
+            assert_eq!(got.form(), ByteForm::Array);
         }
         // A denied KEK is PERMISSION_DENIED naming the key id.
         let packet = packet.replace("k1", "k2");
