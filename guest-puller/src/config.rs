@@ -196,9 +196,10 @@ impl Config {
         Ok(())
     }
 
-    /// Provider annotation suffixes accepted for KBS-unwrapped keys (always includes `attestation-agent`).
+    /// Provider annotation suffixes accepted for KBS-unwrapped keys: always `attestation-agent`
+    /// (CoCo's coco_keyprovider) and `guestpull` (our `guestpull-keyprovider`), plus any configured.
     pub fn provider_names(&self) -> Vec<String> {
-        let mut names = vec!["attestation-agent".to_string()];
+        let mut names = vec!["attestation-agent".to_string(), "guestpull".to_string()];
         for p in &self.keys.providers {
             if !names.contains(p) {
                 names.push(p.clone());

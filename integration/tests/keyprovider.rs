@@ -171,7 +171,7 @@ fn puller_config(lab: &Lab, name: &str, reg: &Registry<'_>, kbs: &KbsProcess<'_>
         &cfg,
         format!(
             "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n\
-             [kbs]\nurl = \"{}\"\n[keys]\nproviders = [\"guestpull\"]\n",
+             [kbs]\nurl = \"{}\"\n",
             lab.join(&format!("{name}-work")).display(),
             reg.host(),
             kbs.url()
@@ -332,16 +332,7 @@ fn ctr_imgcrypt_cmd_mode_image_decrypts_in_the_guest_and_runs() {
         "kbs:///default/security-policy/kp",
         &[],
     );
-    // The chain's guest config knows only `attestation-agent`; name our provider too.
-    let gcfg = lab.join("guest/guest-puller.toml");
-    let text = fs::read_to_string(&gcfg).unwrap();
-    assert!(text.contains("[keys]\n"), "{text}");
-    fs::write(
-        &gcfg,
-        text.replace("[keys]\n", "[keys]\nproviders = [\"guestpull\"]\n"),
-    )
-    .unwrap();
-    guest.restart();
+    // No provider configuration: `guestpull` is one of the guest-puller's default providers.
     let snap = SnapshotterDaemon::start(&lab, "");
     let v = ContainerdVersion::V2_1;
     let ctrd = Containerd::start_with(
