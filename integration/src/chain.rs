@@ -4,12 +4,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::containerd::lab_cache;
+use crate::containerd::{lab_cache, Containerd};
 use crate::lab::{bin_path, free_port, run_ok, wait_for, Lab};
 use crate::registry::Registry;
+use crate::snapshotter_env::{ctr_ns, PLUGIN};
 
 /// Password of the cosign key the tests generate.
 pub const COSIGN_PASSWORD: &str = "guestpull-test";
@@ -331,4 +332,44 @@ pub fn find_bytes(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// `ctr image pull` of `image` through the guestpull snapshotter (plain-HTTP registry).
+pub fn ctr_pull_guestpull(ctrd: &Containerd<'_>, image: &str) -> String {
+    ctrd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        PLUGIN,
+        image,
+    ])
+}
+
+/// `ctr run --rm` of `image` in namespace `ns` through the guestpull snapshotter, with the
+/// `io.kubernetes.cri.image-name` annotation the Kata runtimes (and the local guest) take the
+/// image from; fifo and runc state stay inside the lab.
+pub fn ctr_run_guestpull(ctrd: &Containerd<'_>, ns: &str, image: &str, id: &str) -> Output {
+    let fifo = ctrd.dir().join("fifo");
+    let runc = ctrd.dir().join("runc");
+    ctr_ns(
+        ctrd,
+        ns,
+        &[
+            "run",
+            "--rm",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runc-root",
+            runc.to_str().unwrap(),
+            "--snapshotter",
+            PLUGIN,
+            "--annotation",
+            &format!("io.kubernetes.cri.image-name={image}"),
+            image,
+            id,
+        ],
+    )
+    .output()
+    .expect("running ctr")
 }

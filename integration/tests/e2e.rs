@@ -6,13 +6,11 @@ use std::fs;
 use std::process::Output;
 
 use integration::chain::{
-    blob_gets_by, build_images, catalog_repo, cosign_policy, find_bytes, GuestPuller, KbsProcess,
-    OwnerKeys, HELLO,
+    blob_gets_by, build_images, catalog_repo, cosign_policy, ctr_pull_guestpull, ctr_run_guestpull,
+    find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
 };
 use integration::snapshotter_env::cri::CriClient;
-use integration::snapshotter_env::{
-    cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon, PLUGIN,
-};
+use integration::snapshotter_env::{cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon};
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
 
 const POLICY_URI: &str = "kbs:///default/security-policy/e2e";
@@ -74,33 +72,6 @@ fn containerd<'a>(lab: &'a Lab, w: &World<'_>, v: ContainerdVersion, cri: bool) 
     )
 }
 
-/// `ctr run` of `image` in namespace `ns` through the guestpull snapshotter, with the image name
-/// annotation kata-agent's caller would set.
-fn run_in(ctrd: &Containerd<'_>, ns: &str, image: &str, id: &str) -> Output {
-    let fifo = ctrd.dir().join("fifo");
-    let runc = ctrd.dir().join("runc");
-    ctr_ns(
-        ctrd,
-        ns,
-        &[
-            "run",
-            "--rm",
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            "--runc-root",
-            runc.to_str().unwrap(),
-            "--snapshotter",
-            PLUGIN,
-            "--annotation",
-            &format!("io.kubernetes.cri.image-name={image}"),
-            image,
-            id,
-        ],
-    )
-    .output()
-    .unwrap()
-}
-
 fn assert_ran(out: &Output, what: &str, guest_log: &str) {
     assert!(
         out.status.success(),
@@ -157,7 +128,7 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
             );
         }
 
-        let out = run_in(&ctrd, "k8s.io", &image, "e2e-cri");
+        let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "e2e-cri");
         assert_ran(
             &out,
             &format!("containerd {} CRI", v.label()),
@@ -177,14 +148,7 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
         // ctr image pull: through the 2.1 transfer service the layers are skipped as well.
         if v == ContainerdVersion::V2_1 {
             let before = blob_gets_by(&w.reg, &repo_path).0;
-            ctrd.ctr_ok(&[
-                "images",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                PLUGIN,
-                &image,
-            ]);
+            ctr_pull_guestpull(&ctrd, &image);
             // The config may already be in the (namespace-shared) content store.
             assert!(
                 blob_gets_by(&w.reg, &repo_path).0 <= before + 1,
@@ -198,7 +162,7 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
                     "containerd fetched layer {layer}"
                 );
             }
-            let out = run_in(&ctrd, ctrd.namespace(), &image, "e2e-ctr");
+            let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &image, "e2e-ctr");
             assert_ran(&out, "containerd 2.1 ctr pull", &w.guest.log());
         }
         assert_no_plaintext(&ctrd, &w);
@@ -214,16 +178,9 @@ fn refusals_stop_the_container_with_a_clear_message() {
     let v = ContainerdVersion::V2_1;
     let ctrd = containerd(&lab, &w, v, false);
     let image = format!("{}:jwe", catalog_repo(&w.reg, "busybox"));
-    ctrd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        PLUGIN,
-        &image,
-    ]);
+    ctr_pull_guestpull(&ctrd, &image);
     let expect_failure = |id: &str, image: &str, needles: &[&str]| {
-        let out = run_in(&ctrd, ctrd.namespace(), image, id);
+        let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), image, id);
         let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
         assert!(!out.status.success(), "{id}: ran although it must not");
         assert!(
@@ -254,26 +211,12 @@ fn refusals_stop_the_container_with_a_clear_message() {
         &format!("docker://{}:latest", catalog_repo(&w.reg, "busybox")),
         &format!("docker://{unsigned}"),
     ]));
-    ctrd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        PLUGIN,
-        &unsigned,
-    ]);
+    ctr_pull_guestpull(&ctrd, &unsigned);
     expect_failure("unsigned", &unsigned, &["reject"]);
 
     // A layer blob tampered with in the registry's storage.
     let tampered = format!("{}:jwe", catalog_repo(&w.reg, "layers3"));
-    ctrd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        PLUGIN,
-        &tampered,
-    ]);
+    ctr_pull_guestpull(&ctrd, &tampered);
     let manifest = integration::images::inspect(&w.reg, &tampered);
     let blob = w.reg.blob_path(manifest.layer_digests.last().unwrap());
     let mut data = fs::read(&blob).unwrap();
@@ -283,7 +226,7 @@ fn refusals_stop_the_container_with_a_clear_message() {
     expect_failure("tampered", &tampered, &["digest", "mismatch", "corrupt"]);
 
     // And after all that, the good image still runs.
-    let out = run_in(&ctrd, ctrd.namespace(), &image, "after");
+    let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &image, "after");
     assert_ran(&out, "good image after refusals", &w.guest.log());
     drop(ctrd);
 }
@@ -297,14 +240,7 @@ fn concurrent_containers_and_restarts() {
     let a = format!("{}:jwe", catalog_repo(&w.reg, "busybox"));
     let b = format!("{}:jwe", catalog_repo(&w.reg, "layers3"));
     for img in [&a, &b] {
-        ctrd.ctr_ok(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            PLUGIN,
-            img,
-        ]);
+        ctr_pull_guestpull(&ctrd, img);
     }
     // Two containers of one image and one of another, at once.
     let outs: Vec<(String, Output)> = std::thread::scope(|s| {
@@ -312,7 +248,12 @@ fn concurrent_containers_and_restarts() {
             .into_iter()
             .map(|(id, img)| {
                 let ctrd = &ctrd;
-                s.spawn(move || (id.to_string(), run_in(ctrd, ctrd.namespace(), img, id)))
+                s.spawn(move || {
+                    (
+                        id.to_string(),
+                        ctr_run_guestpull(ctrd, ctrd.namespace(), img, id),
+                    )
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -342,7 +283,7 @@ fn concurrent_containers_and_restarts() {
     // Restart the snapshotter and the guest-puller: the next run works.
     w.snap.restart();
     w.guest.restart();
-    let out = run_in(&ctrd, ctrd.namespace(), &a, "after-restart");
+    let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &a, "after-restart");
     assert_ran(
         &out,
         "after restarting snapshotter and guest-puller",
@@ -362,15 +303,8 @@ fn without_local_guest_the_host_sees_empty_directories() {
     let ctrd = Containerd::start(&lab, v, &body);
     let image = format!("{}:jwe", catalog_repo(&w.reg, "busybox"));
     let (_, base) = blob_gets_by(&w.reg, "guestpull/busybox");
-    ctrd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        PLUGIN,
-        &image,
-    ]);
-    let out = run_in(&ctrd, ctrd.namespace(), &image, "empty");
+    ctr_pull_guestpull(&ctrd, &image);
+    let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &image, "empty");
     assert!(
         !out.status.success(),
         "ran without the image content on the host"

@@ -7,10 +7,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use integration::chain::{build_images, catalog_repo, GuestPuller, KbsProcess, OwnerKeys, HELLO};
+use integration::chain::{
+    build_images, catalog_repo, ctr_pull_guestpull, ctr_run_guestpull, GuestPuller, KbsProcess,
+    OwnerKeys, HELLO,
+};
 use integration::containerd::lab_cache;
 use integration::lab::{bin_path, free_port, run_ok, wait_for};
-use integration::snapshotter_env::{ctr_ns, proxy_body, SnapshotterDaemon, PLUGIN};
+use integration::snapshotter_env::{proxy_body, SnapshotterDaemon};
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
 use sha2::{Digest, Sha256};
 
@@ -344,36 +347,8 @@ fn ctr_imgcrypt_cmd_mode_image_decrypts_in_the_guest_and_runs() {
         },
         &proxy_body(v, &snap.socket(), &snap.root()),
     );
-    ctrd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        PLUGIN,
-        &enc,
-    ]);
-    let fifo = ctrd.dir().join("fifo");
-    let runc = ctrd.dir().join("runc");
-    let out = ctr_ns(
-        &ctrd,
-        ctrd.namespace(),
-        &[
-            "run",
-            "--rm",
-            "--fifo-dir",
-            fifo.to_str().unwrap(),
-            "--runc-root",
-            runc.to_str().unwrap(),
-            "--snapshotter",
-            PLUGIN,
-            "--annotation",
-            &format!("io.kubernetes.cri.image-name={enc}"),
-            &enc,
-            "kp-run",
-        ],
-    )
-    .output()
-    .unwrap();
+    ctr_pull_guestpull(&ctrd, &enc);
+    let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &enc, "kp-run");
     assert!(
         out.status.success(),
         "ctr run failed: {}\n--- guest-puller log ---\n{}",
