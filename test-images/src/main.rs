@@ -114,11 +114,16 @@ fn build(a: BuildArgs) -> Result<()> {
         push::push_layout(layout.dir(), name, &reference)?;
         let digest = desc["digest"].as_str().unwrap_or_default().to_string();
         eprintln!("pushed {reference} ({digest})");
-        let mut entry = json!({"name": name, "reference": reference, "digest": digest, "image": info, "variants": {}});
+        // `needs`: per variant, the key or policy a puller must be given to accept it.
+        let mut entry = json!({"name": name, "reference": reference, "digest": digest, "image": info, "variants": {}, "needs": {}});
         if let Some(key) = &a.jwe_public_key {
             let dest = format!("{repo}:jwe");
             push::encrypt_jwe(&reference, &dest, key)?;
             entry["variants"]["jwe"] = json!(dest);
+            entry["needs"]["jwe"] = json!(format!(
+                "the RSA private key matching {} (guest-puller [keys] jwe_private_keys, e.g. from the KBS)",
+                key.display()
+            ));
         }
         if let Some(fpr) = &a.gpg_fingerprint {
             let (Some(home), Some(regd)) = (&a.gnupg_home, &a.registries_d) else {
@@ -127,6 +132,10 @@ fn build(a: BuildArgs) -> Result<()> {
             let dest = format!("{repo}:gpg-signed");
             push::sign_gpg(&reference, &dest, fpr, home, regd)?;
             entry["variants"]["gpg-signed"] = json!(dest);
+            entry["needs"]["gpg-signed"] = json!(format!(
+                "a signedBy GPGKeys policy with the public key of {fpr} and the lookaside from {}",
+                regd.display()
+            ));
         }
         if let Some(key) = &a.cosign_key {
             // Signs the image and its encrypted variant: a signature binds one manifest digest.
@@ -139,6 +148,10 @@ fn build(a: BuildArgs) -> Result<()> {
                 push::sign_cosign(&a.cosign, s, key, &password)?;
             }
             entry["variants"]["cosign-signed"] = json!(signed);
+            entry["needs"]["cosign-signed"] = json!(format!(
+                "a sigstoreSigned policy with the public key of {} and signedIdentity matchRepository",
+                key.display()
+            ));
         }
         built.push(entry);
     }
