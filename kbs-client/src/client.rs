@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::attester::{self, LaunchSecrets};
 use crate::config::{ClientConfig, Mode, Tee};
-use crate::error::Error;
+use crate::error::{error_chain, Error};
 use crate::jwe;
 use crate::keys::TeeKeyPair;
 use crate::protocol::{self, KbsError, ResourceAction};
@@ -43,18 +43,6 @@ impl std::fmt::Debug for Client {
             .field("key", &self.inner.key)
             .finish()
     }
-}
-
-/// The source chain of an error on one line (reqwest hides the cause, e.g. "connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Whether a send error is a certificate rejection, which no retry can fix.
@@ -105,7 +93,7 @@ impl Client {
             .user_agent(concat!("guestpull-kbs-client/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &cfg.extra_ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| Error::Config(format!("extra CA certificate: {}", chain(&e))))?;
+                .map_err(|e| Error::Config(format!("extra CA certificate: {}", error_chain(&e))))?;
             if certs.is_empty() {
                 return Err(Error::Config("extra CA PEM holds no certificate".into()));
             }
@@ -113,12 +101,12 @@ impl Client {
         }
         if let Some(p) = &cfg.proxy {
             let proxy = reqwest::Proxy::all(p)
-                .map_err(|e| Error::Config(format!("proxy {p:?}: {}", chain(&e))))?;
+                .map_err(|e| Error::Config(format!("proxy {p:?}: {}", error_chain(&e))))?;
             b = b.proxy(proxy);
         }
         let http = b
             .build()
-            .map_err(|e| Error::Config(format!("HTTP client: {}", chain(&e))))?;
+            .map_err(|e| Error::Config(format!("HTTP client: {}", error_chain(&e))))?;
 
         let tee = attester::detect(&cfg.hw_paths, cfg.tee);
         let (key, token) =
@@ -209,7 +197,7 @@ impl Client {
             let status = resp.status();
             let body = resp.bytes().await.map_err(|e| Error::Protocol {
                 url: self.inner.base.clone(),
-                detail: format!("reading the response for {path}: {}", chain(&e)),
+                detail: format!("reading the response for {path}: {}", error_chain(&e)),
             })?;
             if status.is_success() {
                 debug!(path = %path, bytes = body.len(), "resource received");
@@ -349,7 +337,7 @@ impl Client {
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| Error::Protocol {
             url: base.clone(),
-            detail: format!("reading the /{step} response: {}", chain(&e)),
+            detail: format!("reading the /{step} response: {}", error_chain(&e)),
         })?;
         if !status.is_success() {
             let err = protocol::parse_error(status.as_u16(), &body);
@@ -390,10 +378,10 @@ impl Client {
                 Err(e) if is_certificate_error(&e) => {
                     return Err(Error::Tls {
                         url: self.inner.base.clone(),
-                        detail: chain(&e),
+                        detail: error_chain(&e),
                     })
                 }
-                Err(e) => chain(&e),
+                Err(e) => error_chain(&e),
             };
             if attempt >= policy.max_attempts {
                 return Err(Error::Unreachable {

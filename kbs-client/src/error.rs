@@ -189,3 +189,16 @@ impl Error {
         }
     }
 }
+
+/// An error and its whole source chain on one line: reqwest's top-level message hides the
+/// cause ("error sending request"), which is the part a user needs ("connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use kbs_client::error::error_chain;
 use serde::Deserialize;
 
 use super::reference::{namespaces, DockerRef};
@@ -165,18 +166,6 @@ async fn fetch_one(http: &reqwest::Client, location: &str) -> Result<Option<Vec<
         body.extend_from_slice(&chunk);
     }
     Ok(Some(body))
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
