@@ -373,3 +373,15 @@ pub fn ctr_run_guestpull(ctrd: &Containerd<'_>, ns: &str, image: &str, id: &str)
     .output()
     .expect("running ctr")
 }
+
+/// `guest-puller pull --config CFG IMAGE --bundle BUNDLE` as a one-shot process (no server).
+pub fn guest_puller_pull(cfg: &Path, image: &str, bundle: &Path) -> Output {
+    Command::new(bin_path("guest-puller"))
+        .args(["pull", "--config"])
+        .arg(cfg)
+        .arg(image)
+        .arg("--bundle")
+        .arg(bundle)
+        .output()
+        .expect("running guest-puller")
+}

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use integration::chain::{
-    build_images, catalog_repo, ctr_pull_guestpull, ctr_run_guestpull, GuestPuller, KbsProcess,
-    OwnerKeys, HELLO,
+    build_images, catalog_repo, ctr_pull_guestpull, ctr_run_guestpull, guest_puller_pull,
+    GuestPuller, KbsProcess, OwnerKeys, HELLO,
 };
 use integration::containerd::lab_cache;
 use integration::lab::{bin_path, free_port, run_ok, wait_for};
@@ -184,19 +184,8 @@ fn puller_config(lab: &Lab, name: &str, reg: &Registry<'_>, kbs: &KbsProcess<'_>
     cfg
 }
 
-fn pull(cfg: &Path, image: &str, bundle: &Path) -> Output {
-    Command::new(bin_path("guest-puller"))
-        .args(["pull", "--config"])
-        .arg(cfg)
-        .arg(image)
-        .arg("--bundle")
-        .arg(bundle)
-        .output()
-        .expect("running guest-puller")
-}
-
 fn pull_ok(cfg: &Path, image: &str, bundle: &Path) {
-    let out = pull(cfg, image, bundle);
+    let out = guest_puller_pull(cfg, image, bundle);
     assert!(
         out.status.success(),
         "guest-puller pull {image} failed: {}",
@@ -285,7 +274,7 @@ fn ctr_imgcrypt_cmd_mode_image_decrypts_in_the_guest_and_runs() {
 
     // (c) KEK not in the KBS (not registered yet): the error names the kid, nothing is kept.
     let cfg = puller_config(&lab, "nokey", &reg, &kbs);
-    let out = pull(&cfg, &enc, &lab.join("b-nokey"));
+    let out = guest_puller_pull(&cfg, &enc, &lab.join("b-nokey"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "pulled without the KEK");
     assert!(err.contains(KID), "error should name the key id:\n{err}");

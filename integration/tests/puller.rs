@@ -48,14 +48,7 @@ impl Env<'_> {
     }
 
     fn pull_with(&self, cfg: &Path, image: &str, bundle: &Path) -> Output {
-        Command::new(bin_path("guest-puller"))
-            .args(["pull", "--config"])
-            .arg(cfg)
-            .arg(image)
-            .arg("--bundle")
-            .arg(bundle)
-            .output()
-            .expect("running guest-puller")
+        integration::chain::guest_puller_pull(cfg, image, bundle)
     }
 
     fn pull_ok(&self, image: &str, bundle: &Path) -> serde_json::Value {
