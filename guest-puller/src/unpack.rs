@@ -479,14 +479,7 @@ impl Unpacker {
                 rfs::symlinkat(target.as_slice(), &parent, name.as_slice())
                     .map_err(|e| io_err(shown, e.into()))?;
                 if self.is_root {
-                    rfs::chownat(
-                        &parent,
-                        name.as_slice(),
-                        Some(uid(meta.uid, shown)?),
-                        Some(gid(meta.gid, shown)?),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io_err(shown, e.into()))?;
+                    self.chown_at(&parent, name, &meta, shown)?;
                     for (k, v) in &meta.xattrs {
                         let r = rfs::lsetxattr(
                             proc_path(&parent, name),
@@ -575,14 +568,7 @@ impl Unpacker {
                 )
                 .map_err(|e| io_err(shown, e.into()))?;
                 if self.is_root {
-                    rfs::chownat(
-                        &parent,
-                        name.as_slice(),
-                        Some(uid(meta.uid, shown)?),
-                        Some(gid(meta.gid, shown)?),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io_err(shown, e.into()))?;
+                    self.chown_at(&parent, name, &meta, shown)?;
                     rfs::chmodat(
                         &parent,
                         name.as_slice(),
@@ -613,6 +599,25 @@ impl Unpacker {
             }
         }
         Ok(())
+    }
+
+    /// Like [`Self::chown`] for entries that cannot be opened (symlinks, device nodes, fifos):
+    /// by name under `parent`, never following a symlink.
+    fn chown_at(
+        &self,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        rfs::chownat(
+            parent,
+            name,
+            Some(uid(meta.uid, shown)?),
+            Some(gid(meta.gid, shown)?),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err(shown, e.into()))
     }
 
     fn chown<Fd: AsFd>(&self, fd: Fd, meta: &Meta, shown: &str) -> Result<(), UnpackError> {
