@@ -156,6 +156,7 @@ pub fn names() -> &'static [(&'static str, &'static str)] {
         ("features-zstd", "the same as features-gzip with zstd layers"),
         ("features-uncompressed", "the same as features-gzip with uncompressed layers"),
         ("multiarch", "an image index: linux/amd64 and linux/arm64/v8, /etc/platform.txt differs"),
+        ("pause", "the busybox layer, sleeping: the pod sandbox (pause) image of the CRI tests"),
         ("large", "base + N filler layers of --large-mb MiB in total (benchmarks)"),
     ]
 }
@@ -165,6 +166,12 @@ pub fn spec(name: &str, busybox: &Path, large_mb: usize) -> std::io::Result<Opti
     let hello = ["/bin/sh", "-c", "cat /etc/hello.txt"];
     Ok(Some(match name {
         "busybox" => ImageSpec::new(vec![base_layer(busybox, Compression::Gzip)?], &hello),
+        // The same layer as `busybox`: shared blobs and snapshots, as a real pause image shares
+        // nothing but costs little. CRI stops the sandbox with SIGKILL, so sleep suffices.
+        "pause" => ImageSpec::new(
+            vec![base_layer(busybox, Compression::Gzip)?],
+            &["/bin/sleep", "2147483647"],
+        ),
         "layers3" => {
             let mut layers = vec![base_layer(busybox, Compression::Gzip)?];
             for n in 2..=3 {

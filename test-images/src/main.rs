@@ -49,6 +49,25 @@ struct BuildArgs {
     /// Also push `<name>:jwe`, every layer encrypted to this public key (skopeo/ocicrypt JWE).
     #[arg(long)]
     jwe_public_key: Option<PathBuf>,
+    /// Also push `<name>:kbs`, layer keys wrapped by this KEK file (32 bytes) through
+    /// `guestpull-keyprovider` and ctr-imgcrypt; needs --kbs-kid and --containerd-address.
+    #[arg(long)]
+    kbs_kek: Option<PathBuf>,
+    /// KBS resource URI the KEK is registered under, e.g. kbs:///default/key/image.
+    #[arg(long)]
+    kbs_kid: Option<String>,
+    /// containerd socket ctr-imgcrypt encrypts through (any version; only its content store is used).
+    #[arg(long)]
+    containerd_address: Option<PathBuf>,
+    /// The ctr-imgcrypt binary.
+    #[arg(
+        long,
+        default_value = "/var/cache/guestpull-lab/imgcrypt/usr/bin/ctr-imgcrypt"
+    )]
+    ctr_imgcrypt: PathBuf,
+    /// The guestpull-keyprovider binary (default: next to this binary).
+    #[arg(long)]
+    keyprovider: Option<PathBuf>,
     /// Also push `<name>:gpg-signed`, signed by this GPG key fingerprint (needs --gnupg-home and --registries-d).
     #[arg(long)]
     gpg_fingerprint: Option<String>,
@@ -58,7 +77,7 @@ struct BuildArgs {
     /// registries.d directory naming the lookaside where simple signatures are written.
     #[arg(long)]
     registries_d: Option<PathBuf>,
-    /// Sign `<name>:latest` (and `<name>:jwe`) with this cosign private key (COSIGN_PASSWORD from the environment).
+    /// Sign `<name>:latest` (and `<name>:jwe`, `<name>:kbs`) with this cosign private key (COSIGN_PASSWORD from the environment).
     #[arg(long)]
     cosign_key: Option<PathBuf>,
     /// The cosign binary.
@@ -125,6 +144,29 @@ fn build(a: BuildArgs) -> Result<()> {
                 key.display()
             ));
         }
+        if let Some(kek) = &a.kbs_kek {
+            let (Some(kid), Some(ctrd)) = (&a.kbs_kid, &a.containerd_address) else {
+                bail!("--kbs-kek needs --kbs-kid and --containerd-address");
+            };
+            let keyprovider = match &a.keyprovider {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()?.with_file_name("guestpull-keyprovider"),
+            };
+            let wrap = push::KbsWrap {
+                ctr_imgcrypt: &a.ctr_imgcrypt,
+                containerd: ctrd,
+                keyprovider: &keyprovider,
+                kek,
+                work_dir: &a.work_dir,
+            };
+            let dest = format!("{repo}:kbs");
+            wrap.encrypt(&reference, &dest, kid)?;
+            entry["variants"]["kbs"] = json!(dest);
+            entry["needs"]["kbs"] = json!(format!(
+                "the KEK in {} registered in the KBS as {kid} (guest-puller attests and fetches it)",
+                kek.display()
+            ));
+        }
         if let Some(fpr) = &a.gpg_fingerprint {
             let (Some(home), Some(regd)) = (&a.gnupg_home, &a.registries_d) else {
                 bail!("--gpg-fingerprint needs --gnupg-home and --registries-d");
@@ -141,8 +183,10 @@ fn build(a: BuildArgs) -> Result<()> {
             // Signs the image and its encrypted variant: a signature binds one manifest digest.
             let password = std::env::var("COSIGN_PASSWORD").unwrap_or_default();
             let mut signed = vec![format!("{repo}@{digest}")];
-            if let Some(jwe) = entry["variants"]["jwe"].as_str() {
-                signed.push(format!("{repo}@{}", push::manifest_digest(jwe)?));
+            for variant in ["jwe", "kbs"] {
+                if let Some(r) = entry["variants"][variant].as_str() {
+                    signed.push(format!("{repo}@{}", push::manifest_digest(r)?));
+                }
             }
             for s in &signed {
                 push::sign_cosign(&a.cosign, s, key, &password)?;

@@ -64,6 +64,61 @@ pub fn encrypt_jwe(src: &str, dest: &str, pub_pem: &Path) -> Result<(), ToolErro
     .map(|_| ())
 }
 
+/// How to reach the image owner's containerd and tools for a KBS-wrapped variant.
+pub struct KbsWrap<'a> {
+    /// `ctr-imgcrypt` (trixie's imgcrypt): it encrypts through containerd's content store.
+    pub ctr_imgcrypt: &'a Path,
+    /// The containerd socket ctr-imgcrypt talks to.
+    pub containerd: &'a Path,
+    /// `guestpull-keyprovider`, run by ocicrypt as the `guestpull` cmd keyprovider.
+    pub keyprovider: &'a Path,
+    /// The 32-byte KEK file the keyprovider wraps layer keys with.
+    pub kek: &'a Path,
+    /// Working directory for the ocicrypt keyprovider config.
+    pub work_dir: &'a Path,
+}
+
+impl KbsWrap<'_> {
+    fn imgcrypt(&self, args: &[&str]) -> Result<String, ToolError> {
+        let cfg = self.work_dir.join("ocicrypt-keyprovider.json");
+        let providers = serde_json::json!({"key-providers": {"guestpull": {"cmd": {
+            "path": self.keyprovider,
+            "args": ["cmd", "--kek-file", self.kek],
+        }}}});
+        std::fs::write(&cfg, providers.to_string()).map_err(|e| ToolError::Failed {
+            cmd: format!("writing {}", cfg.display()),
+            stderr: e.to_string(),
+        })?;
+        run(
+            Command::new(self.ctr_imgcrypt)
+                .arg("--address")
+                .arg(self.containerd)
+                .args(["--namespace", "guestpull-test-images"])
+                .args(args)
+                .env("OCICRYPT_KEYPROVIDER_CONFIG", &cfg),
+            "run integration/scripts/fetch-components.sh (imgcrypt) and start a containerd",
+        )
+    }
+
+    /// Re-pushes `src` as `dest` with every layer key wrapped by the KEK under key id `kid`
+    /// (`kbs:///<repo>/<type>/<tag>`), the way an image owner encrypts for a KBS.
+    pub fn encrypt(&self, src: &str, dest: &str, kid: &str) -> Result<(), ToolError> {
+        self.imgcrypt(&["images", "pull", "--plain-http", src])?;
+        self.imgcrypt(&[
+            "images",
+            "encrypt",
+            "--recipient",
+            &format!("provider:guestpull:{kid}"),
+            "--platform",
+            "linux/amd64",
+            src,
+            dest,
+        ])?;
+        self.imgcrypt(&["images", "push", "--plain-http", dest])?;
+        self.imgcrypt(&["images", "rm", src, dest]).map(|_| ())
+    }
+}
+
 /// Re-pushes `src` as `dest` signed by GPG key `fingerprint` (simple signing); signatures go to
 /// the lookaside configured in `registries_d`.
 pub fn sign_gpg(
