@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::containerd::{lab_cache, Containerd};
+use crate::containerd::{lab_cache, Containerd, ContainerdVersion};
 use crate::lab::{bin_path, free_port, run_ok, wait_for, Lab};
 use crate::registry::Registry;
 use crate::snapshotter_env::{ctr_ns, PLUGIN};
@@ -16,8 +16,11 @@ use crate::snapshotter_env::{ctr_ns, PLUGIN};
 pub const COSIGN_PASSWORD: &str = "guestpull-test";
 /// What the catalog images print.
 pub const HELLO: &str = "hello from guestpull test image";
+/// KBS resource the owner's KEK is registered under; the `:kbs` variants' layer keys name it.
+pub const OWNER_KEK_ID: &str = "kbs:///default/key/owner-kek";
 
-/// The image owner's keys: an RSA key pair for JWE layer encryption and a cosign key pair.
+/// The image owner's keys: an RSA key pair for JWE layer encryption, a KEK for KBS-wrapped layer
+/// keys and a cosign key pair.
 pub struct OwnerKeys {
     dir: PathBuf,
 }
@@ -46,6 +49,11 @@ impl OwnerKeys {
                 .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
                 .arg("generate-key-pair"),
         );
+        run_ok(
+            Command::new(bin_path("guestpull-keyprovider"))
+                .args(["gen-kek", "--out"])
+                .arg(dir.join("kek.bin")),
+        );
         OwnerKeys { dir }
     }
 
@@ -57,6 +65,21 @@ impl OwnerKeys {
     /// RSA public key (PEM) skopeo encrypts to.
     pub fn jwe_public(&self) -> PathBuf {
         self.dir.join("image.pub.pem")
+    }
+
+    /// The 32-byte KEK `guestpull-keyprovider` wraps layer keys with (KBS: [`OWNER_KEK_ID`]).
+    pub fn kek(&self) -> PathBuf {
+        self.dir.join("kek.bin")
+    }
+
+    /// Registers the owner's keys in the test KBS: the JWE private key at `jwe_path` and the KEK
+    /// at [`OWNER_KEK_ID`].
+    pub fn provision(&self, kbs: &KbsProcess<'_>, jwe_path: &str) {
+        kbs.put(jwe_path, &fs::read(self.jwe_private()).unwrap());
+        kbs.put(
+            OWNER_KEK_ID.trim_start_matches("kbs:///"),
+            &fs::read(self.kek()).unwrap(),
+        );
     }
 
     /// cosign private key.
@@ -83,35 +106,79 @@ pub fn cosign() -> PathBuf {
 }
 
 /// Builds catalog images `only` with `test-images`, each also as `:jwe` (encrypted to the owner's
-/// key) and cosign-signed (plain and encrypted); returns the build manifest.
+/// RSA key) and cosign-signed (plain and encrypted); returns the build manifest.
 pub fn build_images(
     lab: &Lab,
     reg: &Registry<'_>,
     keys: &OwnerKeys,
     only: &[&str],
 ) -> serde_json::Value {
+    run_test_images(lab, reg, keys, only, |_| {})
+}
+
+/// [`build_images`] plus a `:kbs` variant of each image (layer keys wrapped by the owner's KEK
+/// through `guestpull-keyprovider` and ctr-imgcrypt), also cosign-signed. ctr-imgcrypt encrypts
+/// through a containerd: the owner's own, in a lab of its own, stopped when done.
+pub fn build_images_kbs(
+    lab: &Lab,
+    reg: &Registry<'_>,
+    keys: &OwnerKeys,
+    only: &[&str],
+) -> serde_json::Value {
+    let owner = Lab::new("image-owner");
+    let ctrd = Containerd::start(&owner, ContainerdVersion::V1_6, "");
+    let imgcrypt = lab_cache().join("imgcrypt/usr/bin/ctr-imgcrypt");
+    if !imgcrypt.is_file() {
+        panic!(
+            "ctr-imgcrypt missing at {}: run integration/scripts/fetch-components.sh",
+            imgcrypt.display()
+        );
+    }
+    let path_env = ctrd.path_env();
+    let built = run_test_images(lab, reg, keys, only, |cmd| {
+        cmd.arg("--kbs-kek")
+            .arg(keys.kek())
+            .args(["--kbs-kid", OWNER_KEK_ID, "--containerd-address"])
+            .arg(ctrd.socket())
+            .arg("--ctr-imgcrypt")
+            .arg(&imgcrypt)
+            .arg("--keyprovider")
+            .arg(bin_path("guestpull-keyprovider"))
+            .env("PATH", &path_env);
+    });
+    drop(ctrd);
+    built
+}
+
+fn run_test_images(
+    lab: &Lab,
+    reg: &Registry<'_>,
+    keys: &OwnerKeys,
+    only: &[&str],
+    extra: impl FnOnce(&mut Command),
+) -> serde_json::Value {
     let out = lab.join("images.json");
-    run_ok(
-        Command::new(bin_path("test-images"))
-            .env("COSIGN_PASSWORD", COSIGN_PASSWORD)
-            .args([
-                "build",
-                "--registry",
-                &reg.host(),
-                "--only",
-                &only.join(","),
-                "--work-dir",
-            ])
-            .arg(lab.join("image-build"))
-            .arg("--jwe-public-key")
-            .arg(keys.jwe_public())
-            .arg("--cosign-key")
-            .arg(keys.cosign_key())
-            .arg("--cosign")
-            .arg(cosign())
-            .arg("--out")
-            .arg(&out),
-    );
+    let mut cmd = Command::new(bin_path("test-images"));
+    cmd.env("COSIGN_PASSWORD", COSIGN_PASSWORD)
+        .args([
+            "build",
+            "--registry",
+            &reg.host(),
+            "--only",
+            &only.join(","),
+            "--work-dir",
+        ])
+        .arg(lab.join("image-build"))
+        .arg("--jwe-public-key")
+        .arg(keys.jwe_public())
+        .arg("--cosign-key")
+        .arg(keys.cosign_key())
+        .arg("--cosign")
+        .arg(cosign())
+        .arg("--out")
+        .arg(&out);
+    extra(&mut cmd);
+    run_ok(&mut cmd);
     serde_json::from_slice(&fs::read(&out).unwrap()).unwrap()
 }
 

@@ -1,13 +1,19 @@
-//! A tiny CRI image-service client (crictl is not packaged in Debian), built on `k8s-cri`.
+//! A tiny CRI client (crictl is not packaged in Debian), built on `k8s-cri`: the image calls
+//! and the pod/container calls kubelet makes to run a container.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ImageSpec, ListImagesRequest, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
-    RemoveImageRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListImagesRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    PullImageRequest, RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -19,6 +25,53 @@ pub const RUNTIME_HANDLER_ANNOTATION: &str = "io.containerd.cri.runtime-handler"
 pub struct CriClient {
     rt: tokio::runtime::Runtime,
     client: ImageServiceClient<Channel>,
+    runtime: RuntimeServiceClient<Channel>,
+}
+
+/// A running pod sandbox and the config it was created with (CreateContainer repeats it).
+pub struct Pod {
+    /// The sandbox id containerd gave it.
+    pub id: String,
+    config: PodSandboxConfig,
+}
+
+impl Pod {
+    /// Where containerd writes this pod's container logs.
+    pub fn log_dir(&self) -> PathBuf {
+        PathBuf::from(&self.config.log_directory)
+    }
+}
+
+/// The pod sandbox config kubelet would send for a host-network pod (no CNI here), with the
+/// runtime-handler annotation containerd 1.7–2.2.1 take the pull snapshotter from.
+fn pod_config(name: &str, log_dir: &Path, runtime_handler: Option<&str>) -> PodSandboxConfig {
+    let mut annotations = HashMap::new();
+    if let Some(h) = runtime_handler {
+        annotations.insert(RUNTIME_HANDLER_ANNOTATION.to_string(), h.to_string());
+    }
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: log_dir.display().to_string(),
+        annotations,
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 impl CriClient {
@@ -43,7 +96,8 @@ impl CriClient {
             .map_err(|e| format!("connecting to CRI at {}: {e}", socket.display()))?;
         Ok(CriClient {
             rt,
-            client: ImageServiceClient::new(channel),
+            client: ImageServiceClient::new(channel.clone()),
+            runtime: RuntimeServiceClient::new(channel),
         })
     }
 
@@ -54,10 +108,6 @@ impl CriClient {
         image: &str,
         runtime_handler: Option<&str>,
     ) -> Result<String, tonic::Status> {
-        let mut annotations = HashMap::new();
-        if let Some(h) = runtime_handler {
-            annotations.insert(RUNTIME_HANDLER_ANNOTATION.to_string(), h.to_string());
-        }
         let req = PullImageRequest {
             image: Some(ImageSpec {
                 image: image.to_string(),
@@ -65,16 +115,7 @@ impl CriClient {
                 ..Default::default()
             }),
             auth: None,
-            sandbox_config: Some(PodSandboxConfig {
-                metadata: Some(PodSandboxMetadata {
-                    name: "guestpull-test".into(),
-                    uid: "guestpull-test-uid".into(),
-                    namespace: "default".into(),
-                    attempt: 0,
-                }),
-                annotations,
-                ..Default::default()
-            }),
+            sandbox_config: Some(pod_config("guestpull-test", Path::new(""), runtime_handler)),
         };
         let client = &mut self.client;
         self.rt
@@ -106,4 +147,132 @@ impl CriClient {
             .flat_map(|i| i.repo_tags)
             .collect())
     }
+
+    /// RunPodSandbox: a host-network pod `name` under `runtime_handler`, logs in `log_dir`.
+    pub fn run_pod(
+        &mut self,
+        name: &str,
+        runtime_handler: Option<&str>,
+        log_dir: &Path,
+    ) -> Result<Pod, tonic::Status> {
+        let config = pod_config(name, log_dir, runtime_handler);
+        let req = RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: runtime_handler.unwrap_or_default().to_string(),
+        };
+        let client = &mut self.runtime;
+        let id = self
+            .rt
+            .block_on(client.run_pod_sandbox(req))?
+            .into_inner()
+            .pod_sandbox_id;
+        Ok(Pod { id, config })
+    }
+
+    /// CreateContainer + StartContainer of `image` (its own entrypoint) in `pod`; returns the
+    /// container id. The log goes to `<pod log dir>/<name>.log`.
+    pub fn start_container(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        image: &str,
+    ) -> Result<String, tonic::Status> {
+        let req = CreateContainerRequest {
+            pod_sandbox_id: pod.id.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                log_path: format!("{name}.log"),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod.config.clone()),
+        };
+        let client = &mut self.runtime;
+        let id = self
+            .rt
+            .block_on(client.create_container(req))?
+            .into_inner()
+            .container_id;
+        let client = &mut self.runtime;
+        self.rt
+            .block_on(client.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }))?;
+        Ok(id)
+    }
+
+    /// Polls ContainerStatus until the container exited; returns its exit code.
+    pub fn wait_exited(&mut self, id: &str, timeout: Duration) -> Result<i32, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let client = &mut self.runtime;
+            let status = self
+                .rt
+                .block_on(client.container_status(ContainerStatusRequest {
+                    container_id: id.into(),
+                    verbose: false,
+                }))
+                .map_err(|e| format!("ContainerStatus {id}: {e}"))?
+                .into_inner()
+                .status
+                .ok_or_else(|| format!("ContainerStatus {id}: no status"))?;
+            if status.state == ContainerState::ContainerExited as i32 {
+                return Ok(status.exit_code);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "container {id} still in state {} after {timeout:?}",
+                    status.state
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// RemoveContainer.
+    pub fn remove_container(&mut self, id: &str) -> Result<(), tonic::Status> {
+        let client = &mut self.runtime;
+        self.rt
+            .block_on(client.remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            }))
+            .map(|_| ())
+    }
+
+    /// StopPodSandbox + RemovePodSandbox.
+    pub fn remove_pod(&mut self, pod: &Pod) -> Result<(), tonic::Status> {
+        let client = &mut self.runtime;
+        self.rt
+            .block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            }))?;
+        let client = &mut self.runtime;
+        self.rt
+            .block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            }))
+            .map(|_| ())
+    }
+}
+
+/// The message lines of a CRI container log (`<time> <stream> <P|F> <message>` per line).
+pub fn log_messages(path: &Path) -> std::io::Result<String> {
+    let raw = std::fs::read_to_string(path)?;
+    let mut out = String::new();
+    for line in raw.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (_, _, tag, msg) = (parts.next(), parts.next(), parts.next(), parts.next());
+        out.push_str(msg.unwrap_or_default());
+        // A partial line ("P") continues in the next entry.
+        if tag != Some("P") {
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }

@@ -138,7 +138,9 @@ pub fn proxy_body(version: ContainerdVersion, socket: &Path, root: &Path) -> Str
 }
 
 /// CRI plugin tables: 1.6 uses guestpull globally (no per-runtime snapshotter there);
-/// 1.7/2.1 map runtime handler [`HANDLER`] (runc) to it. Registry over plain HTTP.
+/// 1.7/2.1 map runtime handler [`HANDLER`] (runc) to it. Registry over plain HTTP; the sandbox
+/// (pause) image is the catalog's `pause`, which `test-images` pushes to `registry`. This sandbox
+/// may not lower oom_score_adj (runc fails on the pause container's -998), so CRI clamps it.
 pub fn cri_body(version: ContainerdVersion, lab: &Lab, registry: &Registry<'_>) -> String {
     let certs = lab.join("certs.d");
     let host = registry.host();
@@ -152,13 +154,16 @@ pub fn cri_body(version: ContainerdVersion, lab: &Lab, registry: &Registry<'_>) 
     )
     .unwrap();
     let certs = certs.display();
+    let pause = format!("{host}/guestpull/pause:latest");
     match version {
         ContainerdVersion::V1_6 => format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{PLUGIN}\"\n  disable_snapshot_annotations = false\n\
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  restrict_oom_score_adj = true\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{PLUGIN}\"\n  disable_snapshot_annotations = false\n\
              [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{certs}\"\n"
         ),
         ContainerdVersion::V1_7 => format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n  disable_snapshot_annotations = false\n\
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  restrict_oom_score_adj = true\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n  disable_snapshot_annotations = false\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{HANDLER}]\n  runtime_type = \"io.containerd.runc.v2\"\n  snapshotter = \"{PLUGIN}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{certs}\"\n"
@@ -166,7 +171,9 @@ pub fn cri_body(version: ContainerdVersion, lab: &Lab, registry: &Registry<'_>) 
         ContainerdVersion::V2_1 => format!(
             "[plugins.'io.containerd.cri.v1.images']\n  snapshotter = \"overlayfs\"\n  disable_snapshot_annotations = false\n\
              [plugins.'io.containerd.cri.v1.images'.runtime_platforms.{HANDLER}]\n  platform = \"linux/amd64\"\n  snapshotter = \"{PLUGIN}\"\n\
+             [plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = \"{pause}\"\n\
              [plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = \"{certs}\"\n\
+             [plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n\
              [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{HANDLER}]\n  runtime_type = \"io.containerd.runc.v2\"\n  snapshotter = \"{PLUGIN}\"\n"
         ),
     }

@@ -5,11 +5,13 @@
 use std::fs;
 use std::process::Output;
 
+use std::time::Duration;
+
 use integration::chain::{
-    blob_gets_by, build_images, catalog_repo, cosign_policy, ctr_pull_guestpull, ctr_run_guestpull,
-    find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
+    blob_gets_by, build_images_kbs, catalog_repo, cosign_policy, ctr_pull_guestpull,
+    ctr_run_guestpull, find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
 };
-use integration::snapshotter_env::cri::CriClient;
+use integration::snapshotter_env::cri::{log_messages, CriClient};
 use integration::snapshotter_env::{cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon};
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
 
@@ -29,12 +31,9 @@ fn world<'a>(lab: &'a Lab, images: &[&str]) -> World<'a> {
     Lab::require_root();
     let reg = Registry::start(lab);
     let keys = OwnerKeys::generate(lab);
-    build_images(lab, &reg, &keys, images);
+    build_images_kbs(lab, &reg, &keys, images);
     let kbs = KbsProcess::start(lab);
-    kbs.put(
-        "default/image-key/e2e",
-        &fs::read(keys.jwe_private()).unwrap(),
-    );
+    keys.provision(&kbs, "default/image-key/e2e");
     kbs.put(
         "default/cosign-public-key/e2e",
         &fs::read(keys.cosign_pub()).unwrap(),
@@ -92,17 +91,44 @@ fn assert_no_plaintext(ctrd: &Containerd<'_>, w: &World<'_>) {
     }
 }
 
+/// CRI as kubelet drives it: a host-network pod under the runtime handler (its pause image pulled
+/// through guestpull as well), then CreateContainer + StartContainer of `image`; returns the
+/// container's log.
+fn run_through_cri(cri: &mut CriClient, lab: &Lab, v: ContainerdVersion, image: &str) -> String {
+    let logs = lab.join(&format!("pod-logs-{}", v.label()));
+    fs::create_dir_all(&logs).unwrap();
+    let pod = cri
+        .run_pod(
+            &format!("e2e-{}", v.label().replace('.', "-")),
+            handler_for(v),
+            &logs,
+        )
+        .unwrap_or_else(|e| panic!("{}: RunPodSandbox: {e}", v.label()));
+    let id = cri
+        .start_container(&pod, "hello", image)
+        .unwrap_or_else(|e| panic!("{}: Create/StartContainer: {e}", v.label()));
+    let code = cri
+        .wait_exited(&id, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{}: {e}", v.label()));
+    let log = log_messages(&pod.log_dir().join("hello.log")).unwrap_or_default();
+    assert_eq!(code, 0, "{}: container exit code; log: {log}", v.label());
+    cri.remove_container(&id).unwrap();
+    cri.remove_pod(&pod).unwrap();
+    log
+}
+
 #[test]
 fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
     for v in ContainerdVersion::all() {
         let lab = Lab::new(&format!("e2e-{}", v.label()));
-        let w = world(&lab, &["busybox"]);
+        let w = world(&lab, &["busybox", "pause"]);
         let repo = catalog_repo(&w.reg, "busybox");
         let image = format!("{repo}:jwe");
         let repo_path = repo.split_once('/').unwrap().1.to_string();
         let ctrd = containerd(&lab, &w, v, true);
-        // Building and signing the images (skopeo, cosign) already read some blobs.
-        let (_, base) = blob_gets_by(&w.reg, &repo_path);
+        // Building, encrypting and signing the images (skopeo, the owner's containerd, cosign)
+        // already read some blobs.
+        let (host0, base) = blob_gets_by(&w.reg, &repo_path);
 
         // CRI PullImage with the runtime handler mapped to guestpull (1.6: global snapshotter).
         let mut cri = CriClient::connect(&ctrd.socket()).expect("CRI client");
@@ -110,7 +136,7 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
             .unwrap_or_else(|e| panic!("CRI pull on {}: {e}", v.label()));
         let (host, guest) = blob_gets_by(&w.reg, &repo_path);
         assert_eq!(
-            (host, guest - base),
+            (host - host0, guest - base),
             (1, 0),
             "{}: the host fetched only the config",
             v.label()
@@ -128,14 +154,23 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
             );
         }
 
-        let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "e2e-cri");
-        assert_ran(
-            &out,
-            &format!("containerd {} CRI", v.label()),
-            &w.guest.log(),
-        );
+        // The container runs from the rootfs the guest pulled: through CRI where the runtime
+        // handler picks the snapshotter (1.7, 2.1), with `ctr run` on 1.6.
+        let what = format!("containerd {} CRI", v.label());
+        if v == ContainerdVersion::V1_6 {
+            let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "e2e-cri");
+            assert_ran(&out, &what, &w.guest.log());
+        } else {
+            let log = run_through_cri(&mut cri, &lab, v, &image);
+            assert_eq!(log.trim(), HELLO, "{what}\n{}", w.guest.log());
+        }
         let (host, guest) = blob_gets_by(&w.reg, &repo_path);
-        assert_eq!(host, 1, "{}: layers fetched by containerd", v.label());
+        assert_eq!(
+            host - host0,
+            1,
+            "{}: layers fetched by containerd",
+            v.label()
+        );
         assert!(
             guest - base >= 2,
             "{}: the guest fetched config and layer ({guest})",
@@ -145,25 +180,36 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
         assert!(log.contains("attested to KBS"), "{log}");
         assert!(log.contains("accepted by signature policy"), "{log}");
 
-        // ctr image pull: through the 2.1 transfer service the layers are skipped as well.
+        // ctr image pull: through the 2.1 transfer service the layers are skipped as well. Both
+        // key kinds: JWE (RSA key from the KBS) and KBS-wrapped (KEK fetched by key id).
         if v == ContainerdVersion::V2_1 {
-            let before = blob_gets_by(&w.reg, &repo_path).0;
-            ctr_pull_guestpull(&ctrd, &image);
-            // The config may already be in the (namespace-shared) content store.
-            assert!(
-                blob_gets_by(&w.reg, &repo_path).0 <= before + 1,
-                "ctr pull: config only"
-            );
-            let log = w.reg.log();
-            for layer in &manifest.layer_digests {
+            for variant in ["jwe", "kbs"] {
+                let image = format!("{repo}:{variant}");
+                let before = blob_gets_by(&w.reg, &repo_path).0;
+                ctr_pull_guestpull(&ctrd, &image);
+                // The config may already be in the (namespace-shared) content store.
                 assert!(
-                    !log.lines()
-                        .any(|l| l.contains(layer.as_str()) && l.contains("containerd/")),
-                    "containerd fetched layer {layer}"
+                    blob_gets_by(&w.reg, &repo_path).0 <= before + 1,
+                    "ctr pull {variant}: config only"
+                );
+                let manifest = integration::images::inspect(&w.reg, &image);
+                let log = w.reg.log();
+                for layer in &manifest.layer_digests {
+                    assert!(
+                        !log.lines().any(|l| l.contains("\"GET ")
+                            && l.contains(layer.as_str())
+                            && l.contains("containerd/")),
+                        "containerd fetched layer {layer}"
+                    );
+                }
+                let out =
+                    ctr_run_guestpull(&ctrd, ctrd.namespace(), &image, &format!("e2e-{variant}"));
+                assert_ran(
+                    &out,
+                    &format!("containerd 2.1 ctr pull {variant}"),
+                    &w.guest.log(),
                 );
             }
-            let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &image, "e2e-ctr");
-            assert_ran(&out, "containerd 2.1 ctr pull", &w.guest.log());
         }
         assert_no_plaintext(&ctrd, &w);
         drop(ctrd);
