@@ -65,6 +65,11 @@ pub struct ImageConfig {
     pub extra_root_certificates: Vec<PathBuf>,
     /// Attempts per HTTP request on 5xx or broken connections.
     pub max_retries: u32,
+    /// Nydus (RAFS v6) images are normally mounted lazily (chunks fetched on first read);
+    /// with this set, every chunk is fetched and verified before PullImage returns.
+    pub force_eager: bool,
+    /// After a nydus image is mounted lazily, fetch the rest of it in the background.
+    pub lazy_prefetch: bool,
 }
 
 impl Default for ImageConfig {
@@ -79,6 +84,8 @@ impl Default for ImageConfig {
             max_concurrent_layer_downloads_per_image: 3,
             extra_root_certificates: Vec::new(),
             max_retries: 5,
+            force_eager: false,
+            lazy_prefetch: false,
         }
     }
 }
@@ -219,6 +226,7 @@ mod tests {
         assert_eq!(c.image.work_dir, PathBuf::from(DEFAULT_WORK_DIR));
         assert_eq!(c.server.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.image.max_concurrent_layer_downloads_per_image, 3);
+        assert!(!c.image.force_eager && !c.image.lazy_prefetch);
     }
 
     #[test]
@@ -229,6 +237,8 @@ mod tests {
             work_dir = "/tmp/w"
             image_security_policy_uri = "kbs:///default/security-policy/test"
             max_concurrent_layer_downloads_per_image = 5
+            force_eager = true
+            lazy_prefetch = true
             [image.registry_config]
             insecure_registries = ["127.0.0.1:5000"]
             [[image.registry_config.registry]]
@@ -246,6 +256,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.image.max_concurrent_layer_downloads_per_image, 5);
+        assert!(c.image.force_eager && c.image.lazy_prefetch);
         let rc = c.image.registry_config.unwrap();
         assert_eq!(rc.registry[0].mirror[0].location, "127.0.0.1:5000/lib");
         assert_eq!(c.keys.jwe_private_keys.len(), 2);

@@ -8,6 +8,7 @@ pub mod fetcher;
 pub mod jwe;
 pub mod keyprovider;
 pub mod layer;
+pub mod lazy;
 pub mod policy;
 pub mod pull;
 pub mod registry;

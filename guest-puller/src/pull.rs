@@ -10,9 +10,10 @@ use tracing::info;
 use crate::bundle::{self, BundleError, ImageConfig};
 use crate::config::{Config, RegistryConfig};
 use crate::decrypt::{self, DecryptError, KeyUnwrapper};
+use crate::lazy::{self, LazyError, NydusManifest};
 use crate::layer::{BundleRecord, LayerError, LayerSpec, LayerStore};
 use crate::policy::{CosignSignature, PolicyError, PolicyEvaluator, SignatureSource};
-use crate::registry::{RegistryClient, RegistryError};
+use crate::registry::{RegistryClient, RegistryError, ResolvedImage};
 use crate::resource::{ResourceError, ResourceFetcher};
 
 /// Why a pull failed.
@@ -44,6 +45,34 @@ pub enum PullError {
     Bundle(#[from] BundleError),
 }
 
+// Lazy-pull failures map onto the existing kinds, so callers keep one error contract
+// (and one ttrpc code table) for both pull modes.
+impl From<LazyError> for PullError {
+    fn from(e: LazyError) -> Self {
+        match e {
+            LazyError::Format(reason) => PullError::Registry(RegistryError::Unsupported {
+                reference: "nydus image".into(),
+                reason,
+            }),
+            LazyError::Bootstrap { digest, reason } => PullError::Layer(LayerError::Fetch {
+                layer: digest,
+                reason,
+            }),
+            LazyError::Integrity { what, reason } => PullError::Layer(LayerError::Integrity {
+                layer: what,
+                reason,
+            }),
+            LazyError::Decrypt(e) => PullError::Decrypt(e),
+            LazyError::Config(m) => PullError::Config(m),
+            LazyError::Rafs(m) | LazyError::Fuse(m) => PullError::Bundle(BundleError::Mount {
+                target: PathBuf::from("lazy rootfs"),
+                source: std::io::Error::other(m),
+            }),
+            LazyError::Io { path, source } => PullError::Bundle(BundleError::Io { path, source }),
+        }
+    }
+}
+
 /// One layer of a pulled image.
 #[derive(Debug, Clone)]
 pub struct PulledLayer {
@@ -68,8 +97,10 @@ pub struct PullResult {
     pub config_digest: String,
     /// Where the image was fetched from (a mirror or the original), pinned by digest.
     pub source: String,
-    /// Layers, bottom first.
+    /// Layers, bottom first (empty for a lazily pulled image: nothing is in the layer store).
     pub layers: Vec<PulledLayer>,
+    /// True when the rootfs is a lazily fetched nydus image.
+    pub lazy: bool,
     /// The bundle directory (rootfs at `bundle/rootfs`, spec at `bundle/config.json`).
     pub bundle: PathBuf,
 }
@@ -81,6 +112,9 @@ pub struct Puller {
     store: Arc<LayerStore>,
     unwrapper: KeyUnwrapper,
     fetcher: Arc<dyn ResourceFetcher>,
+    /// Registry rules and credentials, for the blob source of lazy images.
+    rules: RegistryConfig,
+    auth: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 struct RegistrySigs<'a> {
@@ -138,7 +172,7 @@ impl Puller {
             })?);
         }
         let registry = RegistryClient::new(
-            rules,
+            rules.clone(),
             auth.as_deref().map(|a| a.as_slice()),
             &roots,
             cfg.image.max_retries,
@@ -157,6 +191,8 @@ impl Puller {
             store,
             unwrapper,
             fetcher,
+            rules,
+            auth,
         })
     }
 
@@ -228,6 +264,11 @@ impl Puller {
                     img.manifest.layers.len()
                 ),
             }));
+        }
+        if let Some(nydus) = lazy::detect(&img.manifest)? {
+            return self
+                .pull_lazy(&requested, img, config, nydus, bundle_dir, started)
+                .await;
         }
         let digests: Vec<String> = img
             .manifest
@@ -306,6 +347,92 @@ impl Puller {
             config_digest: img.config_digest,
             source: img.source.whole(),
             layers,
+            lazy: false,
+            bundle: bundle_dir.to_owned(),
+        })
+    }
+
+    /// Mounts a nydus image: verified bootstrap, FUSE-served RAFS with chunks fetched on
+    /// demand, the bundle's overlay on top.
+    async fn pull_lazy(
+        &self,
+        requested: &Reference,
+        img: ResolvedImage,
+        config: ImageConfig,
+        nydus: NydusManifest,
+        bundle_dir: &Path,
+        started: std::time::Instant,
+    ) -> Result<PullResult, PullError> {
+        let record_path = self.store.record_path(bundle_dir);
+        if record_path.exists() && bundle::is_mountpoint(&bundle_dir.join("rootfs")) {
+            return Err(PullError::Bundle(BundleError::Busy(bundle_dir.to_owned())));
+        }
+        let boot =
+            lazy::fetch_bootstrap(&self.registry, &img.source, &nydus, &self.unwrapper).await?;
+        let src = lazy::source::blob_source(
+            &self.rules,
+            self.auth.as_ref().map(|a| a.as_slice()),
+            &img.source,
+            self.cfg.image.max_retries,
+        )?;
+        let overlay_dir = self.store.overlay_dir(bundle_dir);
+        let state_dir = lazy_state_dir(&self.store, bundle_dir);
+        let record = BundleRecord {
+            bundle: bundle_dir.to_owned(),
+            image: requested.whole(),
+            manifest_digest: img.manifest_digest.clone(),
+            layers: Vec::new(),
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| PullError::Config(e.to_string()))?;
+        std::fs::write(&record_path, json).map_err(LayerError::Store)?;
+        let eager = self.cfg.image.force_eager;
+        let name = requested.whole();
+        let (bdir, odir, sdir) = (bundle_dir.to_owned(), overlay_dir.clone(), state_dir.clone());
+        let made = tokio::task::spawn_blocking(move || -> Result<PathBuf, PullError> {
+            let _ = std::fs::remove_dir_all(&sdir);
+            let mnt = sdir.join("rootfs");
+            let m = lazy::mount_bootstrap(boot, &sdir, &mnt, &src, &nydus, &name)?;
+            if eager {
+                // force_eager: every chunk is fetched and verified before the pull returns.
+                if let Err(e) = lazy::read_all(&mnt) {
+                    m.unmount();
+                    return Err(PullError::Layer(LayerError::Fetch {
+                        layer: nydus.bootstrap.digest.clone(),
+                        reason: format!("fetching the whole nydus image: {e}"),
+                    }));
+                }
+            }
+            if let Err(e) = bundle::create_bundle(&bdir, &odir, std::slice::from_ref(&mnt), &config)
+            {
+                m.unmount();
+                return Err(e.into());
+            }
+            lazy::register(&bdir, m);
+            Ok(mnt)
+        })
+        .await
+        .map_err(|e| LayerError::Store(std::io::Error::other(e)))?;
+        let mnt = match made {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&record_path);
+                let _ = std::fs::remove_dir_all(&overlay_dir);
+                let _ = std::fs::remove_dir_all(&state_dir);
+                return Err(e);
+            }
+        };
+        if self.cfg.image.lazy_prefetch && !eager {
+            lazy::prefetch_in_background(mnt);
+        }
+        info!(image = %requested.whole(), digest = %img.manifest_digest, lazy = true,
+              ms = started.elapsed().as_millis() as u64, "image mounted lazily");
+        Ok(PullResult {
+            manifest_digest: img.manifest_digest,
+            list_digest: img.list_digest,
+            config_digest: img.config_digest,
+            source: img.source.whole(),
+            layers: Vec::new(),
+            lazy: true,
             bundle: bundle_dir.to_owned(),
         })
     }
@@ -341,14 +468,39 @@ impl Puller {
     }
 }
 
+/// Per-bundle state of a lazy image (FUSE mount point and chunk cache), outside the overlay
+/// dir so removing the overlay never walks into the FUSE mount.
+fn lazy_state_dir(store: &LayerStore, bundle_dir: &Path) -> PathBuf {
+    let overlay = store.overlay_dir(bundle_dir);
+    let name = overlay.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    store.root().join("lazy").join(name)
+}
+
 /// Unmounts a bundle created by [`Puller::pull_image`] and collects layers nobody uses.
 pub async fn unmount_bundle(store: &Arc<LayerStore>, bundle_dir: &Path) -> Result<(), PullError> {
     let overlay = store.overlay_dir(bundle_dir);
     let record = store.record_path(bundle_dir);
+    let state = lazy_state_dir(store, bundle_dir);
     let (b, o) = (bundle_dir.to_owned(), overlay);
-    tokio::task::spawn_blocking(move || bundle::remove_bundle(&b, &o))
-        .await
-        .map_err(|e| LayerError::Store(std::io::Error::other(e)))??;
+    tokio::task::spawn_blocking(move || -> Result<(), PullError> {
+        bundle::remove_bundle(&b, &o)?;
+        // The overlay is gone, so the lazy rootfs below it can go too.
+        lazy::release(&b);
+        if state.exists() {
+            let mnt = state.join("rootfs");
+            // A FUSE mount left by an earlier run of the puller has no server any more.
+            if bundle::is_mountpoint(&mnt) {
+                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+            }
+            std::fs::remove_dir_all(&state).map_err(|e| BundleError::Io {
+                path: state.clone(),
+                source: e,
+            })?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| LayerError::Store(std::io::Error::other(e)))??;
     match std::fs::remove_file(&record) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

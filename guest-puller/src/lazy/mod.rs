@@ -1,0 +1,251 @@
+//! Lazy pulling of nydus (RAFS v6) images: the container starts on a FUSE filesystem that
+//! fetches each chunk from the registry on first read.
+//!
+//! Trust chain: the manifest digest is checked by the signature policy; the manifest pins the
+//! bootstrap layer's digest, which we verify (and ocicrypt-decrypt, for encrypted images)
+//! before use; the bootstrap holds every chunk's digest (and, for encrypted images, the chunk
+//! cipher keys), and nydus' file cache validates each chunk against it before a read returns.
+//! Every blob the bootstrap names must be a layer of the manifest.
+
+pub mod image;
+pub mod logged;
+pub mod mount;
+pub mod source;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+
+use bytes::Bytes;
+use oci_client::Reference;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::decrypt::{self, KeyUnwrapper};
+use crate::registry::{Hasher, RegistryClient};
+
+pub use image::{detect, NydusManifest};
+pub use mount::{BlobSource, RafsMount};
+
+/// Why a lazy pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// The manifest or bootstrap is not a usable nydus image.
+    #[error("nydus image: {0}")]
+    Format(String),
+    /// The bootstrap layer could not be fetched.
+    #[error("nydus bootstrap {digest}: {reason}")]
+    Bootstrap { digest: String, reason: String },
+    /// The bootstrap layer, or a blob it names, is not what the manifest pins.
+    #[error("nydus image {what}: {reason}")]
+    Integrity { what: String, reason: String },
+    /// The bootstrap layer's key could not be obtained.
+    #[error(transparent)]
+    Decrypt(#[from] decrypt::DecryptError),
+    /// The nydus configuration could not be built.
+    #[error("lazy pull configuration: {0}")]
+    Config(String),
+    /// nydus could not load the bootstrap.
+    #[error("rafs: {0}")]
+    Rafs(String),
+    /// The FUSE mount failed.
+    #[error("fuse: {0}")]
+    Fuse(String),
+    /// Filesystem error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Live lazy mounts by bundle directory, so bundle removal (from any entry point) can find
+/// and stop the FUSE server of a lazily pulled rootfs.
+static MOUNTS: LazyLock<Mutex<HashMap<PathBuf, RafsMount>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Records the FUSE mount backing `bundle`'s rootfs.
+pub fn register(bundle: &Path, m: RafsMount) {
+    let old = MOUNTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(bundle.to_owned(), m);
+    if let Some(old) = old {
+        old.unmount();
+    }
+}
+
+/// Stops the FUSE mount backing `bundle`'s rootfs, if it has one (blocking). Call after the
+/// overlay above it is gone.
+pub fn release(bundle: &Path) -> bool {
+    let m = MOUNTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(bundle);
+    match m {
+        Some(m) => {
+            info!(bundle = %bundle.display(), mountpoint = %m.mountpoint().display(), "lazy rootfs unmounted");
+            m.unmount();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Fetches the bootstrap layer, verifies its digest, decrypts it when it is ocicrypt-encrypted
+/// (the key comes from the KBS like any layer key), and returns the RAFS bootstrap bytes.
+pub async fn fetch_bootstrap(
+    registry: &RegistryClient,
+    source: &Reference,
+    nydus: &NydusManifest,
+    unwrapper: &KeyUnwrapper,
+) -> Result<Vec<u8>, LazyError> {
+    let desc = &nydus.bootstrap;
+    let fail = |reason: String| LazyError::Bootstrap {
+        digest: desc.digest.clone(),
+        reason,
+    };
+    let size = u64::try_from(desc.size).map_err(|_| fail("negative size".into()))?;
+    if size > image::MAX_BOOTSTRAP_SIZE {
+        return Err(fail(format!(
+            "{size} bytes exceeds {}",
+            image::MAX_BOOTSTRAP_SIZE
+        )));
+    }
+    let compression = decrypt::compression_of(&desc.media_type)
+        .ok_or_else(|| fail(format!("unsupported media type {}", desc.media_type)))?;
+    let gzip = match compression {
+        decrypt::Compression::Gzip => true,
+        decrypt::Compression::None => false,
+        other => return Err(fail(format!("unsupported compression {other:?}"))),
+    };
+    // The key first: an image whose keys this guest cannot obtain fails before any download.
+    let key = if decrypt::is_encrypted(&desc.media_type) {
+        let ann = desc.annotations.clone().unwrap_or_default();
+        Some(unwrapper.unwrap_layer_key(&desc.digest, &ann).await?)
+    } else {
+        None
+    };
+    let mut hasher = Hasher::for_digest(&desc.digest)
+        .ok_or_else(|| fail("unsupported digest algorithm".into()))?;
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(64);
+    let fetch = registry.blob_to_channel(source, desc, tx);
+    let collect = async {
+        let mut out = Vec::with_capacity(size as usize);
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk?;
+            if (out.len() + chunk.len()) as u64 > size {
+                return Err(std::io::Error::other("more bytes than the descriptor size"));
+            }
+            hasher.update(&chunk);
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    };
+    let (fetched, data) = tokio::join!(fetch, collect);
+    let data = data.map_err(|e| fail(e.to_string()))?;
+    fetched.map_err(|e| fail(e.to_string()))?;
+    let actual = hasher.finish();
+    if actual != desc.digest {
+        return Err(LazyError::Integrity {
+            what: format!("bootstrap {}", desc.digest),
+            reason: format!("digest mismatch: got {actual}"),
+        });
+    }
+    tokio::task::spawn_blocking(move || {
+        let reader: Box<dyn Read> = match &key {
+            // The decryptor checks the HMAC at EOF; extraction reads the tar to its end.
+            Some(k) => Box::new(k.decryptor(std::io::Cursor::new(data))),
+            None => Box::new(std::io::Cursor::new(data)),
+        };
+        let mut reader = reader;
+        let boot = image::extract_bootstrap(&mut reader, gzip)?;
+        // Drain to EOF so an encrypted layer's HMAC is verified even after the bootstrap entry.
+        std::io::copy(&mut reader, &mut std::io::sink())
+            .map_err(|e| LazyError::Format(format!("bootstrap layer: {e}")))?;
+        Ok(boot)
+    })
+    .await
+    .map_err(|e| LazyError::Format(format!("bootstrap extraction: {e}")))?
+}
+
+/// Reads every regular file below `root` once, so all chunks are fetched, verified and cached
+/// (the eager mode and the background prefetch of lazy images). Returns the bytes read.
+pub fn read_all(root: &Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![root.to_owned()];
+    let mut buf = vec![0u8; 1 << 20];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                stack.push(entry.path());
+            } else if ft.is_file() {
+                let mut f = std::fs::File::open(entry.path())?;
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(e) => {
+                            return Err(std::io::Error::new(
+                                e.kind(),
+                                format!("{}: {e}", entry.path().display()),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Starts a background thread fetching the whole image below `root`.
+pub fn prefetch_in_background(root: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("rafs-prefetch".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            match read_all(&root) {
+                Ok(n) => info!(root = %root.display(), bytes = n,
+                               ms = started.elapsed().as_millis() as u64, "lazy image prefetched"),
+                Err(e) => warn!(root = %root.display(), "lazy image prefetch stopped: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("could not start the prefetch thread: {e}");
+    }
+}
+
+/// Mounts a verified bootstrap for `bundle` at `mountpoint` (blocking).
+pub fn mount_bootstrap(
+    bootstrap: Vec<u8>,
+    state_dir: &Path,
+    mountpoint: &Path,
+    src: &BlobSource,
+    nydus: &NydusManifest,
+    image: &str,
+) -> Result<RafsMount, LazyError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| LazyError::Io { path, source }
+    };
+    let cache = state_dir.join("cache");
+    std::fs::create_dir_all(&cache).map_err(io(&cache))?;
+    let boot_path = state_dir.join("image.boot");
+    std::fs::write(&boot_path, &bootstrap).map_err(io(&boot_path))?;
+    drop(bootstrap);
+    let id = state_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rafs".into());
+    let cfg = mount::nydus_config(&id, src, &cache, false)?;
+    let res = RafsMount::mount(&boot_path, cfg, mountpoint, &image::blob_ids(nydus), image);
+    // nydus keeps the bootstrap mapped; unlinking it leaves no copy of chunk keys on disk.
+    let _ = std::fs::remove_file(&boot_path);
+    res
+}

@@ -1,0 +1,211 @@
+//! Serving a RAFS bootstrap as a read-only FUSE filesystem with nydus' storage stack: chunks
+//! are fetched from the registry by range on first read, checked against the digests in the
+//! bootstrap, and kept in a file cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
+use fuse_backend_rs::transport::FuseSession;
+use nydus_api::ConfigV2;
+use nydus_rafs::fs::Rafs;
+use nydus_rafs::metadata::RafsSuper;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use super::logged::LoggedRafs;
+use super::LazyError;
+
+/// Where and how a lazy image's blobs are fetched.
+#[derive(Debug, Clone)]
+pub struct BlobSource {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Registry host\[:port\].
+    pub host: String,
+    /// Repository path, e.g. `library/busybox`.
+    pub repo: String,
+    /// Base64 `user:password` for the registry, if any.
+    pub auth: Option<String>,
+    /// Attempts per range request.
+    pub retry_limit: u8,
+}
+
+/// Builds the nydus configuration for one mount: registry backend, file cache in
+/// `cache_dir` with chunk validation on, RAFS direct mode.
+pub fn nydus_config(
+    id: &str,
+    src: &BlobSource,
+    cache_dir: &Path,
+    prefetch: bool,
+) -> Result<Arc<ConfigV2>, LazyError> {
+    let cfg = json!({
+        "version": 2,
+        "id": id,
+        "backend": {
+            "type": "registry",
+            "registry": {
+                "scheme": src.scheme,
+                "host": src.host,
+                "repo": src.repo,
+                "auth": src.auth,
+                "timeout": 30,
+                "connect_timeout": 10,
+                "retry_limit": src.retry_limit,
+            }
+        },
+        "cache": {
+            "type": "filecache",
+            "compressed": false,
+            // Every chunk is hashed and compared with the digest in the bootstrap before the
+            // reader sees it; a mismatch is EIO, never data.
+            "validate": true,
+            "filecache": { "work_dir": cache_dir.to_string_lossy() },
+            "prefetch": { "enable": prefetch, "threads": 2, "batch_size": 1048576 },
+        },
+        "rafs": {
+            "mode": "direct",
+            "validate": false,
+            "enable_xattr": true,
+            "prefetch": { "enable": prefetch, "threads": 2, "prefetch_all": prefetch },
+        }
+    });
+    let cfg: ConfigV2 = serde_json::from_value(cfg)
+        .map_err(|e| LazyError::Config(format!("nydus configuration: {e}")))?;
+    if !cfg.validate() {
+        return Err(LazyError::Config("nydus configuration is invalid".into()));
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// A mounted RAFS filesystem and the threads serving it.
+pub struct RafsMount {
+    mountpoint: PathBuf,
+    session: FuseSession,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// FUSE server threads per mount: reads block on the registry, so more than one keeps a
+/// slow chunk from stalling every other file.
+const SERVER_THREADS: usize = 4;
+
+impl RafsMount {
+    /// Loads `bootstrap` and mounts it read-only at `mountpoint`. Blocking: call from a
+    /// blocking thread.
+    pub fn mount(
+        bootstrap: &Path,
+        cfg: Arc<ConfigV2>,
+        mountpoint: &Path,
+        blob_ids: &std::collections::BTreeMap<String, u64>,
+        image: &str,
+    ) -> Result<Self, LazyError> {
+        // Every blob the bootstrap refers to must be a layer of the (signed) manifest, so no
+        // chunk can come from content the signature does not cover.
+        let (sb, _) = RafsSuper::load_from_file(bootstrap, cfg.clone(), false)
+            .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
+        for info in sb.superblock.get_blob_infos() {
+            let b = info.blob_id();
+            if !blob_ids.contains_key(&b) {
+                return Err(LazyError::Integrity {
+                    what: format!("blob {b}"),
+                    reason: "the bootstrap refers to a blob that is not a layer of the manifest"
+                        .into(),
+                });
+            }
+        }
+        let (mut rafs, reader) = Rafs::new(&cfg, &cfg.id, bootstrap)
+            .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
+        rafs.import(reader, None)
+            .map_err(|e| LazyError::Rafs(format!("importing bootstrap: {e}")))?;
+        let vfs = Arc::new(Vfs::new(VfsOptions::default()));
+        vfs.mount(Box::new(LoggedRafs::new(rafs, sb, image.to_string())), "/")
+            .map_err(|e| LazyError::Rafs(format!("vfs mount: {e:?}")))?;
+        std::fs::create_dir_all(mountpoint).map_err(|e| LazyError::Io {
+            path: mountpoint.to_owned(),
+            source: e,
+        })?;
+        let mut session = FuseSession::new(mountpoint, "rafs", "nydus", true)
+            .map_err(|e| LazyError::Fuse(format!("session: {e}")))?;
+        // Containers run as any uid; the overlay above it reads as the caller.
+        session.set_allow_other(true);
+        session
+            .mount()
+            .map_err(|e| LazyError::Fuse(format!("mounting {}: {e}", mountpoint.display())))?;
+        let server = Arc::new(Server::new(vfs));
+        let mut threads = Vec::new();
+        for i in 0..SERVER_THREADS {
+            let mut ch = match session.new_channel() {
+                Ok(ch) => ch,
+                Err(e) => {
+                    let mut m = Self {
+                        mountpoint: mountpoint.to_owned(),
+                        session,
+                        threads,
+                    };
+                    m.stop();
+                    return Err(LazyError::Fuse(format!("channel: {e}")));
+                }
+            };
+            let server = server.clone();
+            let mp = mountpoint.to_owned();
+            let t = std::thread::Builder::new()
+                .name(format!("rafs-fuse-{i}"))
+                .spawn(move || loop {
+                    match ch.get_request() {
+                        Ok(Some((r, w))) => {
+                            if let Err(e) = server.handle_message(r, w.into(), None, None) {
+                                // EBADF/ENODEV after unmount end the loop quietly.
+                                if let fuse_backend_rs::Error::EncodeMessage(_) = e {
+                                    warn!(mountpoint = %mp.display(), "fuse reply failed: {e}");
+                                } else {
+                                    error!(mountpoint = %mp.display(), "fuse request failed: {e}");
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            info!(mountpoint = %mp.display(), "fuse channel closed: {e}");
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| LazyError::Fuse(format!("spawning server thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Self {
+            mountpoint: mountpoint.to_owned(),
+            session,
+            threads,
+        })
+    }
+
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn stop(&mut self) {
+        if let Err(e) = self.session.umount() {
+            warn!(mountpoint = %self.mountpoint.display(), "fuse unmount: {e}");
+        }
+        let _ = self.session.wake();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Unmounts and stops the server threads. Blocking.
+    pub fn unmount(mut self) {
+        self.stop();
+    }
+}
+
+impl Drop for RafsMount {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+        }
+    }
+}
