@@ -140,15 +140,112 @@ pub struct KbsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Unix socket path the ttrpc server listens on.
+    /// Unix socket path the ttrpc server listens on when `listen` is empty (the CDH socket kata-agent dials).
     pub socket: PathBuf,
+    /// Addresses to listen on instead of `socket`: `unix:///path` (or a bare absolute path) and
+    /// `vsock://<cid>:<port>` with `-1` or `any` as the CID for every CID of the guest.
+    pub listen: Vec<ListenAddr>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_SOCKET),
+            listen: Vec::new(),
         }
+    }
+}
+
+impl ServerConfig {
+    /// Every address the server listens on: `listen`, or `socket` when `listen` is empty.
+    pub fn addresses(&self) -> Vec<ListenAddr> {
+        if self.listen.is_empty() {
+            vec![ListenAddr::Unix(self.socket.clone())]
+        } else {
+            self.listen.clone()
+        }
+    }
+}
+
+/// `VMADDR_CID_ANY`: a vsock listener bound to it accepts connections to any of the guest's CIDs.
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
+
+/// One address the ttrpc server listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ListenAddr {
+    /// A unix socket at this absolute path.
+    Unix(PathBuf),
+    /// An AF_VSOCK listener (how a host reaches a VM guest without networking).
+    Vsock {
+        /// Local CID to bind ([`VSOCK_CID_ANY`] for all).
+        cid: u32,
+        /// vsock port.
+        port: u32,
+    },
+}
+
+impl ListenAddr {
+    /// The address in ttrpc's `unix://…` / `vsock://cid:port` form (`-1` for any CID).
+    pub fn ttrpc_uri(&self) -> String {
+        match self {
+            ListenAddr::Unix(p) => format!("unix://{}", p.display()),
+            ListenAddr::Vsock { cid, port } if *cid == VSOCK_CID_ANY => {
+                format!("vsock://-1:{port}")
+            }
+            ListenAddr::Vsock { cid, port } => format!("vsock://{cid}:{port}"),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.ttrpc_uri())
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| {
+            ConfigError::Invalid(format!(
+                "listen address {s:?}: {why} (want unix:///abs/path, /abs/path or vsock://<cid|-1|any>:<port>)"
+            ))
+        };
+        if let Some(rest) = s.strip_prefix("vsock://") {
+            let (cid, port) = rest.split_once(':').ok_or_else(|| bad("no port"))?;
+            let cid = match cid {
+                "-1" | "any" => VSOCK_CID_ANY,
+                c => c.parse().map_err(|_| bad("the CID is not a number"))?,
+            };
+            let port = port
+                .parse()
+                .map_err(|_| bad("the port is not a 32-bit number"))?;
+            return Ok(ListenAddr::Vsock { cid, port });
+        }
+        let path = s.strip_prefix("unix://").unwrap_or(s);
+        if path.is_empty() {
+            return Err(bad("empty path"));
+        }
+        if !Path::new(path).is_absolute() {
+            return Err(bad("the unix socket path must be absolute"));
+        }
+        Ok(ListenAddr::Unix(PathBuf::from(path)))
+    }
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = ConfigError;
+
+    fn try_from(s: String) -> Result<Self, ConfigError> {
+        s.parse()
+    }
+}
+
+impl From<ListenAddr> for String {
+    fn from(a: ListenAddr) -> String {
+        a.ttrpc_uri()
     }
 }
 
@@ -269,5 +366,67 @@ mod tests {
             Config::from_toml("[image]\nmax_concurrent_layer_downloads_per_image = 0").is_err()
         );
         assert!(Config::from_toml("[image]\nwork_dir = \"rel\"").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_parse_and_default_to_the_socket() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(
+            c.server.addresses(),
+            vec![ListenAddr::Unix(PathBuf::from(DEFAULT_SOCKET))]
+        );
+        let c = Config::from_toml(
+            "[server]\nsocket = \"/x/unused.sock\"\n\
+             listen = [\"vsock://-1:1024\", \"unix:///run/a.sock\", \"/run/b.sock\", \"vsock://3:5\", \"vsock://any:7\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.server.addresses(),
+            vec![
+                ListenAddr::Vsock {
+                    cid: VSOCK_CID_ANY,
+                    port: 1024
+                },
+                ListenAddr::Unix(PathBuf::from("/run/a.sock")),
+                ListenAddr::Unix(PathBuf::from("/run/b.sock")),
+                ListenAddr::Vsock { cid: 3, port: 5 },
+                ListenAddr::Vsock {
+                    cid: VSOCK_CID_ANY,
+                    port: 7
+                },
+            ]
+        );
+        let uris: Vec<String> = c.server.addresses().iter().map(|a| a.ttrpc_uri()).collect();
+        assert_eq!(
+            uris,
+            [
+                "vsock://-1:1024",
+                "unix:///run/a.sock",
+                "unix:///run/b.sock",
+                "vsock://3:5",
+                "vsock://-1:7"
+            ]
+        );
+        // Round trip through TOML keeps the form ttrpc binds.
+        let back = Config::from_toml(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.server.addresses(), c.server.addresses());
+    }
+
+    #[test]
+    fn bad_listen_addresses_are_rejected_with_the_reason() {
+        for (addr, why) in [
+            ("vsock://1024", "no port"),
+            ("vsock://x:1", "CID"),
+            ("vsock://-1:port", "port"),
+            ("vsock://-1:99999999999", "port"),
+            ("rel/cdh.sock", "absolute"),
+            ("unix://", "empty"),
+            ("tcp://127.0.0.1:1", "absolute"),
+        ] {
+            let err = addr.parse::<ListenAddr>().unwrap_err().to_string();
+            assert!(err.contains(why), "{addr}: {err}");
+            let toml = format!("[server]\nlisten = [\"{addr}\"]");
+            assert!(Config::from_toml(&toml).is_err(), "{addr} accepted in TOML");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use guest_puller::config::Config;
+use guest_puller::config::{Config, ListenAddr};
 use guest_puller::fetcher::KbsResourceFetcher;
 use guest_puller::pull::Puller;
 
@@ -39,9 +39,13 @@ enum Cmd {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Socket path (overrides [server] socket).
-        #[arg(long)]
+        /// Socket path (overrides [server] socket and listen).
+        #[arg(long, conflicts_with = "listen")]
         socket: Option<PathBuf>,
+        /// Listen address, repeatable (overrides [server]): `unix:///path` or
+        /// `vsock://<cid|-1>:<port>` (-1 = any CID, as inside a VM guest).
+        #[arg(long)]
+        listen: Vec<ListenAddr>,
     },
     /// Ask a running server (CDH-compatible socket) to pull IMAGE into BUNDLE; prints the manifest digest.
     ClientPull {
@@ -124,13 +128,22 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Cmd::Serve { config, socket } => {
+        Cmd::Serve {
+            config,
+            socket,
+            listen,
+        } => {
             let cfg = load(&config)?;
-            let sock = socket.unwrap_or_else(|| cfg.server.socket.clone());
+            let addrs = match socket {
+                Some(s) => vec![ListenAddr::Unix(absolute(s)?)],
+                None if !listen.is_empty() => listen,
+                None => cfg.server.addresses(),
+            };
+            let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
             let p = Arc::new(puller(cfg).await?);
-            guest_puller::api::server::serve(p, &sock)
+            guest_puller::api::server::serve(p, &addrs)
                 .await
-                .with_context(|| format!("serving on {}", sock.display()))?;
+                .with_context(|| format!("serving on {}", shown.join(", ")))?;
         }
         Cmd::ClientPull {
             socket,

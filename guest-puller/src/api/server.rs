@@ -1,5 +1,6 @@
 //! ttrpc server: `api.ImagePullService/PullImage` and `keyprovider.KeyProviderService/UnWrapKey`
-//! on a unix socket, as the CDH serves them to kata-agent and ocicrypt keyprovider callers.
+//! on unix sockets (as the CDH serves them to kata-agent and ocicrypt keyprovider callers) and on
+//! vsock ports (how a host reaches them in a VM without networking, like kata-agent's channel).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use tracing::{error, info};
 use ttrpc::{Code, Error as TtrpcError};
 
 use super::protos::{api, api_ttrpc, keyprovider, keyprovider_ttrpc};
+use crate::config::ListenAddr;
 use crate::keyprovider::{
     ByteForm, KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput, KeyUnwrapResults,
     Operation, WireBytes,
@@ -160,24 +162,49 @@ impl keyprovider_ttrpc::KeyProviderService for Service {
     }
 }
 
-/// Runs the server on `socket` until SIGTERM/SIGINT.
-pub async fn serve(puller: Arc<Puller>, socket: &Path) -> Result<(), ttrpc::Error> {
+/// Prepares `addr` for binding: a unix socket's directory is created and a stale socket removed.
+fn prepare(addr: &ListenAddr) -> Result<(), ttrpc::Error> {
+    let ListenAddr::Unix(socket) = addr else {
+        return Ok(());
+    };
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| ttrpc::Error::Others(format!("{}: {e}", dir.display())))?;
     }
     match std::fs::remove_file(socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ttrpc::Error::Others(format!("{}: {e}", socket.display()))),
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ttrpc::Error::Others(format!("{}: {e}", socket.display()))),
     }
+}
+
+/// Starts one ttrpc server per address (ttrpc's `Server::start` serves a single listener).
+async fn start_all(
+    svc: Arc<Service>,
+    addrs: &[ListenAddr],
+) -> Result<Vec<ttrpc::r#async::Server>, ttrpc::Error> {
+    if addrs.is_empty() {
+        return Err(ttrpc::Error::Others("no listen address".into()));
+    }
+    let mut servers = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        prepare(addr)?;
+        let mut server = ttrpc::r#async::Server::new()
+            .bind(&addr.ttrpc_uri())
+            .map_err(|e| ttrpc::Error::Others(format!("binding {addr}: {e}")))?
+            .register_service(api_ttrpc::create_image_pull_service(svc.clone()))
+            .register_service(keyprovider_ttrpc::create_key_provider_service(svc.clone()));
+        server.start().await?;
+        info!(address = %addr, "guest-puller ttrpc server listening");
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+/// Runs the server on every address in `addrs` until SIGTERM/SIGINT.
+pub async fn serve(puller: Arc<Puller>, addrs: &[ListenAddr]) -> Result<(), ttrpc::Error> {
     let svc = Arc::new(Service { puller });
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("unix://{}", socket.display()))?
-        .register_service(api_ttrpc::create_image_pull_service(svc.clone()))
-        .register_service(keyprovider_ttrpc::create_key_provider_service(svc));
-    server.start().await?;
-    info!(socket = %socket.display(), "guest-puller ttrpc server listening");
+    let mut servers = start_all(svc, addrs).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
     tokio::select! {
@@ -185,8 +212,14 @@ pub async fn serve(puller: Arc<Puller>, socket: &Path) -> Result<(), ttrpc::Erro
         _ = tokio::signal::ctrl_c() => {}
     }
     info!("shutting down");
-    server.shutdown().await?;
-    let _ = std::fs::remove_file(socket);
+    for server in &mut servers {
+        server.shutdown().await?;
+    }
+    for addr in addrs {
+        if let ListenAddr::Unix(socket) = addr {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
     Ok(())
 }
 
@@ -209,6 +242,67 @@ mod tests {
                 Err(ResourceError::Denied { uri: uri.into() })
             }
         }
+    }
+
+    async fn test_service(dir: &Path) -> Arc<Service> {
+        let cfg = crate::config::Config::from_toml(&format!(
+            "[image]\nwork_dir = \"{}\"",
+            dir.join("work").display()
+        ))
+        .unwrap();
+        let puller = Arc::new(Puller::new(cfg, Arc::new(OneKey)).await.unwrap());
+        Arc::new(Service { puller })
+    }
+
+    #[tokio::test]
+    async fn serves_every_unix_address_and_replaces_stale_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a/cdh.sock");
+        let b = dir.path().join("b.sock");
+        // A stale socket file from a crashed run must not stop the restart.
+        drop(std::os::unix::net::UnixListener::bind(&b).unwrap());
+        assert!(b.exists());
+        let addrs = [ListenAddr::Unix(a.clone()), ListenAddr::Unix(b.clone())];
+        let mut servers = start_all(test_service(dir.path()).await, &addrs)
+            .await
+            .unwrap();
+        for sock in [&a, &b] {
+            // A real round trip: the server parses the request and maps the error code.
+            let err = cdh_api::client::pull_image(
+                sock,
+                "not a reference!",
+                &dir.path().join("bundle"),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap_err();
+            match err {
+                TtrpcError::RpcStatus(s) => assert_eq!(s.code(), Code::INVALID_ARGUMENT, "{s:?}"),
+                other => panic!(
+                    "{}: expected INVALID_ARGUMENT, got {other:?}",
+                    sock.display()
+                ),
+            }
+        }
+        for s in &mut servers {
+            s.shutdown().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn bind_failures_name_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = test_service(dir.path()).await;
+        let e = start_all(svc.clone(), &[]).await.err().unwrap();
+        assert!(e.to_string().contains("no listen address"), "{e}");
+        // A directory where the socket should be cannot be replaced.
+        let busy = dir.path().join("busy");
+        std::fs::create_dir_all(busy.join("x")).unwrap();
+        let e = start_all(svc, &[ListenAddr::Unix(busy.clone())])
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(&busy.display().to_string()), "{e}");
     }
 
     #[tokio::test]
