@@ -177,6 +177,9 @@ pub fn tar_bytes(layer: &Layer) -> std::io::Result<Vec<u8>> {
             }
             Node::Fifo { path, mode } => {
                 let mut h = header(tar::EntryType::Fifo, *mode, 0, 0, 0);
+                // Numeric zeros, as GNU tar writes: strict readers (nydus-builder) reject blanks.
+                h.set_device_major(0)?;
+                h.set_device_minor(0)?;
                 b.append_data(&mut h, path, &[][..])?;
             }
             Node::Whiteout { path } => {

@@ -4,4 +4,5 @@
 pub mod catalog;
 pub mod layer;
 pub mod layout;
+pub mod nydus;
 pub mod push;

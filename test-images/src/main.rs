@@ -83,6 +83,10 @@ struct BuildArgs {
     /// The cosign binary.
     #[arg(long, default_value = "/var/cache/guestpull-lab/cosign/usr/bin/cosign")]
     cosign: PathBuf,
+    /// Also push `<name>:nydus`, the same tree as a nydus (RAFS v6) image for lazy pulling,
+    /// and with --jwe-public-key `<name>:nydus-jwe` (encrypted chunks, ocicrypt bootstrap).
+    #[arg(long)]
+    nydus: bool,
     /// Where to write the JSON manifest of what was built.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -166,6 +170,33 @@ fn build(a: BuildArgs) -> Result<()> {
                 "the KEK in {} registered in the KBS as {kid} (guest-puller attests and fetches it)",
                 kek.display()
             ));
+        }
+        if a.nydus {
+            let spec = if name == "multiarch" {
+                catalog::multiarch(&a.busybox)?.0
+            } else {
+                catalog::spec(name, &a.busybox, a.large_mb)?.context("catalog image")?
+            };
+            let scratch = test_images::nydus::scratch_dir(&a.work_dir, name);
+            let tag = format!("{name}-nydus");
+            let (d, w) = test_images::nydus::write_image(&layout, &spec, &scratch, false)?;
+            layout.tag(&d, &tag)?;
+            let dest = format!("{repo}:nydus");
+            push::push_layout(layout.dir(), &tag, &dest)?;
+            entry["variants"]["nydus"] = json!(dest);
+            entry["nydus"] = serde_json::to_value(&w)?;
+            if let Some(key) = &a.jwe_public_key {
+                let tag = format!("{name}-nydus-enc");
+                let (d, _) = test_images::nydus::write_image(&layout, &spec, &scratch, true)?;
+                layout.tag(&d, &tag)?;
+                let dest = format!("{repo}:nydus-jwe");
+                push::push_layout_jwe_last_layer(layout.dir(), &tag, &dest, key)?;
+                entry["variants"]["nydus-jwe"] = json!(dest);
+                entry["needs"]["nydus-jwe"] = json!(format!(
+                    "the RSA private key matching {} (its bootstrap carries the chunk keys)",
+                    key.display()
+                ));
+            }
         }
         if let Some(fpr) = &a.gpg_fingerprint {
             let (Some(home), Some(regd)) = (&a.gnupg_home, &a.registries_d) else {

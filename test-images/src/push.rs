@@ -64,6 +64,31 @@ pub fn encrypt_jwe(src: &str, dest: &str, pub_pem: &Path) -> Result<(), ToolErro
     .map(|_| ())
 }
 
+/// Pushes tag `tag` of the layout at `layout` to `dest` with only its last layer encrypted to
+/// `pub_pem`: for a nydus image that is the bootstrap, which holds the chunk keys (so it never
+/// reaches the registry in the clear); the data blob is already encrypted chunk by chunk.
+pub fn push_layout_jwe_last_layer(
+    layout: &Path,
+    tag: &str,
+    dest: &str,
+    pub_pem: &Path,
+) -> Result<(), ToolError> {
+    run(
+        Command::new("skopeo").args([
+            "copy",
+            "--dest-tls-verify=false",
+            "--encryption-key",
+            &format!("jwe:{}", pub_pem.display()),
+            "--encrypt-layer",
+            "-1",
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{dest}"),
+        ]),
+        "apt-get install skopeo",
+    )
+    .map(|_| ())
+}
+
 /// How to reach the image owner's containerd and tools for a KBS-wrapped variant.
 pub struct KbsWrap<'a> {
     /// `ctr-imgcrypt` (trixie's imgcrypt): it encrypts through containerd's content store.

@@ -12,6 +12,7 @@ use fuse_backend_rs::transport::FuseSession;
 use nydus_api::ConfigV2;
 use nydus_rafs::fs::Rafs;
 use nydus_rafs::metadata::RafsSuper;
+use nydus_storage::device::BlobFeatures;
 use serde_json::json;
 use tracing::{error, info, warn};
 
@@ -107,6 +108,18 @@ impl RafsMount {
             .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
         for info in sb.superblock.get_blob_infos() {
             let b = info.blob_id();
+            // RAFS v6 chunks are validated only against a chunk digest table reached through a
+            // ToC whose digest the bootstrap records; without it reads would go unchecked.
+            let anchored = info.has_feature(BlobFeatures::INLINED_CHUNK_DIGEST)
+                && info.blob_toc_digest().iter().any(|b| *b != 0);
+            if info.meta_ci_is_valid() && !anchored {
+                return Err(LazyError::Integrity {
+                    what: format!("blob {b}"),
+                    reason: "its chunk digests are not anchored in the bootstrap (build the image \
+                             with a blob ToC: nydus-image --features blob-toc)"
+                        .into(),
+                });
+            }
             if !blob_ids.contains_key(&b) {
                 return Err(LazyError::Integrity {
                     what: format!("blob {b}"),

@@ -1,0 +1,449 @@
+//! Lazy pulling of nydus images by guest-puller (in process, so the FUSE server lives as long
+//! as the test), against Debian's docker-registry and its access log. Needs root (FUSE and
+//! overlay mounts) and /dev/fuse.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use guest_puller::config::Config;
+use guest_puller::fetcher::KbsResourceFetcher;
+use guest_puller::pull::{PullError, Puller};
+use integration::{Lab, Registry};
+use sha2::{Digest, Sha256};
+use test_images::catalog;
+use test_images::layout::{ImageSpec, Layout, WrittenManifest};
+use test_images::nydus;
+use test_images::push;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn require_fuse() {
+    Lab::require_root();
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs the fuse kernel module (modprobe fuse)"
+    );
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing (apt-get install busybox-static)"
+    );
+    Lab::require_cmd("skopeo", "skopeo");
+}
+
+/// Builds `spec` as an OCI image (`:oci`) and as a nydus image (`:nydus`) in `repo`.
+struct Pushed {
+    oci: String,
+    nydus: String,
+    nydus_manifest: WrittenManifest,
+}
+
+fn push_both(lab: &Lab, reg: &Registry<'_>, name: &str, spec: &ImageSpec) -> Pushed {
+    let repo = format!("{}/lazy/{name}", reg.host());
+    let mut layout = Layout::create(&lab.join(&format!("oci-{name}"))).unwrap();
+    let (d, _) = layout.write_image(spec).unwrap();
+    layout.tag(&d, "oci").unwrap();
+    let (nd, nw) =
+        nydus::write_image(&layout, spec, &lab.join(&format!("nydus-{name}")), false).unwrap();
+    layout.tag(&nd, "nydus").unwrap();
+    let oci = format!("{repo}:oci");
+    let nydus_ref = format!("{repo}:nydus");
+    push::push_layout(layout.dir(), "oci", &oci).unwrap();
+    push::push_layout(layout.dir(), "nydus", &nydus_ref).unwrap();
+    Pushed {
+        oci,
+        nydus: nydus_ref,
+        nydus_manifest: nw,
+    }
+}
+
+fn config(lab: &Lab, reg: &Registry<'_>, extra: &str) -> Config {
+    Config::from_toml(&format!(
+        "[image]\nwork_dir = \"{}\"\n{extra}\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n",
+        lab.join("work").display(),
+        reg.host()
+    ))
+    .unwrap()
+}
+
+async fn puller(cfg: Config) -> Puller {
+    let fetcher = Arc::new(KbsResourceFetcher::new(&cfg.kbs).unwrap());
+    Puller::new(cfg, fetcher).await.unwrap()
+}
+
+/// One entry of a rootfs as a comparable record.
+fn describe(p: &Path) -> String {
+    let m = fs::symlink_metadata(p).unwrap();
+    let ft = m.file_type();
+    let what = if ft.is_dir() {
+        "dir".to_string()
+    } else if ft.is_symlink() {
+        format!("symlink -> {}", fs::read_link(p).unwrap().display())
+    } else if ft.is_file() {
+        format!(
+            "file {} bytes sha256 {} nlink {}",
+            m.len(),
+            hex::encode(Sha256::digest(fs::read(p).unwrap())),
+            m.nlink()
+        )
+    } else if ft.is_char_device() || ft.is_block_device() {
+        format!("device {:x}", m.rdev())
+    } else if ft.is_fifo() {
+        "fifo".into()
+    } else {
+        "other".into()
+    };
+    format!(
+        "{what} mode {:o} uid {} gid {} xattrs {:?}",
+        m.mode() & 0o7777,
+        m.uid(),
+        m.gid(),
+        xattrs(p)
+    )
+}
+
+/// `user.*` and `security.capability` extended attributes (what images carry).
+fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 4096];
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    let mut out = BTreeMap::new();
+    if n <= 0 {
+        return out;
+    }
+    for name in names[..n as usize].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let name_s = String::from_utf8_lossy(name).into_owned();
+        if !(name_s.starts_with("user.") || name_s == "security.capability") {
+            continue;
+        }
+        let cn = CString::new(name).unwrap();
+        let mut val = vec![0u8; 65536];
+        let len = unsafe {
+            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len())
+        };
+        if len >= 0 {
+            val.truncate(len as usize);
+            out.insert(name_s, val);
+        }
+    }
+    out
+}
+
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(rel, describe(&p));
+        }
+    }
+    out
+}
+
+/// (range GETs, bytes served) for one blob in the registry's access log.
+fn blob_traffic(reg: &Registry<'_>, repo: &str, digest: &str) -> (usize, u64) {
+    let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
+    let mut n = 0;
+    let mut bytes = 0;
+    for l in reg.log().lines().filter(|l| l.contains(&needle)) {
+        n += 1;
+        // ... "GET /v2/... HTTP/1.1" 206 12345 "" "ua"
+        let after = l.split('"').nth(2).unwrap_or("");
+        let mut f = after.split_whitespace();
+        let _status = f.next();
+        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+    }
+    (n, bytes)
+}
+
+fn repo_of(reference: &str) -> String {
+    let no_tag = reference.rsplit_once(':').unwrap().0;
+    no_tag.split_once('/').unwrap().1.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_rootfs_equals_eager_rootfs() {
+    require_fuse();
+    let lab = Lab::new("lazy-equal");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("features-gzip", Path::new(BUSYBOX), 0)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "features", &spec);
+    let p = puller(config(&lab, &reg, "")).await;
+    let eager_b = lab.join("bundle-eager");
+    let lazy_b = lab.join("bundle-lazy");
+    let e = p.pull_image(&img.oci, &eager_b).await.unwrap();
+    assert!(!e.lazy);
+    let l = p.pull_image(&img.nydus, &lazy_b).await.unwrap();
+    assert!(l.lazy, "a nydus image is pulled lazily");
+    let (te, tl) = (tree(&eager_b.join("rootfs")), tree(&lazy_b.join("rootfs")));
+    assert!(te.len() > 20, "eager rootfs looks empty: {te:?}");
+    for (k, v) in &te {
+        assert_eq!(tl.get(k), Some(v), "{k} differs (eager vs lazy)");
+    }
+    assert_eq!(
+        te.keys().collect::<Vec<_>>(),
+        tl.keys().collect::<Vec<_>>(),
+        "same file tree"
+    );
+    // The runtime spec comes from the same config (capability sets are unordered).
+    let process = |b: &Path| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(b.join("config.json")).unwrap()).unwrap();
+        let p = &v["process"];
+        (p["args"].clone(), p["env"].clone(), p["user"].clone(), p["cwd"].clone())
+    };
+    assert_eq!(process(&eager_b), process(&lazy_b));
+    // The overlay on top is writable; the lazy layer below is not touched.
+    fs::write(lazy_b.join("rootfs/etc/new.txt"), "w").unwrap();
+    p.unmount_bundle(&lazy_b).await.unwrap();
+    p.unmount_bundle(&eager_b).await.unwrap();
+    assert!(!lazy_b.join("rootfs").exists());
+    assert!(
+        fs::read_dir(lab.join("work/lazy")).unwrap().next().is_none(),
+        "lazy state removed with the bundle"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_read_fetches_only_its_chunks() {
+    require_fuse();
+    let lab = Lab::new("lazy-small");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 64)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "large", &spec);
+    let blob = img.nydus_manifest.layer_digests[0].clone();
+    let blob_size = fs::metadata(reg.blob_path(&blob)).unwrap().len();
+    let repo = repo_of(&img.nydus);
+    let before = blob_traffic(&reg, &repo, &blob);
+    let p = puller(config(&lab, &reg, "")).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.nydus, &b).await.unwrap();
+    let text = fs::read_to_string(b.join("rootfs/payload/l2/small.txt")).unwrap();
+    assert_eq!(text, "small file in layer 2\n");
+    let (gets, bytes) = {
+        let after = blob_traffic(&reg, &repo, &blob);
+        (after.0 - before.0, after.1 - before.1)
+    };
+    eprintln!("small read: {gets} blob GETs, {bytes} of {blob_size} blob bytes");
+    assert!(gets >= 1, "the read went to the registry");
+    assert!(
+        bytes * 20 < blob_size,
+        "fetched {bytes} of {blob_size} bytes (must be < 5%)"
+    );
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_chunks_fail_with_eio_and_never_return_bad_bytes() {
+    require_fuse();
+    let lab = Lab::new("lazy-corrupt");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 8)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "corrupt", &spec);
+    let blob = img.nydus_manifest.layer_digests[0].clone();
+    // Flip bytes all over the chunk area (the blob's metadata at the end stays intact, so
+    // the mount works and only data chunks are bad).
+    let path = reg.blob_path(&blob);
+    let mut data = fs::read(&path).unwrap();
+    let data_end = data.len() * 3 / 4;
+    for i in (0..data_end).step_by(512) {
+        data[i] ^= 0x5a;
+    }
+    fs::write(&path, &data).unwrap();
+    let p = puller(config(&lab, &reg, "")).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.nydus, &b).await.unwrap();
+    let flat = nydus::flatten(&spec.layers);
+    let mut eio = 0;
+    let mut ok = 0;
+    for n in &flat.nodes {
+        if let test_images::layer::Node::File { path, data, .. } = n {
+            match fs::read(b.join("rootfs").join(path)) {
+                Ok(got) => {
+                    assert_eq!(&got, data, "{path}: a read returned wrong bytes");
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
+                    eio += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{eio} reads failed with EIO, {ok} verified");
+    assert!(eio > 0, "corrupted chunks must fail reads");
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_gone_mid_run_fails_reads_with_eio() {
+    require_fuse();
+    let lab = Lab::new("lazy-gone");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 8)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "gone", &spec);
+    let p = puller(config(&lab, &reg, "max_retries = 1")).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.nydus, &b).await.unwrap();
+    assert_eq!(
+        fs::read_to_string(b.join("rootfs/payload/l0/small.txt")).unwrap(),
+        "small file in layer 0\n"
+    );
+    lab.stop("registry");
+    let e = fs::read(b.join("rootfs/payload/l3/f15.bin")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // What was read before stays readable from the cache.
+    assert_eq!(
+        fs::read_to_string(b.join("rootfs/payload/l0/small.txt")).unwrap(),
+        "small file in layer 0\n"
+    );
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_eager_fetches_the_whole_nydus_image_before_returning() {
+    require_fuse();
+    let lab = Lab::new("lazy-eager");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 8)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "eager", &spec);
+    let p = puller(config(&lab, &reg, "force_eager = true")).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.nydus, &b).await.unwrap();
+    // Every chunk is cached: reads work with the registry gone.
+    lab.stop("registry");
+    let flat = nydus::flatten(&spec.layers);
+    for n in &flat.nodes {
+        if let test_images::layer::Node::File { path, data, .. } = n {
+            assert_eq!(&fs::read(b.join("rootfs").join(path)).unwrap(), data, "{path}");
+        }
+    }
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_digest_mismatch_fails_the_pull() {
+    require_fuse();
+    let lab = Lab::new("lazy-badboot");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("busybox", Path::new(BUSYBOX), 0)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "badboot", &spec);
+    let boot = img.nydus_manifest.layer_digests[1].clone();
+    let path = reg.blob_path(&boot);
+    let mut data = fs::read(&path).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 1;
+    fs::write(&path, &data).unwrap();
+    let p = puller(config(&lab, &reg, "")).await;
+    let b = lab.join("bundle");
+    let err = p.pull_image(&img.nydus, &b).await.unwrap_err();
+    assert!(
+        matches!(&err, PullError::Layer(_) | PullError::Registry(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&boot), "{err}");
+    assert!(!b.join("rootfs").exists() || fs::read_dir(b.join("rootfs")).unwrap().next().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_lazy_image_needs_the_key_from_the_kbs() {
+    require_fuse();
+    Lab::require_cmd("openssl", "openssl");
+    let lab = Lab::new("lazy-enc");
+    let reg = Registry::start(&lab);
+    let kbs = integration::chain::KbsProcess::start(&lab);
+    let key = lab.join("image.pem");
+    let public = lab.join("image.pub.pem");
+    integration::lab::run_ok(
+        std::process::Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048"),
+    );
+    integration::lab::run_ok(
+        std::process::Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&public),
+    );
+    let spec = catalog::spec("busybox", Path::new(BUSYBOX), 0)
+        .unwrap()
+        .unwrap();
+    let mut layout = Layout::create(&lab.join("oci")).unwrap();
+    let (d, w) = nydus::write_image(&layout, &spec, &lab.join("nydus"), true).unwrap();
+    layout.tag(&d, "enc").unwrap();
+    let reference = format!("{}/lazy/enc:1", reg.host());
+    push::push_layout_jwe_last_layer(layout.dir(), "enc", &reference, &public).unwrap();
+    // Chunks are encrypted in the registry: the plaintext of /etc/hello.txt is nowhere in it.
+    let blob = fs::read(reg.blob_path(&w.layer_digests[0])).unwrap();
+    assert!(
+        !blob
+            .windows(catalog::HELLO.len())
+            .any(|x| x == catalog::HELLO.as_bytes()),
+        "chunk data is stored in the clear"
+    );
+    let cfg = |lab: &Lab| {
+        Config::from_toml(&format!(
+            "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n\
+             [kbs]\nurl = \"{}\"\n[keys]\njwe_private_keys = [\"kbs:///default/key/lazy-jwe\"]\n",
+            lab.join("work").display(),
+            reg.host(),
+            kbs.url()
+        ))
+        .unwrap()
+    };
+    // No key in the KBS: the pull fails before anything is mounted, naming the bootstrap layer.
+    let p = puller(cfg(&lab)).await;
+    let b = lab.join("bundle");
+    let err = p.pull_image(&reference, &b).await.unwrap_err();
+    assert!(matches!(err, PullError::Decrypt(_)), "{err}");
+    eprintln!("without the key: {err}");
+    assert!(!lazy_mounted(&lab));
+    // With the key: mounted, and every file reads back as built.
+    kbs.put(
+        "default/key/lazy-jwe",
+        &fs::read(&key).unwrap(),
+    );
+    let p = puller(cfg(&lab)).await;
+    let r = p.pull_image(&reference, &b).await.unwrap();
+    assert!(r.lazy);
+    assert_eq!(
+        fs::read_to_string(b.join("rootfs/etc/hello.txt")).unwrap(),
+        catalog::HELLO
+    );
+    for n in &nydus::flatten(&spec.layers).nodes {
+        if let test_images::layer::Node::File { path, data, .. } = n {
+            assert_eq!(&fs::read(b.join("rootfs").join(path)).unwrap(), data, "{path}");
+        }
+    }
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+fn lazy_mounted(lab: &Lab) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(lab.path().to_str().unwrap()) && l.contains("fuse"))
+}
