@@ -10,8 +10,8 @@ use tracing::info;
 use crate::bundle::{self, BundleError, ImageConfig};
 use crate::config::{Config, RegistryConfig};
 use crate::decrypt::{self, DecryptError, KeyUnwrapper};
-use crate::lazy::{self, LazyError, NydusManifest};
 use crate::layer::{BundleRecord, LayerError, LayerSpec, LayerStore};
+use crate::lazy::{self, LazyError, NydusManifest};
 use crate::policy::{CosignSignature, PolicyError, PolicyEvaluator, SignatureSource};
 use crate::registry::{RegistryClient, RegistryError, ResolvedImage};
 use crate::resource::{ResourceError, ResourceFetcher};
@@ -387,7 +387,11 @@ impl Puller {
         std::fs::write(&record_path, json).map_err(LayerError::Store)?;
         let eager = self.cfg.image.force_eager;
         let name = requested.whole();
-        let (bdir, odir, sdir) = (bundle_dir.to_owned(), overlay_dir.clone(), state_dir.clone());
+        let (bdir, odir, sdir) = (
+            bundle_dir.to_owned(),
+            overlay_dir.clone(),
+            state_dir.clone(),
+        );
         let made = tokio::task::spawn_blocking(move || -> Result<PathBuf, PullError> {
             let _ = std::fs::remove_dir_all(&sdir);
             let mnt = sdir.join("rootfs");
@@ -472,7 +476,10 @@ impl Puller {
 /// dir so removing the overlay never walks into the FUSE mount.
 fn lazy_state_dir(store: &LayerStore, bundle_dir: &Path) -> PathBuf {
     let overlay = store.overlay_dir(bundle_dir);
-    let name = overlay.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let name = overlay
+        .file_name()
+        .map(|n| n.to_owned())
+        .unwrap_or_default();
     store.root().join("lazy").join(name)
 }
 

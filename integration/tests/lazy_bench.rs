@@ -27,7 +27,14 @@ fn blob_bytes(reg: &Registry<'_>, repo: &str) -> u64 {
     reg.log()
         .lines()
         .filter(|l| l.contains(&needle))
-        .filter_map(|l| l.split('"').nth(2)?.split_whitespace().nth(1)?.parse().ok())
+        .filter_map(|l| {
+            l.split('"')
+                .nth(2)?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -77,7 +84,7 @@ async fn bench_lazy_vs_eager_first_read() {
     let p = Puller::new(cfg, fetcher).await.unwrap();
     let small = "payload/l2/small.txt";
 
-    let mut run = |reference: String, repo: &'static str, bundle: &'static str| {
+    let run = |reference: String, repo: &'static str, bundle: &'static str| {
         let p = &p;
         let scratch = scratch.clone();
         let reg = &reg;

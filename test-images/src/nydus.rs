@@ -7,11 +7,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nydus_api::ConfigV2;
 use nydus_builder::{
     ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType,
     Features, Merger, Prefetch, PrefetchPolicy, TarballBuilder, WhiteoutSpec,
 };
-use nydus_api::ConfigV2;
 use nydus_rafs::metadata::RafsVersion;
 use nydus_utils::{compress, digest};
 use serde_json::json;

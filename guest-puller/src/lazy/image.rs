@@ -44,8 +44,7 @@ pub fn detect(m: &OciImageManifest) -> Result<Option<NydusManifest>, LazyError> 
     if !annotated(last, BOOTSTRAP_ANNOTATION) {
         if m.layers.iter().any(|l| l.media_type == BLOB_MEDIA_TYPE) {
             return Err(LazyError::Format(
-                "manifest has nydus blob layers but its last layer is not a nydus bootstrap"
-                    .into(),
+                "manifest has nydus blob layers but its last layer is not a nydus bootstrap".into(),
             ));
         }
         return Ok(None);
@@ -146,7 +145,11 @@ mod tests {
         )]);
         assert!(detect(&plain).unwrap().is_none());
         let nydus = manifest(vec![
-            desc(BLOB_MEDIA_TYPE, "sha256:bb", Some((BLOB_ANNOTATION, "true"))),
+            desc(
+                BLOB_MEDIA_TYPE,
+                "sha256:bb",
+                Some((BLOB_ANNOTATION, "true")),
+            ),
             desc(
                 "application/vnd.oci.image.layer.v1.tar+gzip",
                 "sha256:cc",
@@ -180,8 +183,7 @@ mod tests {
         h.set_size(4);
         h.set_mode(0o644);
         b.append_data(&mut h, "image/other", &b"nope"[..]).unwrap();
-        b.append_data(&mut h, BOOTSTRAP_PATH, &b"boot"[..])
-            .unwrap();
+        b.append_data(&mut h, BOOTSTRAP_PATH, &b"boot"[..]).unwrap();
         let tar = b.into_inner().unwrap();
         assert_eq!(extract_bootstrap(&tar[..], false).unwrap(), b"boot");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

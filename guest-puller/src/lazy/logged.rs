@@ -6,8 +6,12 @@
 //! from the blob meta); a reader must see EIO, and the operator must see which chunk failed.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io::{Error, Result};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64};
@@ -17,34 +21,40 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::api::BackendFileSystem;
 use nydus_rafs::fs::Rafs;
-use nydus_rafs::metadata::RafsSuper;
 use tracing::error;
 
 /// [`Rafs`] with chunk-level error reporting on reads.
 pub struct LoggedRafs {
     inner: Rafs,
-    // A second, read-only view of the same bootstrap for inode → path lookups in log lines.
-    sb: RafsSuper,
+    // Paths of inodes the kernel looked up (it looks up every path before reading it); RAFS
+    // v6 keeps no parent pointers to rebuild them from an inode alone.
+    paths: Mutex<HashMap<u64, PathBuf>>,
     chunk_size: u64,
     image: String,
 }
 
 impl LoggedRafs {
-    /// Wraps `inner`; `sb` is the same bootstrap loaded for lookups, `image` names it in logs.
-    pub fn new(inner: Rafs, sb: RafsSuper, image: String) -> Self {
+    /// Wraps `inner`; `image` names it in log lines.
+    pub fn new(inner: Rafs, image: String) -> Self {
         let chunk_size = u64::from(inner.metadata().chunk_size).max(1);
         Self {
             inner,
-            sb,
+            paths: Mutex::new(HashMap::new()),
             chunk_size,
             image,
         }
+    }
+
+    fn paths(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PathBuf>> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl BackendFileSystem for LoggedRafs {
     fn mount(&self) -> Result<(Entry, u64)> {
-        self.inner.mount()
+        let (root, max) = self.inner.mount()?;
+        self.paths().insert(root.inode, PathBuf::from("/"));
+        Ok((root, max))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -65,7 +75,19 @@ impl FileSystem for LoggedRafs {
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let e = self.inner.lookup(ctx, parent, name)?;
+        if e.inode != 0 {
+            let mut paths = self.paths();
+            let base = paths
+                .get(&parent)
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("/"));
+            paths.insert(
+                e.inode,
+                base.join(std::ffi::OsStr::from_bytes(name.to_bytes())),
+            );
+        }
+        Ok(e)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
@@ -76,7 +98,12 @@ impl FileSystem for LoggedRafs {
         self.inner.batch_forget(ctx, requests)
     }
 
-    fn getattr(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> Result<(stat64, Duration)> {
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> Result<(stat64, Duration)> {
         self.inner.getattr(ctx, inode, handle)
     }
 
@@ -100,10 +127,10 @@ impl FileSystem for LoggedRafs {
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
             .map_err(|e| {
                 let path = self
-                    .sb
-                    .path_from_ino(inode)
+                    .paths()
+                    .get(&inode)
                     .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| format!("inode {inode}"));
+                    .unwrap_or_else(|| format!("inode {inode}"));
                 let first = offset / self.chunk_size;
                 let last = (offset + u64::from(size.max(1)) - 1) / self.chunk_size;
                 error!(image = %self.image, file = %path, offset, size, chunks = %format!("{first}..={last}"),

@@ -128,12 +128,13 @@ impl RafsMount {
                 });
             }
         }
+        drop(sb);
         let (mut rafs, reader) = Rafs::new(&cfg, &cfg.id, bootstrap)
             .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
         rafs.import(reader, None)
             .map_err(|e| LazyError::Rafs(format!("importing bootstrap: {e}")))?;
         let vfs = Arc::new(Vfs::new(VfsOptions::default()));
-        vfs.mount(Box::new(LoggedRafs::new(rafs, sb, image.to_string())), "/")
+        vfs.mount(Box::new(LoggedRafs::new(rafs, image.to_string())), "/")
             .map_err(|e| LazyError::Rafs(format!("vfs mount: {e:?}")))?;
         std::fs::create_dir_all(mountpoint).map_err(|e| LazyError::Io {
             path: mountpoint.to_owned(),
