@@ -11,6 +11,9 @@ set -euo pipefail
 CACHE=${GUESTPULL_LAB_CACHE:-/var/cache/guestpull-lab}
 mkdir -p "$CACHE"
 
+# QEMU, the guest kernel and vhost-device-vsock for the VM test (its own idempotent script).
+"$(dirname "$0")/fetch-vm-components.sh"
+
 want() { # name dir binary
     [ -x "$CACHE/$2/usr/bin/$3" ] && return 1 || return 0
 }

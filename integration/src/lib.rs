@@ -10,6 +10,7 @@ pub mod kbs;
 pub mod lab;
 pub mod registry;
 pub mod snapshotter_env;
+pub mod vm;
 
 pub use containerd::{Containerd, ContainerdOpts, ContainerdVersion};
 pub use images::{push_test_image, PushedImage};

@@ -38,9 +38,15 @@ pub fn pull_error_code(e: &PullError) -> Code {
         PullError::Registry(RegistryError::Unsupported { .. }) => Code::UNIMPLEMENTED,
         PullError::Registry(RegistryError::Credentials(_)) => Code::FAILED_PRECONDITION,
         PullError::Registry(RegistryError::Request { reason, .. }) => {
-            if reason.contains("404")
-                || reason.contains("not found")
-                || reason.contains("MANIFEST_UNKNOWN")
+            // oci-client renders the registry's error codes in several spellings
+            // (`MANIFEST_UNKNOWN`, "OCI API error: manifest unknown").
+            let lower = reason.to_ascii_lowercase();
+            if lower.contains("404")
+                || lower.contains("not found")
+                || ["manifest", "blob", "name"].iter().any(|k| {
+                    lower.contains(&format!("{k}_unknown"))
+                        || lower.contains(&format!("{k} unknown"))
+                })
             {
                 Code::NOT_FOUND
             } else if reason.contains("401")
@@ -242,6 +248,33 @@ mod tests {
                 Err(ResourceError::Denied { uri: uri.into() })
             }
         }
+    }
+
+    #[test]
+    fn registry_not_found_in_every_spelling_is_not_found() {
+        let req = |reason: &str| {
+            PullError::Registry(RegistryError::Request {
+                reference: "r/x:y".into(),
+                reason: reason.into(),
+            })
+        };
+        for r in [
+            "Registry error: url http://10.0.2.100:5000/v2/x/manifests/t, envelope: OCI API errors: [OCI API error: manifest unknown]",
+            "MANIFEST_UNKNOWN",
+            "status 404",
+            "blob unknown to registry",
+            "NAME_UNKNOWN: repository name not known",
+        ] {
+            assert_eq!(pull_error_code(&req(r)), Code::NOT_FOUND, "{r}");
+        }
+        assert_eq!(
+            pull_error_code(&req("401 Unauthorized")),
+            Code::PERMISSION_DENIED
+        );
+        assert_eq!(
+            pull_error_code(&req("connection refused")),
+            Code::UNAVAILABLE
+        );
     }
 
     async fn test_service(dir: &Path) -> Arc<Service> {
