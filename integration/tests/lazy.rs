@@ -539,3 +539,39 @@ fn lazy_mounted(lab: &Lab) -> bool {
         .lines()
         .any(|l| l.contains(lab.path().to_str().unwrap()) && l.contains("fuse"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_prefetch_fetches_the_rest_in_the_background() {
+    require_fuse();
+    let lab = Lab::new("lazy-prefetch");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 8)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "prefetch", &spec);
+    let p = puller(config(&lab, &reg, "lazy_prefetch = true")).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.nydus, &b).await.unwrap();
+    let work = lab.join("work").display().to_string();
+    integration::lab::wait_for(
+        "the background prefetch to finish",
+        std::time::Duration::from_secs(120),
+        || {
+            logs()
+                .lines()
+                .any(|l| l.contains("lazy image prefetched") && l.contains(&work))
+        },
+    );
+    // Everything is cached now: reads work with the registry gone.
+    lab.stop("registry");
+    for n in &nydus::flatten(&spec.layers).nodes {
+        if let test_images::layer::Node::File { path, data, .. } = n {
+            assert_eq!(
+                &fs::read(b.join("rootfs").join(path)).unwrap(),
+                data,
+                "{path}"
+            );
+        }
+    }
+    p.unmount_bundle(&b).await.unwrap();
+}
