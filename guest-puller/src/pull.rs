@@ -393,8 +393,12 @@ impl Puller {
             state_dir.clone(),
         );
         let made = tokio::task::spawn_blocking(move || -> Result<PathBuf, PullError> {
-            let _ = std::fs::remove_dir_all(&sdir);
             let mnt = sdir.join("rootfs");
+            // A FUSE mount left by an earlier run of the puller has no server any more.
+            if bundle::is_mountpoint(&mnt) {
+                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+            }
+            let _ = std::fs::remove_dir_all(&sdir);
             let m = lazy::mount_bootstrap(boot, &sdir, &mnt, &src, &nydus, &name)?;
             if eager {
                 // force_eager: every chunk is fetched and verified before the pull returns.
