@@ -73,7 +73,7 @@ fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
         "default/cosign-public-key/vm",
         &fs::read(keys.cosign_pub()).unwrap(),
     );
-    let policy = cosign_policy(&[repo.clone()], COSIGN_URI);
+    let policy = cosign_policy(std::slice::from_ref(&repo), COSIGN_URI);
     put(
         "default/security-policy/vm",
         &serde_json::to_vec(&policy).unwrap(),
