@@ -408,9 +408,8 @@ impl<'a> Vm<'a> {
                 CDH_VSOCK_PORT,
             )) {
                 Ok(_probe) => break,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(200));
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
                 }
                 Err(e) => return Err(e),
             }
