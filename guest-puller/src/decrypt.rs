@@ -14,9 +14,9 @@ use sha2::Sha256;
 use tokio::sync::OnceCell;
 use zeroize::Zeroizing;
 
-use crate::jwe::{self, JwePrivateKey};
 use crate::keyprovider::AnnotationPacket;
 use crate::resource::ResourceFetcher;
+use kbs_client::jwe::{self, JwePrivateKey};
 
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 type HmacSha256 = Hmac<Sha256>;
@@ -343,7 +343,7 @@ impl KeyUnwrapper {
                             continue;
                         }
                     };
-                    match jwe::decrypt(&raw, keys) {
+                    match jwe::decrypt_with_keys(&raw, keys) {
                         Ok(plbco) => return LayerKey::from_opts(layer, &plbco, pubopts),
                         Err(e) => tried.push(format!("jwe: {e}")),
                     }

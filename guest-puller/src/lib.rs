@@ -5,7 +5,6 @@ pub mod bundle;
 pub mod config;
 pub mod decrypt;
 pub mod fetcher;
-pub mod jwe;
 pub mod keyprovider;
 pub mod layer;
 pub mod lazy;
