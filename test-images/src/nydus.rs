@@ -13,7 +13,8 @@ use nydus_builder::{
     Features, Merger, Prefetch, PrefetchPolicy, TarballBuilder, WhiteoutSpec,
 };
 use nydus_rafs::metadata::RafsVersion;
-use nydus_utils::{compress, digest};
+use nydus_storage::device::BlobFeatures;
+use nydus_utils::{compress, crc32, digest};
 use serde_json::json;
 
 use crate::layer::{self, sha256_digest, Compression, Layer, Node};
@@ -136,6 +137,20 @@ pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage,
         Default::default(),
     );
     ctx.set_fs_version(RafsVersion::V6);
+    if encrypt {
+        // `BuildContext::new(.., encrypt, ..)` only picks the cipher; the blob features that
+        // tell readers about it are set by the caller (nydus-image does the same for
+        // `create --encrypt`). Without CHUNK_INFO_V2 the blob's chunk table is V1, which has
+        // no per-chunk "encrypted" bit (nydus-storage reports V1 chunks as plaintext), so
+        // readers would decompress ciphertext and every read fails; ENCRYPTED marks the blob
+        // and its chunk-info header accordingly.
+        ctx.blob_features
+            .insert(BlobFeatures::CHUNK_INFO_V2 | BlobFeatures::ENCRYPTED);
+    }
+    // V2 chunk entries carry the builder's CRC32 when it computes one, and nydus-storage then
+    // validates chunks by that CRC instead of their SHA-256 from the ToC-anchored digest table.
+    // A CRC is no integrity check, so no CRCs: every chunk is checked against its digest.
+    ctx.crc32_algorithm = crc32::Algorithm::None;
     let mut bootstrap_mgr =
         BootstrapManager::new(Some(ArtifactStorage::SingleFile(boot_path.clone())), None);
     let mut blob_mgr = BlobManager::new(digest::Algorithm::Sha256, false);
@@ -237,6 +252,65 @@ pub fn scratch_dir(work_dir: &Path, name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::ImageSpec;
+    use nydus_rafs::metadata::RafsSuper;
+
+    /// Builds a one-file image and returns its data blob and the blob/chunk records of its
+    /// (merged) bootstrap as nydus' reader sees them.
+    fn built(encrypt: bool) -> (NydusImage, RafsSuper) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "secret file contents of the nydus test image\n".repeat(4096);
+        let spec = ImageSpec::new(
+            vec![Layer {
+                nodes: vec![Node::dir("etc"), Node::file("etc/secret.txt", text)],
+                compression: Compression::Gzip,
+            }],
+            &["/bin/true"],
+        );
+        let img = build(&spec, dir.path(), encrypt).unwrap();
+        let (rs, _) = RafsSuper::load_from_file(
+            dir.path().join("image.merged.boot"),
+            Arc::new(ConfigV2::default()),
+            false,
+        )
+        .unwrap();
+        (img, rs)
+    }
+
+    #[test]
+    fn encrypted_blobs_tell_readers_their_chunks_are_encrypted() {
+        let (img, rs) = built(true);
+        let blobs = rs.superblock.get_blob_infos();
+        assert_eq!(blobs.len(), 1);
+        let b = &blobs[0];
+        assert_eq!(b.blob_id(), img.blob_digest.trim_start_matches("sha256:"));
+        // Readers decrypt only chunks whose (V2) chunk-table entry says so.
+        assert!(b.has_feature(BlobFeatures::ENCRYPTED), "{:?}", b.features());
+        assert!(
+            b.has_feature(BlobFeatures::CHUNK_INFO_V2),
+            "{:?}",
+            b.features()
+        );
+        assert!(b.cipher_context().is_some(), "chunk key kept by the merge");
+        let chunk = rs.superblock.get_chunk_info(0).unwrap();
+        assert!(chunk.is_encrypted());
+        // No CRC: readers then check chunks against their SHA-256 digests.
+        assert!(!chunk.has_crc32());
+        assert!(!img.blob.windows(16).any(|w| w == &b"secret file cont"[..]));
+    }
+
+    #[test]
+    fn plain_blobs_keep_v1_chunk_tables_without_crc() {
+        let (img, rs) = built(false);
+        let b = &rs.superblock.get_blob_infos()[0];
+        assert!(!b.has_feature(BlobFeatures::ENCRYPTED));
+        assert!(!b.has_feature(BlobFeatures::CHUNK_INFO_V2));
+        assert!(b.cipher_context().is_none());
+        let chunk = rs.superblock.get_chunk_info(0).unwrap();
+        assert!(!chunk.is_encrypted() && !chunk.has_crc32());
+        assert!(b.has_feature(BlobFeatures::INLINED_CHUNK_DIGEST));
+        assert!(!img.blob.is_empty());
+    }
 
     #[test]
     fn flatten_applies_whiteouts_and_opaque_dirs() {
