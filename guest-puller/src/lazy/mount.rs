@@ -81,6 +81,24 @@ pub fn nydus_config(
     Ok(Arc::new(cfg))
 }
 
+/// Checks that a blob whose chunks are encrypted says so in the way nydus' reader needs.
+///
+/// nydus-storage decides per chunk, from the blob's chunk table, whether to decrypt; only V2
+/// tables have that bit (V1 entries always read as plaintext). An image built with a cipher
+/// but without these blob features (as `BuildContext::new(.., encrypt = true, ..)` alone gives)
+/// would mount and then fail every read with EIO, so it is refused up front.
+pub fn check_cipher_features(encrypted: bool, features: BlobFeatures) -> Result<(), String> {
+    let needed = BlobFeatures::ENCRYPTED | BlobFeatures::CHUNK_INFO_V2;
+    if encrypted && !features.contains(needed) {
+        return Err(format!(
+            "its chunks are encrypted but the blob lacks the ENCRYPTED and CHUNK_INFO_V2 \
+             features (features: {features:?}), so nydus cannot decrypt them; rebuild it with \
+             `nydus-image create --encrypt`"
+        ));
+    }
+    Ok(())
+}
+
 /// A mounted RAFS filesystem and the threads serving it.
 pub struct RafsMount {
     mountpoint: PathBuf,
@@ -119,6 +137,12 @@ impl RafsMount {
                              with a blob ToC: nydus-image --features blob-toc)"
                         .into(),
                 });
+            }
+            // The bootstrap carries the chunk key exactly when the blob's chunks are encrypted.
+            if let Err(reason) =
+                check_cipher_features(info.cipher_context().is_some(), info.features())
+            {
+                return Err(LazyError::Format(format!("blob {b}: {reason}")));
             }
             if !blob_ids.contains_key(&b) {
                 return Err(LazyError::Integrity {
@@ -221,5 +245,22 @@ impl Drop for RafsMount {
         if !self.threads.is_empty() {
             self.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encrypted_blobs_need_v2_chunk_tables_that_mark_encryption() {
+        let base = BlobFeatures::INLINED_CHUNK_DIGEST | BlobFeatures::HAS_TOC;
+        let full = base | BlobFeatures::ENCRYPTED | BlobFeatures::CHUNK_INFO_V2;
+        assert!(check_cipher_features(true, full).is_ok());
+        assert!(check_cipher_features(false, base).is_ok());
+        let e = check_cipher_features(true, base).unwrap_err();
+        assert!(e.contains("nydus-image create --encrypt"), "{e}");
+        assert!(check_cipher_features(true, base | BlobFeatures::ENCRYPTED).is_err());
+        assert!(check_cipher_features(true, base | BlobFeatures::CHUNK_INFO_V2).is_err());
     }
 }
