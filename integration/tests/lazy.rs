@@ -418,12 +418,15 @@ async fn bootstrap_digest_mismatch_fails_the_pull() {
     assert!(!b.join("rootfs").exists() || fs::read_dir(b.join("rootfs")).unwrap().next().is_none());
 }
 
-/// An encrypted nydus image (chunks AES-128-XTS, bootstrap ocicrypt/JWE) and the KBS that
-/// may hold its key; returns (reference, private key PEM, the flattened spec).
+/// An encrypted nydus image of catalog image `name` (chunks AES-128-XTS, bootstrap
+/// ocicrypt/JWE) whose key the KBS may hold; returns (reference, private key PEM, the
+/// flattened spec, the manifest's digests).
 async fn encrypted_image(
     lab: &Lab,
     reg: &Registry<'_>,
-) -> (String, Vec<u8>, test_images::layer::Layer) {
+    name: &str,
+    large_mb: usize,
+) -> (String, Vec<u8>, test_images::layer::Layer, WrittenManifest) {
     Lab::require_cmd("openssl", "openssl");
     let key = lab.join("image.pem");
     let public = lab.join("image.pub.pem");
@@ -440,7 +443,7 @@ async fn encrypted_image(
             .arg("-out")
             .arg(&public),
     );
-    let spec = catalog::spec("busybox", Path::new(BUSYBOX), 0)
+    let spec = catalog::spec(name, Path::new(BUSYBOX), large_mb)
         .unwrap()
         .unwrap();
     let mut layout = Layout::create(&lab.join("oci")).unwrap();
@@ -460,6 +463,7 @@ async fn encrypted_image(
         reference,
         fs::read(&key).unwrap(),
         nydus::flatten(&spec.layers),
+        w,
     )
 }
 
@@ -480,7 +484,7 @@ async fn encrypted_lazy_image_needs_the_key_from_the_kbs() {
     let lab = Lab::new("lazy-enc");
     let reg = Registry::start(&lab);
     let kbs = integration::chain::KbsProcess::start(&lab);
-    let (reference, key, flat) = encrypted_image(&lab, &reg).await;
+    let (reference, key, flat, _) = encrypted_image(&lab, &reg, "busybox", 0).await;
     // No key in the KBS: the pull fails before anything is mounted, naming the bootstrap layer.
     let p = puller(kbs_config(&lab, &reg, &kbs)).await;
     let b = lab.join("bundle");
@@ -509,18 +513,64 @@ async fn encrypted_lazy_image_needs_the_key_from_the_kbs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known broken: nydus-storage 0.7.2 fails chunk validation of encrypted RAFS v6 blobs \
-            built by nydus-builder 0.2.0 (every read: 'data digest value doesn't match')"]
 async fn encrypted_lazy_image_reads_decrypt_chunks() {
     require_fuse();
     let lab = Lab::new("lazy-enc-read");
     let reg = Registry::start(&lab);
     let kbs = integration::chain::KbsProcess::start(&lab);
-    let (reference, key, flat) = encrypted_image(&lab, &reg).await;
+    let (reference, key, flat, w) = encrypted_image(&lab, &reg, "large", 64).await;
+    let blob = w.layer_digests[0].clone();
+    let blob_size = fs::metadata(reg.blob_path(&blob)).unwrap().len();
+    let repo = repo_of(&reference);
     kbs.put("default/key/lazy-jwe", &key);
     let p = puller(kbs_config(&lab, &reg, &kbs)).await;
     let b = lab.join("bundle");
     p.pull_image(&reference, &b).await.unwrap();
+    let file = |path: &str| -> &Vec<u8> {
+        flat.nodes
+            .iter()
+            .find_map(|n| match n {
+                test_images::layer::Node::File { path: p, data, .. } if p == path => Some(data),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{path} is not in the image"))
+    };
+    // Each read fetches (and decrypts) only the chunks around the file read: its own chunks
+    // plus at most nydus' read amplification window (the RAFS `batch_size`, 1 MiB by default,
+    // which also covers the chunk and digest tables fetched by the first read); never the blob.
+    const AMPLIFY: u64 = 1 << 20;
+    let mut last = blob_traffic(&reg, &repo, &blob);
+    let first_bytes = last.1;
+    for path in [
+        "payload/l2/small.txt",
+        "payload/l1/f3.bin",
+        "payload/l3/f15.bin",
+        "etc/hello.txt",
+    ] {
+        let want = file(path);
+        let got = fs::read(b.join("rootfs").join(path)).unwrap();
+        assert_eq!(&got, want, "{path}: decrypted bytes differ");
+        let now = blob_traffic(&reg, &repo, &blob);
+        let (gets, bytes) = (now.0 - last.0, now.1 - last.1);
+        // An encrypted chunk is at most its plaintext plus one AES block of padding.
+        let limit = want.len() as u64 + 16 + AMPLIFY;
+        eprintln!("{path}: {gets} blob GETs, {bytes} bytes (limit {limit}, blob {blob_size})");
+        assert!(
+            gets >= 1 && bytes > 0,
+            "{path}: the read went to the registry"
+        );
+        assert!(
+            bytes <= limit,
+            "{path}: fetched {bytes} bytes, more than its chunks and the read window ({limit})"
+        );
+        last = now;
+    }
+    let partial = last.1 - first_bytes;
+    assert!(
+        partial * 4 < blob_size,
+        "four reads fetched {partial} of {blob_size} blob bytes"
+    );
+    // Every file decrypts to the image's bytes.
     for n in &flat.nodes {
         if let test_images::layer::Node::File { path, data, .. } = n {
             assert_eq!(
@@ -530,6 +580,10 @@ async fn encrypted_lazy_image_reads_decrypt_chunks() {
             );
         }
     }
+    assert!(
+        !logs().contains("data digest value doesn't match"),
+        "a chunk failed validation"
+    );
     p.unmount_bundle(&b).await.unwrap();
 }
 
