@@ -112,9 +112,6 @@ pub struct Puller {
     store: Arc<LayerStore>,
     unwrapper: KeyUnwrapper,
     fetcher: Arc<dyn ResourceFetcher>,
-    /// Registry rules and credentials, for the blob source of lazy images.
-    rules: RegistryConfig,
-    auth: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 struct RegistrySigs<'a> {
@@ -172,7 +169,7 @@ impl Puller {
             })?);
         }
         let registry = RegistryClient::new(
-            rules.clone(),
+            rules,
             auth.as_deref().map(|a| a.as_slice()),
             &roots,
             cfg.image.max_retries,
@@ -191,8 +188,6 @@ impl Puller {
             store,
             unwrapper,
             fetcher,
-            rules,
-            auth,
         })
     }
 
@@ -369,12 +364,8 @@ impl Puller {
         }
         let boot =
             lazy::fetch_bootstrap(&self.registry, &img.source, &nydus, &self.unwrapper).await?;
-        let src = lazy::source::blob_source(
-            &self.rules,
-            self.auth.as_ref().map(|a| a.as_slice()),
-            &img.source,
-            self.cfg.image.max_retries,
-        )?;
+        let src =
+            lazy::source::blob_source(&self.registry, &img.source, self.cfg.image.max_retries);
         let overlay_dir = self.store.overlay_dir(bundle_dir);
         let state_dir = lazy_state_dir(&self.store, bundle_dir);
         let record = BundleRecord {

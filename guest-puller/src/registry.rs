@@ -175,6 +175,7 @@ pub struct RegistryClient {
     client: Client,
     creds: BTreeMap<String, (String, String)>,
     rules: RegistryConfig,
+    plain_http: Vec<String>,
     retries: u32,
 }
 
@@ -234,7 +235,7 @@ impl RegistryClient {
             })
             .collect();
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain),
+            protocol: ClientProtocol::HttpsExcept(plain.clone()),
             extra_root_certificates: certs,
             platform_resolver: None,
             connect_timeout: Some(Duration::from_secs(30)),
@@ -245,6 +246,7 @@ impl RegistryClient {
             client: Client::new(config),
             creds,
             rules,
+            plain_http: plain,
             retries: retries.max(1),
         })
     }
@@ -260,19 +262,31 @@ impl RegistryClient {
             })
     }
 
-    /// Credentials for a reference: exact repository, parent namespaces, then the registry.
-    fn auth_for(&self, r: &Reference) -> RegistryAuth {
+    /// Basic credentials for a reference: exact repository, parent namespaces, then the registry.
+    pub fn basic_credentials(&self, r: &Reference) -> Option<(&str, &str)> {
         let host = normalize_auth_key(r.registry());
         let mut path = format!("{host}/{}", r.repository());
         loop {
             if let Some((u, p)) = self.creds.get(&path) {
-                return RegistryAuth::Basic(u.clone(), p.clone());
+                return Some((u, p));
             }
             match path.rsplit_once('/') {
                 Some((parent, _)) => path = parent.to_string(),
-                None => return RegistryAuth::Anonymous,
+                None => return None,
             }
         }
+    }
+
+    fn auth_for(&self, r: &Reference) -> RegistryAuth {
+        match self.basic_credentials(r) {
+            Some((u, p)) => RegistryAuth::Basic(u.into(), p.into()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Whether `host` is reached over plain HTTP (insecure registries and insecure rules/mirrors).
+    pub fn is_plain_http(&self, host: &str) -> bool {
+        self.plain_http.iter().any(|h| h == host)
     }
 
     /// Candidate sources for `r`: mirrors first, then the (possibly remapped) location.
