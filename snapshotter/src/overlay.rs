@@ -181,10 +181,20 @@ pub enum VolumeAction {
     LocalGuest(crate::local_guest::LocalGuestConfig),
 }
 
-/// Decides what the helper does with the decoded volume: a guest-pull volume goes to the
-/// local guest when one is configured, everything else is a plain overlay.
-pub fn volume_action(volume: Option<&KataVirtualVolume>) -> Result<VolumeAction, HelperError> {
-    if crate::local_guest::wants_guest_pull(volume) {
+/// Decides what the helper does with the decoded volume mounted on `target`: a guest-pull
+/// volume goes to the local guest when one is configured, everything else is a plain overlay.
+/// containerd's own temporary mounts (`<root>/tmpmounts/…`, where CRI reads `/etc/passwd` and
+/// copies up volumes) stay plain overlays: on a Kata node they happen on the host and never reach
+/// the guest, so the local guest must not pull (and lazily fetch) an image for them either.
+pub fn volume_action(
+    volume: Option<&KataVirtualVolume>,
+    target: &Path,
+) -> Result<VolumeAction, HelperError> {
+    let temp_mount = target
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "tmpmounts");
+    if crate::local_guest::wants_guest_pull(volume) && !temp_mount {
         if let Some(cfg) = crate::local_guest::LocalGuestConfig::discover()? {
             return Ok(VolumeAction::LocalGuest(cfg));
         }
@@ -284,7 +294,7 @@ pub fn mount_overlay(target: &Path, flags: MountFlags, data: &[String]) -> Resul
 pub fn run<S: AsRef<str>>(args: &[S]) -> Result<(), HelperError> {
     let a = parse_args(args)?;
     let opts = parse_options(&a.options)?;
-    match volume_action(opts.volume.as_ref())? {
+    match volume_action(opts.volume.as_ref(), &a.target)? {
         VolumeAction::MountOverlay => mount_overlay(&a.target, opts.flags, &opts.data),
         VolumeAction::LocalGuest(cfg) => {
             let volume = opts
@@ -300,6 +310,16 @@ pub fn run<S: AsRef<str>>(args: &[S]) -> Result<(), HelperError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containerd_temp_mounts_never_go_to_the_local_guest() {
+        let v = KataVirtualVolume::guest_pull("reg/x:1", Default::default());
+        let tmp = Path::new("/var/lib/containerd/tmpmounts/containerd-mount123");
+        assert!(matches!(
+            volume_action(Some(&v), tmp).unwrap(),
+            VolumeAction::MountOverlay
+        ));
+    }
     use std::collections::BTreeMap;
 
     #[test]
