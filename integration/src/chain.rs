@@ -113,7 +113,7 @@ pub fn build_images(
     keys: &OwnerKeys,
     only: &[&str],
 ) -> serde_json::Value {
-    run_test_images(lab, reg, keys, only, |_| {})
+    build_images_with(lab, reg, keys, only, |_| {})
 }
 
 /// [`build_images`] plus a `:kbs` variant of each image (layer keys wrapped by the owner's KEK
@@ -135,7 +135,7 @@ pub fn build_images_kbs(
         );
     }
     let path_env = ctrd.path_env();
-    let built = run_test_images(lab, reg, keys, only, |cmd| {
+    let built = build_images_with(lab, reg, keys, only, |cmd| {
         cmd.arg("--kbs-kek")
             .arg(keys.kek())
             .args(["--kbs-kid", OWNER_KEK_ID, "--containerd-address"])
@@ -150,7 +150,9 @@ pub fn build_images_kbs(
     built
 }
 
-fn run_test_images(
+/// Runs `test-images build` for `only` like [`build_images`], with `extra` adding arguments
+/// (`--nydus`, `--large-mb`, ...); returns the build manifest.
+pub fn build_images_with(
     lab: &Lab,
     reg: &Registry<'_>,
     keys: &OwnerKeys,
@@ -370,6 +372,22 @@ pub fn blob_gets_by(reg: &Registry<'_>, repo: &str) -> (usize, usize) {
         }
     }
     (host, guest)
+}
+
+/// GETs of blob `digest` in `repo` in the registry log and the bytes they returned (ranged or not).
+pub fn blob_traffic(reg: &Registry<'_>, repo: &str, digest: &str) -> (usize, u64) {
+    let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
+    let mut n = 0;
+    let mut bytes = 0;
+    for l in reg.log().lines().filter(|l| l.contains(&needle)) {
+        n += 1;
+        // ... "GET /v2/... HTTP/1.1" 206 12345 "" "user agent"
+        let after = l.split('"').nth(2).unwrap_or("");
+        let mut f = after.split_whitespace();
+        let _status = f.next();
+        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+    }
+    (n, bytes)
 }
 
 /// The first regular file under `dir` (same filesystem, no symlinks) that contains `needle`.

@@ -169,13 +169,14 @@ impl CriClient {
         Ok(Pod { id, config })
     }
 
-    /// CreateContainer + StartContainer of `image` (its own entrypoint) in `pod`; returns the
-    /// container id. The log goes to `<pod log dir>/<name>.log`.
+    /// CreateContainer + StartContainer of `image` in `pod` running `command` (empty: the image's
+    /// own entrypoint); returns the container id. The log goes to `<pod log dir>/<name>.log`.
     pub fn start_container(
         &mut self,
         pod: &Pod,
         name: &str,
         image: &str,
+        command: &[&str],
     ) -> Result<String, tonic::Status> {
         let req = CreateContainerRequest {
             pod_sandbox_id: pod.id.clone(),
@@ -189,6 +190,7 @@ impl CriClient {
                     ..Default::default()
                 }),
                 log_path: format!("{name}.log"),
+                command: command.iter().map(|c| c.to_string()).collect(),
                 ..Default::default()
             }),
             sandbox_config: Some(pod.config.clone()),

@@ -8,8 +8,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use integration::chain::{
-    blob_gets_by, build_images_kbs, catalog_repo, cosign_policy, ctr_pull_guestpull,
-    ctr_run_guestpull, find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
+    blob_gets_by, blob_traffic, build_images_kbs, build_images_with, catalog_repo, cosign_policy,
+    ctr_pull_guestpull, ctr_run_guestpull, find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
 };
 use integration::snapshotter_env::cri::{log_messages, CriClient};
 use integration::snapshotter_env::{cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon};
@@ -28,10 +28,21 @@ struct World<'a> {
 }
 
 fn world<'a>(lab: &'a Lab, images: &[&str]) -> World<'a> {
+    world_built(lab, images, |lab, reg, keys, only| {
+        build_images_kbs(lab, reg, keys, only);
+    })
+}
+
+/// [`world`] with the images built by `build`.
+fn world_built<'a>(
+    lab: &'a Lab,
+    images: &[&str],
+    build: impl FnOnce(&Lab, &Registry<'_>, &OwnerKeys, &[&str]),
+) -> World<'a> {
     Lab::require_root();
     let reg = Registry::start(lab);
     let keys = OwnerKeys::generate(lab);
-    build_images_kbs(lab, &reg, &keys, images);
+    build(lab, &reg, &keys, images);
     let kbs = KbsProcess::start(lab);
     keys.provision(&kbs, "default/image-key/e2e");
     kbs.put(
@@ -94,7 +105,13 @@ fn assert_no_plaintext(ctrd: &Containerd<'_>, w: &World<'_>) {
 /// CRI as kubelet drives it: a host-network pod under the runtime handler (its pause image pulled
 /// through guestpull as well), then CreateContainer + StartContainer of `image`; returns the
 /// container's log.
-fn run_through_cri(cri: &mut CriClient, lab: &Lab, v: ContainerdVersion, image: &str) -> String {
+fn run_through_cri(
+    cri: &mut CriClient,
+    lab: &Lab,
+    v: ContainerdVersion,
+    image: &str,
+    command: &[&str],
+) -> String {
     let logs = lab.join(&format!("pod-logs-{}", v.label()));
     fs::create_dir_all(&logs).unwrap();
     let pod = cri
@@ -105,7 +122,7 @@ fn run_through_cri(cri: &mut CriClient, lab: &Lab, v: ContainerdVersion, image: 
         )
         .unwrap_or_else(|e| panic!("{}: RunPodSandbox: {e}", v.label()));
     let id = cri
-        .start_container(&pod, "hello", image)
+        .start_container(&pod, "hello", image, command)
         .unwrap_or_else(|e| panic!("{}: Create/StartContainer: {e}", v.label()));
     let code = cri
         .wait_exited(&id, Duration::from_secs(120))
@@ -161,7 +178,7 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
             let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "e2e-cri");
             assert_ran(&out, &what, &w.guest.log());
         } else {
-            let log = run_through_cri(&mut cri, &lab, v, &image);
+            let log = run_through_cri(&mut cri, &lab, v, &image, &[]);
             assert_eq!(log.trim(), HELLO, "{what}\n{}", w.guest.log());
         }
         let (host, guest) = blob_gets_by(&w.reg, &repo_path);
@@ -214,6 +231,55 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
         assert_no_plaintext(&ctrd, &w);
         drop(ctrd);
     }
+}
+
+/// Lazy pull through the whole chain: containerd 2.1 pulls a signed nydus image through guestpull
+/// with CRI, the pod's container reads one small file, and the guest fetched only the chunks of
+/// busybox and that file: the container started long before the image could have downloaded.
+#[test]
+fn lazy_nydus_image_runs_through_cri_fetching_only_what_it_reads() {
+    let lab = Lab::new("e2e-lazy");
+    let w = world_built(&lab, &["large", "pause"], |lab, reg, keys, only| {
+        build_images_with(lab, reg, keys, only, |cmd| {
+            cmd.args(["--nydus", "--large-mb", "256"]);
+        });
+    });
+    let v = ContainerdVersion::V2_1;
+    let ctrd = containerd(&lab, &w, v, true);
+    let image = format!("{}:nydus", catalog_repo(&w.reg, "large"));
+    let mut cri = CriClient::connect(&ctrd.socket()).expect("CRI client");
+    cri.pull_image(&image, handler_for(v))
+        .unwrap_or_else(|e| panic!("CRI pull of a nydus image: {e}"));
+    let manifest = integration::images::inspect(&w.reg, &image);
+    let blob = &manifest.layer_digests[0];
+    let blob_size = fs::metadata(w.reg.blob_path(blob)).unwrap().len();
+    assert_eq!(
+        blob_traffic(&w.reg, &manifest.repo, blob),
+        (0, 0),
+        "nobody read the data blob before the container started"
+    );
+
+    let log = run_through_cri(
+        &mut cri,
+        &lab,
+        v,
+        &image,
+        &["/bin/cat", "/payload/l2/small.txt"],
+    );
+    assert_eq!(log.trim(), "small file in layer 2", "{}", w.guest.log());
+    let (gets, bytes) = blob_traffic(&w.reg, &manifest.repo, blob);
+    eprintln!("lazy container: {gets} blob GETs, {bytes} of {blob_size} blob bytes");
+    assert!(gets >= 1, "the reads went to the registry");
+    assert!(
+        bytes * 20 < blob_size,
+        "fetched {bytes} of {blob_size} blob bytes (must be < 5%)"
+    );
+    assert!(
+        w.guest.log().contains("accepted by signature policy"),
+        "{}",
+        w.guest.log()
+    );
+    drop(ctrd);
 }
 
 /// Each refusal must stop the container with the guest-puller's own message in ctr's error.

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use guest_puller::config::Config;
 use guest_puller::fetcher::KbsResourceFetcher;
 use guest_puller::pull::{PullError, Puller};
+use integration::chain::blob_traffic;
 use integration::{Lab, Registry};
 use sha2::{Digest, Sha256};
 use test_images::catalog;
@@ -180,21 +181,6 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
 }
 
 /// (range GETs, bytes served) for one blob in the registry's access log.
-fn blob_traffic(reg: &Registry<'_>, repo: &str, digest: &str) -> (usize, u64) {
-    let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
-    let mut n = 0;
-    let mut bytes = 0;
-    for l in reg.log().lines().filter(|l| l.contains(&needle)) {
-        n += 1;
-        // ... "GET /v2/... HTTP/1.1" 206 12345 "" "ua"
-        let after = l.split('"').nth(2).unwrap_or("");
-        let mut f = after.split_whitespace();
-        let _status = f.next();
-        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
-    }
-    (n, bytes)
-}
-
 fn repo_of(reference: &str) -> String {
     let no_tag = reference.rsplit_once(':').unwrap().0;
     no_tag.split_once('/').unwrap().1.to_string()

@@ -211,10 +211,10 @@ fn build(a: BuildArgs) -> Result<()> {
             ));
         }
         if let Some(key) = &a.cosign_key {
-            // Signs the image and its encrypted variant: a signature binds one manifest digest.
+            // Signs the image and every variant: a signature binds one manifest digest.
             let password = std::env::var("COSIGN_PASSWORD").unwrap_or_default();
             let mut signed = vec![format!("{repo}@{digest}")];
-            for variant in ["jwe", "kbs"] {
+            for variant in ["jwe", "kbs", "nydus", "nydus-jwe"] {
                 if let Some(r) = entry["variants"][variant].as_str() {
                     signed.push(format!("{repo}@{}", push::manifest_digest(r)?));
                 }
