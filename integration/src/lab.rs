@@ -39,6 +39,19 @@ impl Lab {
         &self.dir
     }
 
+    /// A tmpfs of `size` (e.g. `12g`) mounted at `<lab>/<rel>`, as the guest's `/run` is; the
+    /// lab unmounts it on drop.
+    pub fn tmpfs(&self, rel: &str, size: &str) -> PathBuf {
+        let dir = self.join(rel);
+        fs::create_dir_all(&dir).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&dir),
+        );
+        dir
+    }
+
     /// A path inside the lab directory.
     pub fn join(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)

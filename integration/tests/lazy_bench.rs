@@ -8,14 +8,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use guest_puller::config::Config;
 use guest_puller::fetcher::KbsResourceFetcher;
 use guest_puller::pull::Puller;
-use integration::lab::run_ok;
 use integration::{Lab, Registry};
 use test_images::catalog;
 use test_images::layout::Layout;
@@ -49,13 +47,7 @@ async fn bench_lazy_vs_eager_first_read() {
         .unwrap_or(1024);
     let lab = Lab::new("lazy-bench");
     let reg = Registry::start(&lab);
-    let scratch = lab.join("tmpfs");
-    fs::create_dir_all(&scratch).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=12g", "tmpfs"])
-            .arg(&scratch),
-    );
+    let scratch = lab.tmpfs("tmpfs", "12g");
     let spec = catalog::spec("large", Path::new("/bin/busybox"), mb)
         .unwrap()
         .unwrap();

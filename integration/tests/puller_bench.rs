@@ -64,13 +64,7 @@ fn bench_encrypted_gzip_image() {
     let lab = Lab::new("puller-bench");
     let reg = Registry::start(&lab);
     // Everything written lives on tmpfs, as the guest's /run does; the lab unmounts it on drop.
-    let scratch = lab.join("tmpfs");
-    fs::create_dir_all(&scratch).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=12g", "tmpfs"])
-            .arg(&scratch),
-    );
+    let scratch = lab.tmpfs("tmpfs", "12g");
     let at = |p: &str| scratch.join(p);
     let tree = std::env::var("GUESTPULL_BENCH_TREE").unwrap_or_else(|_| "/usr/share".into());
 
