@@ -12,7 +12,9 @@ use integration::chain::{
     ctr_pull_guestpull, ctr_run_guestpull, find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
 };
 use integration::snapshotter_env::cri::{log_messages, CriClient};
-use integration::snapshotter_env::{cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon};
+use integration::snapshotter_env::{
+    cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon, PLUGIN,
+};
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
 
 const POLICY_URI: &str = "kbs:///default/security-policy/e2e";
@@ -392,9 +394,19 @@ fn concurrent_containers_and_restarts() {
         );
     }
 
-    // Restart the snapshotter and the guest-puller: the next run works.
+    // Restart the snapshotter and the guest-puller: the next run works once containerd's gRPC
+    // client has redialled the snapshotter (it backs off after the refused connections).
     w.snap.restart();
     w.guest.restart();
+    integration::lab::wait_for(
+        "containerd to reconnect to the restarted snapshotter",
+        Duration::from_secs(60),
+        || {
+            ctrd.ctr(&["snapshots", "--snapshotter", PLUGIN, "ls"])
+                .status
+                .success()
+        },
+    );
     let out = ctr_run_guestpull(&ctrd, ctrd.namespace(), &a, "after-restart");
     assert_ran(
         &out,
