@@ -1,5 +1,6 @@
 //! Small busybox test images built with umoci and pushed with skopeo (no Docker).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -160,4 +161,31 @@ pub fn inspect(registry: &Registry<'_>, reference: &str) -> PushedImage {
         layer_digests,
         manifest,
     }
+}
+
+/// Path → "type mode owner size-or-hash link" for every entry below `root`: two rootfs trees
+/// compare equal when files, modes, owners, contents and links match.
+pub fn rootfs_tree(root: &Path) -> BTreeMap<String, String> {
+    let out = run_ok(Command::new("find").arg(root).args([
+        "-mindepth",
+        "1",
+        "-printf",
+        "%P\t%y\t%m\t%U:%G\t%s\t%l\n",
+    ]));
+    let mut m = BTreeMap::new();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let (path, kind, mode, owner, size, link) = (f[0], f[1], f[2], f[3], f[4], f[5]);
+        let content = match kind {
+            "f" => hex::encode(Sha256::digest(fs::read(root.join(path)).unwrap())),
+            // Directory sizes depend on the filesystem, not the image.
+            "d" => String::new(),
+            _ => size.to_string(),
+        };
+        m.insert(
+            path.to_string(),
+            format!("{kind} {mode} {owner} {content} {link}"),
+        );
+    }
+    m
 }

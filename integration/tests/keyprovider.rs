@@ -2,7 +2,6 @@
 //! encrypts for the KBS, registers the KEK, and the guest-puller decrypts in the "guest" — via
 //! `guest-puller pull` and via the whole containerd → snapshotter → local-guest chain.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,10 +11,10 @@ use integration::chain::{
     GuestPuller, KbsProcess, OwnerKeys, HELLO,
 };
 use integration::containerd::lab_cache;
+use integration::images::rootfs_tree;
 use integration::lab::{bin_path, free_port, run_ok, wait_for};
 use integration::snapshotter_env::{proxy_body, SnapshotterDaemon};
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
-use sha2::{Digest, Sha256};
 
 const KID: &str = "kbs:///default/key/e2e";
 const KID_PATH: &str = "default/key/e2e";
@@ -201,30 +200,6 @@ fn store_is_empty(work: &Path) -> bool {
     })
 }
 
-/// Path → "type mode owner content link" for every entry below `root`.
-fn tree(root: &Path) -> BTreeMap<String, String> {
-    let out = run_ok(Command::new("find").arg(root).args([
-        "-mindepth",
-        "1",
-        "-printf",
-        "%P\t%y\t%m\t%U:%G\t%s\t%l\n",
-    ]));
-    out.lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split('\t').collect();
-            let content = match f[1] {
-                "f" => hex::encode(Sha256::digest(fs::read(root.join(f[0])).unwrap())),
-                "d" => String::new(),
-                _ => f[4].to_string(),
-            };
-            (
-                f[0].to_string(),
-                format!("{} {} {} {content} {}", f[1], f[2], f[3], f[5]),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn ctr_imgcrypt_cmd_mode_image_decrypts_in_the_guest_and_runs() {
     Lab::require_root();
@@ -296,8 +271,8 @@ fn ctr_imgcrypt_cmd_mode_image_decrypts_in_the_guest_and_runs() {
     pull_ok(&cfg, &enc, &lab.join("b-enc"));
     pull_ok(&cfg, &plain, &lab.join("b-plain"));
     let (a, b) = (
-        tree(&lab.join("b-enc/rootfs")),
-        tree(&lab.join("b-plain/rootfs")),
+        rootfs_tree(&lab.join("b-enc/rootfs")),
+        rootfs_tree(&lab.join("b-plain/rootfs")),
     );
     assert!(!a.is_empty());
     assert_eq!(a, b, "decrypted rootfs differs from the plain image's");
@@ -431,8 +406,8 @@ fn ctr_imgcrypt_grpc_mode_round_trip() {
     pull_ok(&cfg, &enc, &lab.join("b-enc"));
     pull_ok(&cfg, &img.reference, &lab.join("b-plain"));
     assert_eq!(
-        tree(&lab.join("b-enc/rootfs")),
-        tree(&lab.join("b-plain/rootfs"))
+        rootfs_tree(&lab.join("b-enc/rootfs")),
+        rootfs_tree(&lab.join("b-plain/rootfs"))
     );
     for b in ["b-enc", "b-plain"] {
         run_ok(

@@ -180,7 +180,15 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// (range GETs, bytes served) for one blob in the registry's access log.
+/// Every regular file of the flattened tree `flat` reads back its exact bytes under `rootfs`.
+fn assert_every_file_reads_back(rootfs: &Path, flat: &test_images::layer::Layer) {
+    for n in &flat.nodes {
+        if let test_images::layer::Node::File { path, data, .. } = n {
+            assert_eq!(&fs::read(rootfs.join(path)).unwrap(), data, "{path}");
+        }
+    }
+}
+
 fn repo_of(reference: &str) -> String {
     let no_tag = reference.rsplit_once(':').unwrap().0;
     no_tag.split_once('/').unwrap().1.to_string()
@@ -365,16 +373,7 @@ async fn force_eager_fetches_the_whole_nydus_image_before_returning() {
     p.pull_image(&img.nydus, &b).await.unwrap();
     // Every chunk is cached: reads work with the registry gone.
     lab.stop("registry");
-    let flat = nydus::flatten(&spec.layers);
-    for n in &flat.nodes {
-        if let test_images::layer::Node::File { path, data, .. } = n {
-            assert_eq!(
-                &fs::read(b.join("rootfs").join(path)).unwrap(),
-                data,
-                "{path}"
-            );
-        }
-    }
+    assert_every_file_reads_back(&b.join("rootfs"), &nydus::flatten(&spec.layers));
     p.unmount_bundle(&b).await.unwrap();
 }
 
@@ -557,15 +556,7 @@ async fn encrypted_lazy_image_reads_decrypt_chunks() {
         "four reads fetched {partial} of {blob_size} blob bytes"
     );
     // Every file decrypts to the image's bytes.
-    for n in &flat.nodes {
-        if let test_images::layer::Node::File { path, data, .. } = n {
-            assert_eq!(
-                &fs::read(b.join("rootfs").join(path)).unwrap(),
-                data,
-                "{path}"
-            );
-        }
-    }
+    assert_every_file_reads_back(&b.join("rootfs"), &flat);
     assert!(
         !logs().contains("data digest value doesn't match"),
         "a chunk failed validation"
@@ -604,14 +595,6 @@ async fn lazy_prefetch_fetches_the_rest_in_the_background() {
     );
     // Everything is cached now: reads work with the registry gone.
     lab.stop("registry");
-    for n in &nydus::flatten(&spec.layers).nodes {
-        if let test_images::layer::Node::File { path, data, .. } = n {
-            assert_eq!(
-                &fs::read(b.join("rootfs").join(path)).unwrap(),
-                data,
-                "{path}"
-            );
-        }
-    }
+    assert_every_file_reads_back(&b.join("rootfs"), &nydus::flatten(&spec.layers));
     p.unmount_bundle(&b).await.unwrap();
 }

@@ -1,11 +1,11 @@
 //! guest-puller end to end against Debian's docker-registry, with umoci and skopeo as the
 //! independent reference (Go) implementations. Needs root (overlay mounts, whiteouts).
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use integration::images::rootfs_tree;
 use integration::lab::run_ok;
 use integration::{bin_path, push_test_image, Lab, Registry};
 use sha2::{Digest, Sha256};
@@ -89,34 +89,8 @@ impl Env<'_> {
     }
 }
 
-/// Path → "type mode owner size-or-hash link" for every entry below `root`.
-fn tree(root: &Path) -> BTreeMap<String, String> {
-    let out = run_ok(Command::new("find").arg(root).args([
-        "-mindepth",
-        "1",
-        "-printf",
-        "%P\t%y\t%m\t%U:%G\t%s\t%l\n",
-    ]));
-    let mut m = BTreeMap::new();
-    for line in out.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        let (path, kind, mode, owner, size, link) = (f[0], f[1], f[2], f[3], f[4], f[5]);
-        let content = match kind {
-            "f" => hex::encode(Sha256::digest(fs::read(root.join(path)).unwrap())),
-            // Directory sizes depend on the filesystem, not the image.
-            "d" => String::new(),
-            _ => size.to_string(),
-        };
-        m.insert(
-            path.to_string(),
-            format!("{kind} {mode} {owner} {content} {link}"),
-        );
-    }
-    m
-}
-
 fn assert_same_tree(ours: &Path, reference: &Path) {
-    let (a, b) = (tree(ours), tree(reference));
+    let (a, b) = (rootfs_tree(ours), rootfs_tree(reference));
     assert!(!a.is_empty(), "empty rootfs at {}", ours.display());
     if a != b {
         let mut diff = String::new();

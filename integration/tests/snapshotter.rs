@@ -288,14 +288,7 @@ fn ctr_transfer_pull_skips_layers_containerd_2_1() {
     let snap = SnapshotterDaemon::start(&lab, "");
     let ctrd = Containerd::start(&lab, v, &proxy_body(v, &snap.socket(), &snap.root()));
     let ns = ctrd.namespace().to_string();
-    ctrd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        PLUGIN,
-        &img.reference,
-    ]);
+    integration::chain::ctr_pull_guestpull(&ctrd, &img.reference);
     assert_eq!(
         layer_gets(&reg, &img),
         0,
