@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, PlainChainMode};
 use crate::error::{Error, Result};
 use crate::filter::{Adaptor, Filter};
+use crate::limits;
 use crate::mounts::{self, Mount, Upper};
 use crate::store::{DiskUsage, Flavor, Kind, NewSnapshot, Record, Store};
 use crate::volume::KataVirtualVolume;
@@ -114,6 +115,8 @@ pub struct Stats {
 pub struct CleanupReport {
     /// Directories removed.
     pub removed: Vec<PathBuf>,
+    /// Entries left alone: names we never create, ids this store never handed out.
+    pub kept: Vec<PathBuf>,
 }
 
 /// The snapshotter core.
@@ -141,6 +144,101 @@ pub fn is_extract_key(key: &str) -> bool {
     let parts: Vec<&str> = key.splitn(3, '/').collect();
     let last = if parts.len() == 3 { parts[2] } else { key };
     last.starts_with("extract-")
+}
+
+/// Labels of a marker recreated by self-healing.
+fn recovered_labels(name: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    labels.insert(LABEL_SNAPSHOT_REF.to_string(), name.to_string());
+    labels.insert(LABEL_PROXY_MODE.to_string(), "true".to_string());
+    labels.insert(LABEL_RECOVERED.to_string(), "true".to_string());
+    labels.insert(
+        LABEL_RECOVERED_AT.to_string(),
+        (crate::store::now_ns() / 1_000_000_000).to_string(),
+    );
+    labels
+}
+
+/// A Prepare's parent as found in the store.
+enum Parent {
+    /// No parent.
+    None,
+    /// Stored.
+    Existing(Record),
+    /// Lost chain ID, to be recreated as a marker with these labels.
+    Heal(BTreeMap<String, String>),
+}
+
+impl Parent {
+    /// What the new snapshot's flavor is derived from (a healed parent is a marker).
+    fn record(&self) -> Option<Record> {
+        match self {
+            Parent::None => None,
+            Parent::Existing(r) => Some(r.clone()),
+            Parent::Heal(labels) => Some(Record {
+                id: 0,
+                kind: Kind::Committed,
+                parent: String::new(),
+                labels: labels.clone(),
+                flavor: Flavor::Marker,
+                created_ns: 0,
+                updated_ns: 0,
+                usage: DiskUsage::default(),
+            }),
+        }
+    }
+
+    /// The labels for [`NewSnapshot::heal_parent`].
+    fn heal_labels(self) -> Option<BTreeMap<String, String>> {
+        match self {
+            Parent::Heal(labels) => Some(labels),
+            _ => None,
+        }
+    }
+}
+
+/// Who an entry of `snapshots/` belongs to.
+#[derive(Debug, PartialEq, Eq)]
+enum DirClass {
+    /// An id this store handed out (live, or an orphan for Cleanup), or a `new-*` build.
+    Ours,
+    /// An empty skeleton at the id after the last one: a crash between the rename into
+    /// place and the commit of its record (ids are allocated inside that transaction).
+    CrashLeftover,
+    /// An id this store never handed out: the store does not match the directories.
+    Foreign,
+    /// Not a name we ever create (e.g. `lost+found`): never touched.
+    Other,
+}
+
+/// Classifies entry `name` of `snapshots/`, given the store's last allocated id.
+fn classify_dir(name: &std::ffi::OsStr, path: &Path, last_id: u64) -> DirClass {
+    let Some(name) = name.to_str() else {
+        return DirClass::Other;
+    };
+    if name.starts_with("new-") {
+        return DirClass::Ours;
+    }
+    match name.parse::<u64>() {
+        Ok(id) if id.to_string() != name => DirClass::Other,
+        Ok(id) if id <= last_id => DirClass::Ours,
+        Ok(id) if id == last_id + 1 && is_empty_skeleton(path) => DirClass::CrashLeftover,
+        Ok(_) => DirClass::Foreign,
+        Err(_) => DirClass::Other,
+    }
+}
+
+/// Whether `dir` holds nothing but empty `fs` and `work` directories.
+fn is_empty_skeleton(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            matches!(e.file_name().to_str(), Some("fs" | "work"))
+                && std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none())
+        })
+    })
 }
 
 fn sorted(labels: HashMap<String, String>) -> BTreeMap<String, String> {
@@ -200,7 +298,7 @@ impl Engine {
             }
         }
         let store = Store::open(&root.join("metadata.db"))?;
-        Ok(Engine {
+        let engine = Engine {
             mount_type: cfg.mount_type(),
             cfg,
             store,
@@ -209,7 +307,49 @@ impl Engine {
             dirs: RwLock::new(()),
             tmp_seq: AtomicU64::new(0),
             stats: Stats::default(),
-        })
+        };
+        engine.refuse_foreign_dirs()?;
+        Ok(engine)
+    }
+
+    /// Refuses a store that did not allocate the directories under `snapshots/`.
+    ///
+    /// A missing, emptied or older `metadata.db` next to existing snapshot directories
+    /// looks like a store whose snapshots were all removed, and containerd's next routine
+    /// Cleanup would delete every directory, active writable layers included. Ids only grow,
+    /// so a directory whose id the store never handed out proves the mismatch.
+    fn refuse_foreign_dirs(&self) -> Result<()> {
+        let last = self.store.last_id()?;
+        let mut foreign: Vec<String> = Vec::new();
+        let rd = std::fs::read_dir(&self.snapshots_dir)
+            .map_err(|e| Error::io(format!("reading {}", self.snapshots_dir.display()), e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io("reading snapshots dir", e))?;
+            if classify_dir(&entry.file_name(), &entry.path(), last) == DirClass::Foreign {
+                foreign.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        foreign.sort_by_key(|n| n.parse::<u64>().unwrap_or(u64::MAX));
+        let shown = foreign
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(Error::Unsafe(format!(
+            "{db} has handed out snapshot ids up to {last}, but {dir} holds {n} directories \
+             it never allocated ({shown}{more}): the metadata was lost, emptied or replaced \
+             by an older copy, and Cleanup would delete those directories. Restore the \
+             matching metadata.db, or, if their content is not needed, move them out of {dir} \
+             and start again",
+            db = self.cfg.root.join("metadata.db").display(),
+            dir = self.snapshots_dir.display(),
+            n = foreign.len(),
+            more = if foreign.len() > 10 { ", ..." } else { "" },
+        )))
     }
 
     /// The configuration in effect.
@@ -244,31 +384,17 @@ impl Engine {
 
     /// Recreates a lost committed chain-ID snapshot as a guest-pull marker.
     fn heal(&self, name: &str, during: &str) -> Result<Record> {
-        let mut labels = BTreeMap::new();
-        labels.insert(LABEL_SNAPSHOT_REF.to_string(), name.to_string());
-        labels.insert(LABEL_PROXY_MODE.to_string(), "true".to_string());
-        labels.insert(LABEL_RECOVERED.to_string(), "true".to_string());
-        labels.insert(
-            LABEL_RECOVERED_AT.to_string(),
-            (crate::store::now_ns() / 1_000_000_000).to_string(),
-        );
         let new = NewSnapshot {
             kind: Kind::Committed,
             parent: String::new(),
-            labels,
+            labels: recovered_labels(name),
             flavor: Flavor::Marker,
+            heal_parent: None,
         };
         match self.store.create(name, new, |_| Ok(())) {
-            Ok(r) => {
-                let n = self.stats.recovered_parents.fetch_add(1, Ordering::Relaxed) + 1;
-                warn!(
-                    snapshot = name,
-                    during,
-                    recovered_total = n,
-                    "snapshot referenced by containerd is missing from our store; \
-                     recreated it as a committed guest-pull marker (state was wiped or lost?)"
-                );
-                Ok(r)
+            Ok(c) => {
+                self.healed(name, during);
+                Ok(c.record)
             }
             Err(Error::AlreadyExists(_)) => self
                 .store
@@ -278,14 +404,29 @@ impl Engine {
         }
     }
 
-    fn ensure_parent(&self, parent: &str) -> Result<Option<Record>> {
+    /// Counts and logs a marker recreated by self-healing.
+    fn healed(&self, name: &str, during: &str) {
+        let n = self.stats.recovered_parents.fetch_add(1, Ordering::Relaxed) + 1;
+        warn!(
+            snapshot = name,
+            during,
+            recovered_total = n,
+            "snapshot referenced by containerd is missing from our store; \
+             recreated it as a committed guest-pull marker (state was wiped or lost?)"
+        );
+    }
+
+    /// The parent's record, or (when it is a lost chain ID and self-healing is on) the
+    /// labels of the marker [`Store::create`] recreates for it in the creating transaction,
+    /// so a Prepare that fails leaves no healed parent behind.
+    fn parent_of(&self, parent: &str) -> Result<Parent> {
         if parent.is_empty() {
-            return Ok(None);
+            return Ok(Parent::None);
         }
         match self.store.get(parent)? {
-            Some(r) => Ok(Some(r)),
+            Some(r) => Ok(Parent::Existing(r)),
             None if self.cfg.snapshot.self_heal && is_chain_id(parent) => {
-                self.heal(parent, "prepare").map(Some)
+                Ok(Parent::Heal(recovered_labels(parent)))
             }
             None => Err(Error::NotFound(format!("parent snapshot {parent:?}"))),
         }
@@ -318,6 +459,10 @@ impl Engine {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        // Before logging: a request far beyond containerd's limits is refused, not echoed.
+        limits::check_key("key", key)?;
+        limits::check_key("parent", parent)?;
+        limits::check_labels(&labels)?;
         info!(op = kind.as_str(), key, parent, ?labels, "prepare");
         if key.is_empty() {
             return Err(Error::InvalidArgument("empty snapshot key".into()));
@@ -325,8 +470,8 @@ impl Engine {
         if kind == Kind::Active && labels.contains_key(LABEL_SNAPSHOT_REF) {
             return Err(self.guest_pull_layer(key, parent, labels));
         }
-        let parent_rec = self.ensure_parent(parent)?;
-        let flavor = self.decide_flavor(key, parent_rec.as_ref());
+        let parent_found = self.parent_of(parent)?;
+        let flavor = self.decide_flavor(key, parent_found.record().as_ref());
 
         let _guard = self.dirs.read().unwrap_or_else(|e| e.into_inner());
         let tmp = self.snapshots_dir.join(format!(
@@ -345,6 +490,7 @@ impl Engine {
                 parent: parent.to_string(),
                 labels,
                 flavor,
+                heal_parent: parent_found.heal_labels(),
             };
             self.store.create(key, new, |rec| {
                 let dst = self.snapshot_dir(rec.id);
@@ -361,14 +507,18 @@ impl Engine {
                     .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))
             })
         });
-        let rec = match created {
-            Ok(r) => r,
+        let created = match created {
+            Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(e);
             }
         };
         drop(_guard);
+        if created.healed_parent.is_some() {
+            self.healed(parent, "prepare");
+        }
+        let rec = created.record;
         debug!(key, id = rec.id, ?flavor, "created snapshot");
         self.mounts_of(key, &rec)
     }
@@ -424,16 +574,20 @@ impl Engine {
                 self.repair_recovered(&target, &existing, parent, &labels)?;
                 return Ok(());
             }
-            self.ensure_parent(parent)?;
+            let heal_parent = self.parent_of(parent)?.heal_labels();
             labels.insert(LABEL_PROXY_MODE.to_string(), "true".to_string());
             let new = NewSnapshot {
                 kind: Kind::Committed,
                 parent: parent.to_string(),
                 labels,
                 flavor: Flavor::Marker,
+                heal_parent,
             };
             match self.store.create(&target, new, |_| Ok(())) {
-                Ok(_) => {
+                Ok(c) => {
+                    if c.healed_parent.is_some() {
+                        self.healed(parent, "prepare");
+                    }
                     let n = self.stats.guest_pull_layers.fetch_add(1, Ordering::Relaxed) + 1;
                     info!(target = %target, parent, guest_pull_layers = n, "committed guest-pull layer marker");
                     Ok(())
@@ -449,7 +603,8 @@ impl Engine {
     }
 
     /// A self-healed marker has no parent and no real labels; when the real layer
-    /// Prepare arrives, give it the true parent so containerd's parent check passes.
+    /// Prepare arrives, give it the true parent (so containerd's parent check passes) and
+    /// the layer's labels (image reference, digests for the Kata volume).
     fn repair_recovered(
         &self,
         target: &str,
@@ -457,7 +612,9 @@ impl Engine {
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<()> {
-        if !existing.labels.contains_key(LABEL_RECOVERED) || existing.parent == parent {
+        // Also when the parent already matches (a base layer): the labels are what the
+        // healed marker lost.
+        if !existing.labels.contains_key(LABEL_RECOVERED) {
             return Ok(());
         }
         if !parent.is_empty() && self.store.get(parent)?.is_none() {
@@ -558,12 +715,14 @@ impl Engine {
         if let Some(top) = find(LABEL_CRI_LAYER_DIGEST) {
             metadata.insert(LABEL_CRI_LAYER_DIGEST.to_string(), top);
         }
-        let digests: Vec<&str> = ancestors
+        // All or nothing: a chain with a self-healed marker (which lost its digest) would
+        // otherwise list some layers and read as a complete, wrong list.
+        let digests: Option<Vec<&str>> = ancestors
             .iter()
             .rev()
-            .filter_map(|(_, r)| r.labels.get(LABEL_CRI_LAYER_DIGEST).map(String::as_str))
+            .map(|(_, r)| r.labels.get(LABEL_CRI_LAYER_DIGEST).map(String::as_str))
             .collect();
-        if !digests.is_empty() {
+        if let Some(digests) = digests.filter(|d| !d.is_empty()) {
             metadata.insert(METADATA_LAYER_DIGESTS.to_string(), digests.join(","));
         }
         metadata.insert(LABEL_PROXY_MODE.to_string(), "true".to_string());
@@ -573,6 +732,9 @@ impl Engine {
 
     /// Commit: active `key` becomes committed `name`, with usage measured now.
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        limits::check_key("name", name)?;
+        limits::check_key("key", key)?;
+        limits::check_labels(&labels)?;
         info!(name, key, ?labels, "commit");
         if name.is_empty() {
             return Err(Error::InvalidArgument("empty snapshot name".into()));
@@ -604,16 +766,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Removes directories under `snapshots/` that no stored snapshot owns.
+    /// Removes directories under `snapshots/` that no stored snapshot owns: ids this store
+    /// handed out, `new-*` builds and crash leftovers. Directories with ids it never
+    /// handed out, and names it never creates, are left alone (see [`DirClass`]).
     pub fn cleanup(&self) -> Result<CleanupReport> {
         let _guard = self.dirs.write().unwrap_or_else(|e| e.into_inner());
         let live = self.store.dir_ids()?;
+        let last = self.store.last_id()?;
         let mut report = CleanupReport::default();
         let rd = std::fs::read_dir(&self.snapshots_dir)
             .map_err(|e| Error::io(format!("reading {}", self.snapshots_dir.display()), e))?;
         for entry in rd {
             let entry = entry.map_err(|e| Error::io("reading snapshots dir", e))?;
             let name = entry.file_name();
+            let path = entry.path();
+            match classify_dir(&name, &path, last) {
+                DirClass::Ours | DirClass::CrashLeftover => {}
+                DirClass::Foreign => {
+                    warn!(dir = %path.display(), last_id = last, "not removing a snapshot directory this store never allocated");
+                    report.kept.push(path);
+                    continue;
+                }
+                DirClass::Other => {
+                    report.kept.push(path);
+                    continue;
+                }
+            }
             let owned = name
                 .to_str()
                 .and_then(|n| n.parse::<u64>().ok())
@@ -621,7 +799,6 @@ impl Engine {
             if owned {
                 continue;
             }
-            let path = entry.path();
             std::fs::remove_dir_all(&path)
                 .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
             report.removed.push(path);
@@ -654,6 +831,14 @@ impl Engine {
         labels: HashMap<String, String>,
         fieldpaths: &[String],
     ) -> Result<SnapshotInfo> {
+        limits::check_key("name", name)?;
+        limits::check_labels(&labels)?;
+        if fieldpaths.iter().map(String::len).sum::<usize>() > limits::MAX_LABELS_TOTAL {
+            return Err(Error::InvalidArgument(format!(
+                "field paths longer than {} bytes in total",
+                limits::MAX_LABELS_TOTAL
+            )));
+        }
         info!(name, ?labels, ?fieldpaths, "update");
         let rec = self.store.update(name, |r| {
             if fieldpaths.is_empty() {

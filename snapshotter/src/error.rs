@@ -27,6 +27,10 @@ pub enum Error {
     /// The metadata store failed (gRPC Internal).
     #[error("metadata store: {0}")]
     Store(String),
+    /// The state is damaged or does not match its directories, so serving it could lose
+    /// data (gRPC Internal); the daemon refuses to start or stops serving.
+    #[error("refusing to serve: {0}")]
+    Unsafe(String),
     /// A filesystem operation failed (gRPC Internal).
     #[error("{context}: {source}")]
     Io {
@@ -54,9 +58,17 @@ impl Error {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::Store(_) | Error::Io { .. } => Code::Internal,
+            Error::Store(_) | Error::Unsafe(_) | Error::Io { .. } => Code::Internal,
         }
     }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
 }
 
 impl From<Error> for Status {

@@ -7,6 +7,7 @@ pub mod containerd_config;
 pub mod engine;
 pub mod error;
 pub mod filter;
+pub mod limits;
 pub mod local_guest;
 pub mod mounts;
 pub mod overlay;

@@ -2,12 +2,19 @@
 //!
 //! Each RPC runs the synchronous [`Engine`] on tokio's blocking pool: redb commits
 //! fsync and du walks directories, neither of which may stall the async reactor.
+//!
+//! A panic inside the engine means the store is damaged (redb panics on pages it cannot
+//! read) or a bug left it in an unknown state: from then on every RPC is refused and
+//! [`GuestPullService::failed`] resolves, so the daemon stops instead of serving a store
+//! that panics; on restart the integrity check at open reports the damage.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_snapshots::{api::types::Mount, Info, Kind as ApiKind, Snapshotter, Usage};
+use tokio::sync::watch;
+use tracing::error;
 
 use crate::engine::{Engine, SnapshotInfo};
 use crate::error::{Error, Result};
@@ -17,12 +24,17 @@ use crate::store::Kind;
 #[derive(Clone)]
 pub struct GuestPullService {
     engine: Arc<Engine>,
+    /// Why the engine may no longer be used (set once, by the first panic).
+    failure: Arc<watch::Sender<Option<String>>>,
 }
 
 impl GuestPullService {
     /// Wraps an engine.
     pub fn new(engine: Arc<Engine>) -> Self {
-        GuestPullService { engine }
+        GuestPullService {
+            engine,
+            failure: Arc::new(watch::channel(None).0),
+        }
     }
 
     /// The wrapped engine.
@@ -30,14 +42,48 @@ impl GuestPullService {
         &self.engine
     }
 
+    /// Why the service stopped serving, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Resolves, with the reason, once an RPC panicked and the service stopped serving.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        let reason = rx.wait_for(Option::is_some).await;
+        reason
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "service dropped".into())
+    }
+
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        if let Some(reason) = self.failure() {
+            return Err(Error::Unsafe(reason));
+        }
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || f(&engine))
-            .await
-            .map_err(|e| Error::Store(format!("worker task failed: {e}")))?
+        match tokio::task::spawn_blocking(move || f(&engine)).await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = match e.try_into_panic() {
+                    Ok(p) => crate::error::panic_text(p.as_ref()).to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let reason = format!(
+                    "a snapshot operation panicked ({why}); the store may be damaged, so \
+                     this snapshotter stopped serving: restart it (opening the store checks it)"
+                );
+                error!("{reason}");
+                self.failure.send_if_modified(|f| {
+                    f.get_or_insert_with(|| reason.clone());
+                    true
+                });
+                Err(Error::Unsafe(reason))
+            }
+        }
     }
 }
 
@@ -565,7 +611,9 @@ mod tests {
             .unwrap();
         let snaps = d.path().join("snapshots");
         std::fs::create_dir_all(snaps.join("new-crashed/fs")).unwrap();
-        std::fs::create_dir_all(snaps.join("999")).unwrap();
+        // A crash between the rename into place and the commit: the next id, empty.
+        std::fs::create_dir_all(snaps.join("3/fs")).unwrap();
+        std::fs::create_dir_all(snaps.join("3/work")).unwrap();
         s.remove("a".into()).await.unwrap();
         assert_eq!(
             std::fs::read_dir(&snaps).unwrap().count(),
@@ -682,5 +730,300 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    /// A parentless plain snapshot "ctr" holding a file; returns its mounts.
+    async fn snapshot_with_data(s: &GuestPullService) -> Vec<Mount> {
+        let m = s
+            .prepare("ctr".into(), String::new(), HashMap::new())
+            .await
+            .unwrap();
+        std::fs::write(Path::new(&m[0].source).join("data"), "precious").unwrap();
+        m
+    }
+
+    #[tokio::test]
+    async fn lost_metadata_next_to_snapshot_dirs_refuses_to_start() {
+        for damage in ["missing", "empty", "older"] {
+            let d = tempfile::tempdir().unwrap();
+            let db = d.path().join("metadata.db");
+            drop(svc(cfg(d.path())));
+            if damage == "older" {
+                std::fs::copy(&db, d.path().join("old.db")).unwrap();
+            }
+            let s = svc(cfg(d.path()));
+            let m = snapshot_with_data(&s).await;
+            drop(s);
+            match damage {
+                "missing" => std::fs::remove_file(&db).unwrap(),
+                "empty" => std::fs::write(&db, b"").unwrap(),
+                _ => std::fs::rename(d.path().join("old.db"), &db).unwrap(),
+            }
+            let err = match Engine::open(cfg(d.path())) {
+                Err(e) => e,
+                Ok(e) => {
+                    // What used to happen: a fresh store, and Cleanup deletes the layer.
+                    let removed = e.cleanup().unwrap().removed;
+                    panic!("{damage} metadata.db opened; Cleanup removed {removed:?}");
+                }
+            };
+            assert!(matches!(err, Error::Unsafe(_)), "{damage}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains("never allocated (1)"), "{damage}: {msg}");
+            assert!(
+                Path::new(&m[0].source).join("data").is_file(),
+                "{damage}: data kept"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn crash_leftovers_do_not_block_start_and_foreign_dirs_survive_cleanup() {
+        let d = tempfile::tempdir().unwrap();
+        let snaps = d.path().join("snapshots");
+        // A crash during the very first Prepare: a build dir, or the renamed skeleton.
+        std::fs::create_dir_all(snaps.join("new-7-0/fs")).unwrap();
+        std::fs::create_dir_all(snaps.join("1/fs")).unwrap();
+        std::fs::create_dir_all(snaps.join("1/work")).unwrap();
+        std::fs::create_dir_all(snaps.join("lost+found")).unwrap();
+        let s = svc(cfg(d.path()));
+        let m = snapshot_with_data(&s).await;
+        // Appears while running (a restored copy, another store's dirs): never deleted.
+        std::fs::create_dir_all(snaps.join("40/fs")).unwrap();
+        let report = s.engine().cleanup().unwrap();
+        assert_eq!(report.removed, vec![snaps.join("new-7-0")]);
+        let mut kept = report.kept.clone();
+        kept.sort();
+        assert_eq!(kept, vec![snaps.join("40"), snaps.join("lost+found")]);
+        assert!(Path::new(&m[0].source).join("data").is_file());
+    }
+
+    #[tokio::test]
+    async fn damaged_metadata_refuses_to_start() {
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        pull(&s, 3, true).await;
+        drop(s);
+        let db = d.path().join("metadata.db");
+        let mut bytes = std::fs::read(&db).unwrap();
+        // Damage every page but the file header, as a bad disk or a stray write might.
+        for page in bytes.chunks_mut(4096).skip(1) {
+            for b in &mut page[..64] {
+                *b ^= 0xff;
+            }
+        }
+        std::fs::write(&db, &bytes).unwrap();
+        let err = Engine::open(cfg(d.path())).err().expect("refused");
+        assert!(matches!(err, Error::Unsafe(_)), "{err}");
+        assert!(err.to_string().contains("metadata.db is damaged"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_operation_stops_the_service() {
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        pull(&s, 1, true).await;
+        let r: Result<()> = s.run(|_| panic!("page 7 unreachable")).await;
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("page 7 unreachable"), "{msg}");
+        // Every later RPC is refused, even one the store could answer.
+        assert_eq!(code(s.stat(chain(1)).await), Code::Internal);
+        let listed = s.list(String::new(), vec![]).await.map(|_| ());
+        assert_eq!(code(listed), Code::Internal);
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), s.failed())
+            .await
+            .expect("failed() resolves");
+        assert!(why.contains("page 7 unreachable"), "{why}");
+        assert_eq!(s.failure(), Some(why));
+    }
+
+    #[tokio::test]
+    async fn self_healing_never_makes_parent_cycles() {
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        let (x, a, b) = (chain(1), chain(2), chain(3));
+        // X healed by Stat, then a layer Prepare naming X as its own parent.
+        s.stat(x.clone()).await.unwrap();
+        let r = s
+            .prepare("k1".into(), x.clone(), layer_labels(1, true))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        assert_eq!(s.stat(x.clone()).await.unwrap().parent, "");
+        s.remove(x.clone()).await.unwrap();
+        // A and B healed; A onto B is a real repair, B onto A would close a loop.
+        s.stat(a.clone()).await.unwrap();
+        s.stat(b.clone()).await.unwrap();
+        let r = s
+            .prepare("k2".into(), b.clone(), layer_labels(2, true))
+            .await;
+        assert_eq!(code(r), Code::AlreadyExists);
+        assert_eq!(s.stat(a.clone()).await.unwrap().parent, b);
+        let r = s
+            .prepare("k3".into(), a.clone(), layer_labels(3, true))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        assert_eq!(s.stat(b.clone()).await.unwrap().parent, "");
+        // Nothing is stuck: both can be removed, child first.
+        s.remove(a).await.unwrap();
+        s.remove(b).await.unwrap();
+        // A lost layer named as its own parent is refused without healing anything.
+        let r = s
+            .prepare("k4".into(), chain(4), layer_labels(4, true))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
+        assert!(all.is_empty(), "{all:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_prepare_leaves_no_healed_parent() {
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        s.prepare("c".into(), chain(5), HashMap::new())
+            .await
+            .unwrap();
+        // Same key again, on another lost chain ID: AlreadyExists, and chain(6) not healed.
+        let r = s.prepare("c".into(), chain(6), HashMap::new()).await;
+        assert_eq!(code(r), Code::AlreadyExists);
+        let names: Vec<String> = s
+            .list(String::new(), vec![])
+            .await
+            .unwrap()
+            .map(|i| i.unwrap().name)
+            .collect()
+            .await;
+        assert_eq!(names, vec!["c".to_string(), chain(5)]);
+        assert_eq!(
+            s.engine()
+                .stats()
+                .recovered_parents
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The snapshot directory of the failed Prepare is gone too.
+        let dirs = std::fs::read_dir(d.path().join("snapshots"))
+            .unwrap()
+            .count();
+        assert_eq!(dirs, 1);
+    }
+
+    fn volume(m: &[Mount]) -> KataVirtualVolume {
+        KataVirtualVolume::from_mount_option(m[0].options.last().unwrap()).unwrap()
+    }
+
+    /// After a wiped root, containerd Stats the chain IDs its meta.db still holds and never
+    /// resends their labels (its target shortcut answers the labelled Prepare itself): the
+    /// volume has no image reference and no digest list, never a partial one; labels that
+    /// do arrive later (a new layer on top, a pull in another namespace) heal it.
+    #[tokio::test]
+    async fn healed_chain_volume_after_a_wipe() {
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        for i in 1..=3 {
+            s.stat(chain(i)).await.unwrap();
+        }
+        let m = s
+            .prepare("c1".into(), chain(3), HashMap::new())
+            .await
+            .unwrap();
+        let v = volume(&m);
+        assert_eq!(v.source, crate::config::DEFAULT_UNKNOWN_IMAGE_SOURCE);
+        let md = v.image_pull.unwrap().metadata;
+        assert!(!md.contains_key(METADATA_LAYER_DIGESTS), "{md:?}");
+        // A new image layer on top of the healed chain: its labels name the image, but the
+        // digests below are unknown, so no digest list at all.
+        let r = s.prepare("x".into(), chain(3), layer_labels(4, true)).await;
+        assert_eq!(code(r), Code::AlreadyExists);
+        let m = s
+            .prepare("c2".into(), chain(4), HashMap::new())
+            .await
+            .unwrap();
+        let v = volume(&m);
+        assert_eq!(v.source, "127.0.0.1:5000/lab/busybox:3layer");
+        let md = v.image_pull.unwrap().metadata;
+        assert_eq!(md[LABEL_CRI_LAYER_DIGEST], "sha256:layer4");
+        assert!(!md.contains_key(METADATA_LAYER_DIGESTS), "{md:?}");
+        // The same image pulled in another namespace: labelled Prepares reach us and
+        // repair parents and labels, and the list is complete again.
+        pull(&s, 3, true).await;
+        let m = s
+            .prepare("c3".into(), chain(4), HashMap::new())
+            .await
+            .unwrap();
+        let md = volume(&m).image_pull.unwrap().metadata;
+        assert_eq!(
+            md[METADATA_LAYER_DIGESTS],
+            "sha256:layer1,sha256:layer2,sha256:layer3,sha256:layer4"
+        );
+    }
+
+    #[tokio::test]
+    async fn commit_times_match_containerd() {
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        let active = s.prepare("a".into(), String::new(), HashMap::new());
+        active.await.unwrap();
+        let active = s.stat("a".into()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        s.commit("c".into(), "a".into(), HashMap::new())
+            .await
+            .unwrap();
+        let c = s.stat("c".into()).await.unwrap();
+        assert_eq!(c.created_at, c.updated_at);
+        assert!(c.created_at > active.created_at);
+    }
+
+    #[tokio::test]
+    async fn keys_and_labels_beyond_containerd_limits_are_refused() {
+        use crate::limits::{MAX_KEY, MAX_LABEL_PAIR};
+        let d = tempfile::tempdir().unwrap();
+        let s = svc(cfg(d.path()));
+        let huge_key = "k".repeat(3 << 20);
+        let r = s
+            .prepare(huge_key.clone(), String::new(), HashMap::new())
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        let r = s.view("v".into(), huge_key.clone(), HashMap::new()).await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        let big_label = |n: usize| {
+            let mut l = HashMap::new();
+            l.insert("containerd.io/snapshot/x".to_string(), "v".repeat(n));
+            l
+        };
+        let r = s
+            .prepare("a".into(), String::new(), big_label(1 << 20))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        let many: HashMap<String, String> = (0..10_000)
+            .map(|i| (format!("containerd.io/snapshot/l{i}"), "v".repeat(64)))
+            .collect();
+        let r = s.prepare("a".into(), String::new(), many.clone()).await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        // A guest-pull layer's label set is checked the same way.
+        let mut layer = layer_labels(1, true);
+        layer.extend(big_label(MAX_LABEL_PAIR));
+        assert_eq!(
+            code(s.prepare("l".into(), String::new(), layer).await),
+            Code::InvalidArgument
+        );
+        // At the limits everything works.
+        let key = "k".repeat(MAX_KEY);
+        let pair = MAX_LABEL_PAIR - "containerd.io/snapshot/x".len();
+        s.prepare(key.clone(), String::new(), big_label(pair))
+            .await
+            .unwrap();
+        let r = s.commit(huge_key, key.clone(), HashMap::new()).await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        let r = s.commit("c".into(), key.clone(), many.clone()).await;
+        assert_eq!(code(r), Code::InvalidArgument);
+        let info = Info {
+            name: key.clone(),
+            labels: many,
+            ..Default::default()
+        };
+        assert_eq!(code(s.update(info, None).await), Code::InvalidArgument);
+        let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].as_ref().unwrap().name, key);
     }
 }

@@ -141,7 +141,18 @@ fn main() -> anyhow::Result<()> {
         let listener = server::bind(&address, uid, gid)?;
         info!(address = %address.display(), root = %root.display(), "guestpull snapshotter serving");
         let service = GuestPullService::new(engine.clone());
-        server::serve(service, listener, &address, shutdown_signal()).await?;
+        let watcher = service.clone();
+        let stop = async {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = watcher.failed() => {}
+            }
+        };
+        server::serve(service, listener, &address, stop).await?;
+        if let Some(reason) = watcher.failure() {
+            // A non-zero exit: systemd restarts us, and the store's check at open decides.
+            bail!("{reason}");
+        }
         let s = engine.stats();
         info!(
             guest_pull_layers = s.guest_pull_layers.load(Ordering::Relaxed),
