@@ -68,6 +68,32 @@ impl<'a> SnapshotterDaemon<'a> {
         });
     }
 
+    /// Starts the daemon expecting it to refuse: waits up to 20 s for it to exit and returns
+    /// its output (panics if it is still running, i.e. it served).
+    pub fn start_refused(&self) -> std::process::Output {
+        self.stop();
+        let mut child = Command::new(bin_path("guestpull-snapshotter"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting guestpull-snapshotter");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "the snapshotter started instead of refusing:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// Resident set size of the running daemon, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid.get()))

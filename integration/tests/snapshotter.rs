@@ -280,31 +280,62 @@ fn cri_guest_pull_containerd_2_1() {
 /// `ctr image pull --snapshotter guestpull` through 2.1's transfer service: no layer blob.
 #[test]
 fn ctr_transfer_pull_skips_layers_containerd_2_1() {
+    with_proxy_lab("snap-ctr-2.1", |reg, img, snap, ctrd| {
+        transfer_pull_skips_layers(reg, img, snap, ctrd)
+    });
+}
+
+/// A registry with the test image, the snapshotter and containerd 2.1 using it as a proxy
+/// plugin (no CRI), all in lab `name`.
+fn with_proxy_lab(
+    name: &str,
+    test: impl FnOnce(&Registry<'_>, &PushedImage, &SnapshotterDaemon<'_>, &Containerd<'_>),
+) {
     Lab::require_root();
     let v = ContainerdVersion::V2_1;
-    let lab = Lab::new("snap-ctr-2.1");
+    let lab = Lab::new(name);
     let reg = Registry::start(&lab);
     let img = image(&reg);
     let snap = SnapshotterDaemon::start(&lab, "");
     let ctrd = Containerd::start(&lab, v, &proxy_body(v, &snap.socket(), &snap.root()));
+    test(&reg, &img, &snap, &ctrd);
+}
+
+fn transfer_pull_skips_layers(
+    reg: &Registry<'_>,
+    img: &PushedImage,
+    snap: &SnapshotterDaemon<'_>,
+    ctrd: &Containerd<'_>,
+) {
     let ns = ctrd.namespace().to_string();
-    integration::chain::ctr_pull_guestpull(&ctrd, &img.reference);
+    integration::chain::ctr_pull_guestpull(ctrd, &img.reference);
     assert_eq!(
-        layer_gets(&reg, &img),
+        layer_gets(reg, img),
         0,
         "layer blobs were fetched:\n{}",
         reg.log()
     );
-    assert_no_layer_content(&ctrd, &ns, &img);
-    let m = markers(&ctrd, &ns);
+    assert_no_layer_content(ctrd, &ns, img);
+    let m = markers(ctrd, &ns);
     assert_eq!(m.len(), 3, "{m:?}");
     assert!(m
         .iter()
         .all(|(_, l)| l.get(PROXY_LABEL).map(String::as_str) == Some("true")));
-    let vol = check_container_mount(&ctrd, &ns, "c1", &m[2].0);
+    let vol = check_container_mount(ctrd, &ns, "c1", &m[2].0);
     // exports.enable_remote_snapshot_annotations = "true" makes the transfer service add cri.* labels.
     assert_eq!(vol.source, img.reference);
-    cleanup_all(&ctrd, &ns, &snap, &img.reference, "c1");
+    cleanup_all(ctrd, &ns, snap, &img.reference, "c1");
+}
+
+/// `ctr image pull` that unpacks without labels (`--local` on 2.1: no transfer service), so
+/// the layers are plain, with real content in their directories.
+fn pull_plain(ctrd: &Containerd<'_>, v: ContainerdVersion, image: &str) {
+    let mut pull = vec!["images", "pull", "--plain-http", "--snapshotter", PLUGIN];
+    if v == ContainerdVersion::V2_1 {
+        pull.push("--local");
+    }
+    pull.push(image);
+    ctrd.ctr_ok(&pull);
 }
 
 /// A plain image (label-less unpack) through the same snapshotter runs with runc.
@@ -317,12 +348,7 @@ fn plain_runc(v: ContainerdVersion) {
     let snap = SnapshotterDaemon::start(&lab, "");
     let ctrd = Containerd::start(&lab, v, &proxy_body(v, &snap.socket(), &snap.root()));
     let ns = ctrd.namespace().to_string();
-    let mut pull = vec!["images", "pull", "--plain-http", "--snapshotter", PLUGIN];
-    if v == ContainerdVersion::V2_1 {
-        pull.push("--local");
-    }
-    pull.push(&img.reference);
-    ctrd.ctr_ok(&pull);
+    pull_plain(&ctrd, v, &img.reference);
     let rows = list_snapshots(&ctrd, &ns);
     assert_eq!(rows.len(), 3, "{rows:?}");
     for r in &rows {
@@ -432,12 +458,24 @@ fn faults(v: ContainerdVersion) {
     assert_eq!(m.len(), 3);
     check_container_mount(&ctrd, CRI_NS, "after-restart", &m[2].0);
 
-    // 3. wipe the snapshotter's state: the next pull and container self-heal.
+    // 3. wipe the snapshotter's state: the next pull and container self-heal. containerd
+    //    only Stats the chain IDs its meta.db holds and never resends their labels, so the
+    //    volume has no image reference and no digests (README: "Damaged or lost state").
     snap.wipe_state();
     snap.restart();
     pull_retrying(&mut cri, &img.reference, handler, &snap, "pull after wipe");
     let vol = check_container_mount(&ctrd, CRI_NS, "after-wipe", &m[2].0);
-    assert!(!vol.source.is_empty());
+    assert_eq!(
+        vol.source,
+        snapshotter::config::DEFAULT_UNKNOWN_IMAGE_SOURCE,
+        "as documented"
+    );
+    let md = vol.image_pull.unwrap().metadata;
+    assert!(
+        !md.contains_key("io.guestpull.layer-digests")
+            && !md.contains_key("containerd.io/snapshot/cri.image-ref"),
+        "no partial or stale image data: {md:?}"
+    );
     assert!(
         snap.log()
             .contains("recreated it as a committed guest-pull marker"),
@@ -595,4 +633,133 @@ fn nydus_overlayfs_helper_mounts_long_option_strings() {
         "writes land in the upper dir"
     );
     integration::lab::unmount_under(lab.path());
+}
+
+/// Every page but redb's header flipped, as a bad disk or a stray write might leave it.
+fn damaged(db: &[u8]) -> Vec<u8> {
+    let mut bytes = db.to_vec();
+    for page in bytes.chunks_mut(4096).skip(1) {
+        for b in page.iter_mut().take(64) {
+            *b ^= 0xff;
+        }
+    }
+    bytes
+}
+
+fn sorted_dirs(snap: &SnapshotterDaemon<'_>) -> Vec<std::path::PathBuf> {
+    let mut d = snap.snapshot_dirs();
+    d.sort();
+    d
+}
+
+/// Issue 18 items 11 and 12: a lost, emptied or damaged metadata.db next to real snapshot
+/// directories makes the daemon refuse to start, with the reason (a fresh store would let
+/// containerd's routine Cleanup delete every directory; a damaged one panicked or answered
+/// "unreachable" to every RPC). Restoring the database brings everything back.
+#[test]
+fn damaged_state_is_refused_not_served_containerd_2_1() {
+    Lab::require_cmd("mount.fuse", "fuse3");
+    with_proxy_lab("snap-damaged-2.1", |_, img, snap, ctrd| {
+        damaged_state_is_refused(img, snap, ctrd)
+    });
+}
+
+fn damaged_state_is_refused(
+    img: &PushedImage,
+    snap: &SnapshotterDaemon<'_>,
+    ctrd: &Containerd<'_>,
+) {
+    let ns = ctrd.namespace().to_string();
+    pull_plain(ctrd, ContainerdVersion::V2_1, &img.reference);
+    let dirs = sorted_dirs(snap);
+    assert_eq!(dirs.len(), 3, "plain layers own real directories");
+    snap.stop();
+    let db = snap.root().join("metadata.db");
+    let good = std::fs::read(&db).unwrap();
+    let cases: [(&str, Option<Vec<u8>>, &str); 3] = [
+        ("missing", None, "never allocated"),
+        ("empty", Some(Vec::new()), "never allocated"),
+        ("damaged", Some(damaged(&good)), "metadata.db is damaged"),
+    ];
+    for (what, bytes, expected) in cases {
+        match bytes {
+            None => std::fs::remove_file(&db).unwrap(),
+            Some(b) => std::fs::write(&db, b).unwrap(),
+        }
+        let out = snap.start_refused();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: exit status {}", out.status);
+        assert!(stderr.contains(expected), "{what}: {stderr}");
+        assert!(!snap.socket().exists(), "{what}: nothing served");
+        assert_eq!(sorted_dirs(snap), dirs, "{what}: every directory kept");
+    }
+    std::fs::write(&db, &good).unwrap();
+    snap.restart();
+    wait_for(
+        "containerd to redial the restarted snapshotter",
+        Duration::from_secs(30),
+        || {
+            ctr_ns(ctrd, &ns, &["snapshots", "--snapshotter", PLUGIN, "ls"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        },
+    );
+    let out = ctrd.ctr_run(&["--snapshotter", PLUGIN], &img.reference, "restored", &[]);
+    assert!(
+        out.status.success(),
+        "ctr run after restoring the store: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "layer 3\n");
+}
+
+/// Issue 18 item 16: containerd caps each label pair at 4096 bytes but not how many a
+/// snapshot carries; our per-snapshot total (64 KiB) keeps every List batch within the
+/// 16 MiB containerd accepts. Through real containerd: the limit holds exactly, the
+/// refusal is InvalidArgument, nothing is half-applied, and List keeps working.
+#[test]
+fn label_limits_through_containerd_2_1() {
+    Lab::require_root();
+    let v = ContainerdVersion::V2_1;
+    let lab = Lab::new("snap-limits-2.1");
+    let snap = SnapshotterDaemon::start(&lab, "");
+    let ctrd = Containerd::start(&lab, v, &proxy_body(v, &snap.socket(), &snap.root()));
+    let ns = ctrd.namespace().to_string();
+    let snapshots = |args: &[&str]| {
+        let mut a = vec!["snapshots", "--snapshotter", PLUGIN];
+        a.extend_from_slice(args);
+        ctr_ns(&ctrd, &ns, &a).output().unwrap()
+    };
+    assert!(snapshots(&["prepare", "big"]).status.success());
+    // 16 pairs of 4026 bytes: 64,416 bytes, under the total.
+    let pair = |i: usize| format!("containerd.io/snapshot/l{i:02}={}", "v".repeat(4000));
+    let fits: Vec<String> = (0..16).map(pair).collect();
+    let mut args = vec!["label", "big"];
+    args.extend(fits.iter().map(String::as_str));
+    let out = snapshots(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Four more pairs exceed it: refused as a whole.
+    let over: Vec<String> = (16..20).map(pair).collect();
+    let mut args = vec!["label", "big"];
+    args.extend(over.iter().map(String::as_str));
+    let out = snapshots(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("invalid argument") && stderr.contains("per snapshot"),
+        "{stderr}"
+    );
+    let labels = snapshot_labels(&ctrd, &ns, "big");
+    assert_eq!(
+        labels.keys().filter(|k| k.contains("snapshot/l")).count(),
+        16,
+        "nothing of the refused update applied: {:?}",
+        labels.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(list_snapshots(&ctrd, &ns).len(), 1);
 }
