@@ -65,6 +65,10 @@ pub struct ImageConfig {
     pub extra_root_certificates: Vec<PathBuf>,
     /// Attempts per HTTP request on 5xx or broken connections.
     pub max_retries: u32,
+    /// Deadline in seconds of one manifest, index, config or signature fetch, retries included.
+    pub registry_request_timeout_secs: u64,
+    /// A layer download fails after this many seconds without a byte (across resumed attempts).
+    pub registry_stall_timeout_secs: u64,
     /// Nydus (RAFS v6) images are normally mounted lazily (chunks fetched on first read);
     /// with this set, every chunk is fetched and verified before PullImage returns.
     pub force_eager: bool,
@@ -84,6 +88,8 @@ impl Default for ImageConfig {
             max_concurrent_layer_downloads_per_image: 3,
             extra_root_certificates: Vec::new(),
             max_retries: 5,
+            registry_request_timeout_secs: 60,
+            registry_stall_timeout_secs: 30,
             force_eager: false,
             lazy_prefetch: false,
         }
@@ -134,6 +140,10 @@ pub struct KbsConfig {
     pub url: Option<String>,
     /// PEM file of a CA trusted for the KBS.
     pub cert: Option<PathBuf>,
+    /// Deadline of one KBS request in seconds, retries included (kbs-client default: 60).
+    pub request_timeout_secs: Option<u64>,
+    /// Largest KBS response body accepted, in bytes (kbs-client default: 4 MiB).
+    pub max_response_bytes: Option<usize>,
 }
 
 /// ttrpc server settings.
@@ -250,13 +260,26 @@ impl From<ListenAddr> for String {
 }
 
 /// Private keys for JWE-wrapped layer keys.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// PEM/DER private keys (RSA or EC): file paths, `file://` or `kbs:///` URIs.
     pub jwe_private_keys: Vec<String>,
     /// Provider names (after `org.opencontainers.image.enc.keys.provider.`) unwrapped via the KBS.
     pub providers: Vec<String>,
+    /// Seconds a fetched JWE private key is reused before it is fetched again (0: for every
+    /// layer), so a key revoked in the KBS stops decrypting new images.
+    pub jwe_key_cache_secs: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            jwe_private_keys: Vec::new(),
+            providers: Vec::new(),
+            jwe_key_cache_secs: crate::decrypt::DEFAULT_KEY_LIFETIME.as_secs(),
+        }
+    }
 }
 
 impl Config {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::time::Duration;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use base64::engine::general_purpose::STANDARD;
@@ -11,11 +12,12 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::keyprovider::AnnotationPacket;
-use crate::resource::ResourceFetcher;
+use crate::keyprovider::{AnnotationPacket, KeyProviderError};
+use crate::resource::{ResourceError, ResourceFetcher};
 use kbs_client::jwe::{self, JwePrivateKey};
 
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
@@ -40,7 +42,34 @@ pub enum DecryptError {
     NoKeyAnnotation { layer: String, present: String },
     /// Every wrapped key failed to unwrap.
     #[error("layer {layer}: missing or wrong decryption key; tried {tried}")]
-    NoKey { layer: String, tried: String },
+    NoKey {
+        layer: String,
+        tried: String,
+        /// The first failure that was not a refusal (KBS outage, timeout), which decides the
+        /// kind: an outage must not read as a wrong key.
+        #[source]
+        transient: Option<Box<DecryptError>>,
+    },
+    /// An AnnotationPacket is malformed or cannot be opened with its KEK.
+    #[error(transparent)]
+    Packet(#[from] KeyProviderError),
+    /// The KEK named by an AnnotationPacket could not be fetched.
+    #[error("key id {kid}: {source}")]
+    Kek {
+        kid: String,
+        #[source]
+        source: ResourceError,
+    },
+    /// A configured JWE private key could not be fetched.
+    #[error("JWE private key {uri}: {source}")]
+    JweKeyFetch {
+        uri: String,
+        #[source]
+        source: ResourceError,
+    },
+    /// A configured JWE private key is not a usable key.
+    #[error("JWE private key {uri}: {reason}")]
+    JweKeyInvalid { uri: String, reason: String },
     /// The key-wrapping metadata is malformed.
     #[error("layer {layer}: malformed encryption metadata: {reason}")]
     Malformed { layer: String, reason: String },
@@ -253,16 +282,43 @@ impl<R: Read> Read for DecryptReader<R> {
     }
 }
 
+/// What unwrapping a layer key tried, and the first failure that was an outage.
+#[derive(Default)]
+struct Tried {
+    what: Vec<String>,
+    transient: Option<DecryptError>,
+}
+
+impl Tried {
+    fn push(&mut self, what: impl Into<String>) {
+        self.what.push(what.into());
+    }
+
+    fn failed(&mut self, what: String, e: DecryptError) {
+        self.what.push(what);
+        if self.transient.is_none() && crate::error::is_transient(e.kind()) {
+            self.transient = Some(e);
+        }
+    }
+}
+
+/// Default lifetime of fetched JWE private keys ([`KeyUnwrapper::with_key_lifetime`]).
+pub const DEFAULT_KEY_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Unwraps layer keys from descriptor annotations using the KBS and configured JWE keys.
 pub struct KeyUnwrapper {
     fetcher: Arc<dyn ResourceFetcher>,
     providers: Vec<String>,
     jwe_key_uris: Vec<String>,
-    jwe_keys: OnceCell<Vec<JwePrivateKey>>,
+    /// JWE private keys and when they were fetched; the lock also makes concurrent layers
+    /// share one fetch.
+    jwe_keys: Mutex<Option<(Instant, Arc<Vec<JwePrivateKey>>)>>,
+    key_lifetime: Duration,
 }
 
 impl KeyUnwrapper {
-    /// Creates an unwrapper; JWE private keys are fetched lazily on first need.
+    /// Creates an unwrapper; JWE private keys are fetched on need and kept for
+    /// [`DEFAULT_KEY_LIFETIME`].
     pub fn new(
         fetcher: Arc<dyn ResourceFetcher>,
         providers: Vec<String>,
@@ -272,28 +328,49 @@ impl KeyUnwrapper {
             fetcher,
             providers,
             jwe_key_uris,
-            jwe_keys: OnceCell::new(),
+            jwe_keys: Mutex::new(None),
+            key_lifetime: DEFAULT_KEY_LIFETIME,
         }
     }
 
-    async fn jwe_keys(&self) -> Result<&Vec<JwePrivateKey>, String> {
-        self.jwe_keys
-            .get_or_try_init(|| async {
-                let mut keys = Vec::new();
-                for uri in &self.jwe_key_uris {
-                    let bytes = self
-                        .fetcher
-                        .fetch(uri)
-                        .await
-                        .map_err(|e| format!("JWE private key {uri}: {e}"))?;
-                    keys.push(
-                        JwePrivateKey::from_bytes(&bytes)
-                            .map_err(|e| format!("JWE private key {uri}: {e}"))?,
-                    );
+    /// Keeps fetched JWE private keys for `lifetime` (zero: fetched for every layer), so that
+    /// a key revoked in the KBS stops decrypting new layers once that time has passed.
+    pub fn with_key_lifetime(mut self, lifetime: Duration) -> Self {
+        self.key_lifetime = lifetime;
+        self
+    }
+
+    async fn jwe_keys(&self) -> Result<Arc<Vec<JwePrivateKey>>, DecryptError> {
+        let mut cached = self.jwe_keys.lock().await;
+        if let Some((at, keys)) = cached.as_ref() {
+            if at.elapsed() < self.key_lifetime {
+                return Ok(keys.clone());
+            }
+        }
+        // A failed refresh must not leave the old keys usable.
+        *cached = None;
+        let mut keys = Vec::new();
+        for uri in &self.jwe_key_uris {
+            let bytes =
+                self.fetcher
+                    .fetch(uri)
+                    .await
+                    .map_err(|source| DecryptError::JweKeyFetch {
+                        uri: uri.clone(),
+                        source,
+                    })?;
+            keys.push(JwePrivateKey::from_bytes(&bytes).map_err(|e| {
+                DecryptError::JweKeyInvalid {
+                    uri: uri.clone(),
+                    reason: e.to_string(),
                 }
-                Ok(keys)
-            })
-            .await
+            })?);
+        }
+        let keys = Arc::new(keys);
+        if !self.key_lifetime.is_zero() {
+            *cached = Some((Instant::now(), keys.clone()));
+        }
+        Ok(keys)
     }
 
     /// Returns the layer key for an encrypted layer descriptor.
@@ -303,7 +380,7 @@ impl KeyUnwrapper {
         annotations: &BTreeMap<String, String>,
     ) -> Result<LayerKey, DecryptError> {
         let pubopts = annotations.get(PUBOPTS_ANNOTATION).map(String::as_str);
-        let mut tried = Vec::new();
+        let mut tried = Tried::default();
         let mut usable = false;
         for (name, value) in annotations {
             let Some(scheme) = name.strip_prefix(KEYS_PREFIX) else {
@@ -317,7 +394,7 @@ impl KeyUnwrapper {
                 for entry in value.split(',').filter(|e| !e.is_empty()) {
                     match self.unwrap_provider_entry(entry).await {
                         Ok(plbco) => return LayerKey::from_opts(layer, &plbco, pubopts),
-                        Err(e) => tried.push(format!("provider {provider}: {e}")),
+                        Err(e) => tried.failed(format!("provider {provider}: {e}"), e),
                     }
                 }
             } else if scheme == "jwe" {
@@ -325,14 +402,12 @@ impl KeyUnwrapper {
                 let keys = match self.jwe_keys().await {
                     Ok(k) => k,
                     Err(e) => {
-                        tried.push(e);
+                        tried.failed(e.to_string(), e);
                         continue;
                     }
                 };
                 if keys.is_empty() {
-                    tried.push(
-                        "jwe: no JWE private keys configured ([keys] jwe_private_keys)".into(),
-                    );
+                    tried.push("jwe: no JWE private keys configured ([keys] jwe_private_keys)");
                     continue;
                 }
                 for entry in value.split(',').filter(|e| !e.is_empty()) {
@@ -343,7 +418,7 @@ impl KeyUnwrapper {
                             continue;
                         }
                     };
-                    match jwe::decrypt_with_keys(&raw, keys) {
+                    match jwe::decrypt_with_keys(&raw, &keys) {
                         Ok(plbco) => return LayerKey::from_opts(layer, &plbco, pubopts),
                         Err(e) => tried.push(format!("jwe: {e}")),
                     }
@@ -367,14 +442,18 @@ impl KeyUnwrapper {
         }
         Err(DecryptError::NoKey {
             layer: layer.to_string(),
-            tried: tried.join("; "),
+            tried: tried.what.join("; "),
+            transient: tried.transient.map(Box::new),
         })
     }
 
-    async fn unwrap_provider_entry(&self, entry_b64: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    async fn unwrap_provider_entry(
+        &self,
+        entry_b64: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
         let packet = STANDARD
             .decode(entry_b64.trim())
-            .map_err(|e| format!("annotation is not base64: {e}"))?;
+            .map_err(|e| KeyProviderError::BadRequest(format!("annotation is not base64: {e}")))?;
         self.unwrap_annotation_packet(&packet).await
     }
 
@@ -383,15 +462,18 @@ impl KeyUnwrapper {
     pub async fn unwrap_annotation_packet(
         &self,
         packet_json: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, String> {
-        let p = AnnotationPacket::from_json(packet_json).map_err(|e| e.to_string())?;
-        p.check_provider().map_err(|e| e.to_string())?;
+    ) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+        let p = AnnotationPacket::from_json(packet_json)?;
+        p.check_provider()?;
         let kek = self
             .fetcher
             .fetch(&p.kek_uri())
             .await
-            .map_err(|e| format!("key id {}: {e}", p.kid))?;
-        p.open(&kek).map_err(|e| e.to_string())
+            .map_err(|source| DecryptError::Kek {
+                kid: p.kid.clone(),
+                source,
+            })?;
+        Ok(p.open(&kek)?)
     }
 }
 

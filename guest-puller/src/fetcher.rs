@@ -20,39 +20,28 @@ impl KbsResourceFetcher {
                 let mut c = kbs_client::ClientConfig::new(url.clone());
                 if let Some(cert) = &cfg.cert {
                     c.extra_ca_pem =
-                        Some(std::fs::read(cert).map_err(|e| ResourceError::Failed {
-                            uri: cert.display().to_string(),
-                            reason: format!("reading KBS CA certificate: {e}"),
-                        })?);
+                        Some(
+                            std::fs::read(cert).map_err(|e| ResourceError::Unconfigured {
+                                uri: cert.display().to_string(),
+                                reason: format!("reading KBS CA certificate: {e}"),
+                            })?,
+                        );
                 }
-                Some(
-                    kbs_client::Client::new(c).map_err(|e| ResourceError::Failed {
-                        uri: url.clone(),
-                        reason: e.to_string(),
-                    })?,
-                )
+                if let Some(t) = cfg.request_timeout_secs {
+                    c.deadline = std::time::Duration::from_secs(t.max(1));
+                    c.timeout = c.timeout.min(c.deadline);
+                }
+                if let Some(n) = cfg.max_response_bytes {
+                    c.max_response_bytes = n.max(1);
+                }
+                Some(kbs_client::Client::new(c).map_err(|e| ResourceError::Kbs {
+                    uri: url.clone(),
+                    source: Box::new(e),
+                })?)
             }
             None => None,
         };
         Ok(Self { kbs })
-    }
-}
-
-fn map_kbs(uri: &str, e: kbs_client::Error) -> ResourceError {
-    match e {
-        kbs_client::Error::PolicyDeny { .. } => ResourceError::Denied { uri: uri.into() },
-        kbs_client::Error::ResourceNotFound { .. } => ResourceError::NotFound {
-            uri: uri.into(),
-            reason: e.to_string(),
-        },
-        kbs_client::Error::Uri(_) => ResourceError::InvalidUri {
-            uri: uri.into(),
-            reason: e.to_string(),
-        },
-        other => ResourceError::Failed {
-            uri: uri.into(),
-            reason: other.to_string(),
-        },
     }
 }
 
@@ -61,7 +50,7 @@ impl ResourceFetcher for KbsResourceFetcher {
     async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError> {
         if uri.starts_with("kbs://") || uri.starts_with("kbs+") {
             let Some(kbs) = &self.kbs else {
-                return Err(ResourceError::Failed {
+                return Err(ResourceError::Unconfigured {
                     uri: uri.into(),
                     reason: "no KBS configured ([kbs] url)".into(),
                 });
@@ -72,7 +61,13 @@ impl ResourceFetcher for KbsResourceFetcher {
                         uri: uri.into(),
                         reason: e.to_string(),
                     })?;
-            return kbs.get_resource(&parsed).await.map_err(|e| map_kbs(uri, e));
+            return kbs
+                .get_resource(&parsed)
+                .await
+                .map_err(|e| ResourceError::Kbs {
+                    uri: uri.into(),
+                    source: Box::new(e),
+                });
         }
         if let Some(path) = uri
             .strip_prefix("file://")
@@ -81,15 +76,9 @@ impl ResourceFetcher for KbsResourceFetcher {
             return tokio::fs::read(path)
                 .await
                 .map(Zeroizing::new)
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => ResourceError::NotFound {
-                        uri: uri.into(),
-                        reason: e.to_string(),
-                    },
-                    _ => ResourceError::Failed {
-                        uri: uri.into(),
-                        reason: e.to_string(),
-                    },
+                .map_err(|source| ResourceError::Io {
+                    uri: uri.into(),
+                    source,
                 });
         }
         if let Some(rest) = uri.strip_prefix("data:") {
@@ -142,10 +131,10 @@ mod tests {
             &f.fetch("{\"default\":[]}").await.unwrap()[..],
             b"{\"default\":[]}"
         );
-        assert!(matches!(
-            f.fetch("file:///nonexistent/x").await,
-            Err(ResourceError::NotFound { .. })
-        ));
+        assert_eq!(
+            f.fetch("file:///nonexistent/x").await.unwrap_err().kind(),
+            crate::error::ErrorKind::NotFound
+        );
         assert!(f.fetch("kbs:///default/key/x").await.is_err());
         assert!(matches!(
             f.fetch("ftp://x/y").await,

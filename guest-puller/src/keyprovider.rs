@@ -67,14 +67,7 @@ pub enum KeyProviderError {
 impl KeyProviderError {
     /// The gRPC status code callers (ocicrypt) get for this error.
     pub fn grpc_code(&self) -> tonic::Code {
-        match self {
-            KeyProviderError::BadRequest(_) => tonic::Code::InvalidArgument,
-            KeyProviderError::UnknownKey { .. } => tonic::Code::NotFound,
-            KeyProviderError::Unwrap { .. } => tonic::Code::PermissionDenied,
-            KeyProviderError::KekFile { .. } | KeyProviderError::Register { .. } => {
-                tonic::Code::Internal
-            }
-        }
+        crate::api::server::codes(self.kind()).1
     }
 }
 

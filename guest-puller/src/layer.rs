@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::decrypt::{Compression, LayerKey};
-use crate::registry::Hasher;
+use crate::registry::{Hasher, RegistryError};
 use crate::unpack::{self, UnpackError, UnpackStats};
 
 /// Chunks buffered between the HTTP stream and the unpacker (bounds memory per layer).
@@ -39,8 +39,12 @@ pub enum LayerError {
     #[error("layer store: {0}")]
     Store(#[from] io::Error),
     /// Fetching failed.
-    #[error("layer {layer}: {reason}")]
-    Fetch { layer: String, reason: String },
+    #[error("layer {layer}: {source}")]
+    Fetch {
+        layer: String,
+        #[source]
+        source: RegistryError,
+    },
 }
 
 /// What the pipeline needs to know about one layer.
@@ -185,7 +189,7 @@ impl LayerStore {
     ) -> Result<(PathBuf, bool), LayerError>
     where
         F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
+        Fut: std::future::Future<Output = Result<(), RegistryError>>,
     {
         if !valid_digest(&spec.digest) || !valid_digest(&spec.diff_id) {
             return Err(LayerError::Integrity {
@@ -221,7 +225,7 @@ impl LayerStore {
     ) -> Result<PathBuf, LayerError>
     where
         F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
+        Fut: std::future::Future<Output = Result<(), RegistryError>>,
     {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let staging = self.root.join("staging").join(format!(
@@ -244,9 +248,9 @@ impl LayerStore {
             (Ok(stats), Ok(())) => Ok(stats),
             // The consumer's error explains why the fetch was cut short.
             (Err(e), _) => Err(e),
-            (Ok(_), Err(reason)) => Err(LayerError::Fetch {
+            (Ok(_), Err(source)) => Err(LayerError::Fetch {
                 layer: digest.clone(),
-                reason,
+                source,
             }),
         };
         match outcome {

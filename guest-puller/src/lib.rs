@@ -4,6 +4,7 @@ pub mod api;
 pub mod bundle;
 pub mod config;
 pub mod decrypt;
+pub mod error;
 pub mod fetcher;
 pub mod keyprovider;
 pub mod layer;

@@ -43,34 +43,9 @@ pub enum PullError {
     /// The bundle could not be created.
     #[error(transparent)]
     Bundle(#[from] BundleError),
-}
-
-// Lazy-pull failures map onto the existing kinds, so callers keep one error contract
-// (and one ttrpc code table) for both pull modes.
-impl From<LazyError> for PullError {
-    fn from(e: LazyError) -> Self {
-        match e {
-            LazyError::Format(reason) => PullError::Registry(RegistryError::Unsupported {
-                reference: "nydus image".into(),
-                reason,
-            }),
-            LazyError::Bootstrap { digest, reason } => PullError::Layer(LayerError::Fetch {
-                layer: digest,
-                reason,
-            }),
-            LazyError::Integrity { what, reason } => PullError::Layer(LayerError::Integrity {
-                layer: what,
-                reason,
-            }),
-            LazyError::Decrypt(e) => PullError::Decrypt(e),
-            LazyError::Config(m) => PullError::Config(m),
-            LazyError::Rafs(m) | LazyError::Fuse(m) => PullError::Bundle(BundleError::Mount {
-                target: PathBuf::from("lazy rootfs"),
-                source: std::io::Error::other(m),
-            }),
-            LazyError::Io { path, source } => PullError::Bundle(BundleError::Io { path, source }),
-        }
-    }
+    /// A lazily pulled (nydus) image could not be mounted; its kind says why, as for eager pulls.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
 }
 
 /// One layer of a pulled image.
@@ -138,7 +113,7 @@ impl SignatureSource for RegistrySigs<'_> {
                     })
                     .collect()
             })
-            .map_err(|e| PolicyError::Registry(e.to_string()))
+            .map_err(PolicyError::Registry)
     }
 }
 
@@ -172,7 +147,7 @@ impl Puller {
             rules,
             auth.as_deref().map(|a| a.as_slice()),
             &roots,
-            cfg.image.max_retries,
+            crate::registry::NetLimits::from_config(&cfg.image),
         )?;
         let store = LayerStore::open(&cfg.image.work_dir).map_err(|e| {
             PullError::Config(format!("work dir {}: {e}", cfg.image.work_dir.display()))
@@ -181,7 +156,8 @@ impl Puller {
             fetcher.clone(),
             cfg.provider_names(),
             cfg.keys.jwe_private_keys.clone(),
-        );
+        )
+        .with_key_lifetime(std::time::Duration::from_secs(cfg.keys.jwe_key_cache_secs));
         Ok(Self {
             cfg,
             registry,
@@ -395,8 +371,8 @@ impl Puller {
                 // force_eager: every chunk is fetched and verified before the pull returns.
                 if let Err(e) = lazy::read_all(&mnt) {
                     m.unmount();
-                    return Err(PullError::Layer(LayerError::Fetch {
-                        layer: nydus.bootstrap.digest.clone(),
+                    return Err(PullError::Lazy(LazyError::Bootstrap {
+                        digest: nydus.bootstrap.digest.clone(),
                         reason: format!("fetching the whole nydus image: {e}"),
                     }));
                 }
@@ -447,10 +423,7 @@ impl Puller {
         let (path, cached) = self
             .store
             .ensure_layer(spec, |tx| async move {
-                registry
-                    .blob_to_channel(source, desc, tx)
-                    .await
-                    .map_err(|e| e.to_string())
+                registry.blob_to_channel(source, desc, tx).await
             })
             .await?;
         Ok(PulledLayer {

@@ -11,19 +11,60 @@ use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256, Sha512};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::config::RegistryConfig;
+use crate::config::{ImageConfig, RegistryConfig};
+use crate::error::ErrorKind;
+use kbs_client::error::error_chain;
 
 /// Largest manifest or image config we accept.
 pub const MAX_MANIFEST_SIZE: usize = 8 << 20;
+/// Longest registry error body read (error envelopes are small; the rest is dropped).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// A boxed cause of a failed registry request.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Attempts and deadlines of registry requests.
+#[derive(Debug, Clone, Copy)]
+pub struct NetLimits {
+    /// Attempts per request on 5xx or broken connections (at least 1).
+    pub retries: u32,
+    /// Deadline of one manifest, index, config or signature fetch, retries included.
+    pub request_timeout: Duration,
+    /// A blob transfer fails when no byte arrived for this long (across resumed attempts).
+    pub stall_timeout: Duration,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        Self {
+            retries: 5,
+            request_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl NetLimits {
+    /// The limits configured in `[image]`.
+    pub fn from_config(cfg: &ImageConfig) -> Self {
+        Self {
+            retries: cfg.max_retries,
+            request_timeout: Duration::from_secs(cfg.registry_request_timeout_secs.max(1)),
+            stall_timeout: Duration::from_secs(cfg.registry_stall_timeout_secs.max(1)),
+        }
+    }
+}
 
 const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
@@ -52,8 +93,29 @@ pub enum RegistryError {
     #[error("unsupported content for {reference}: {reason}")]
     Unsupported { reference: String, reason: String },
     /// The registry answered with an error or the connection failed (after retries).
-    #[error("registry request for {reference} failed: {reason}")]
-    Request { reference: String, reason: String },
+    #[error("registry request for {reference} failed: {}", error_chain(source.as_ref()))]
+    Request {
+        reference: String,
+        /// How the failure is classified (from the HTTP status, the registry's error codes
+        /// or the transport error).
+        kind: ErrorKind,
+        #[source]
+        source: BoxError,
+    },
+    /// The request's deadline passed (a stalled or trickling registry).
+    #[error("registry request for {reference} timed out: {what} after {after:?}")]
+    TimedOut {
+        reference: String,
+        what: String,
+        after: Duration,
+    },
+    /// A response body is larger than its limit (read no further than the limit).
+    #[error("{what} from {reference} is larger than the {limit}-byte limit")]
+    TooLarge {
+        reference: String,
+        what: String,
+        limit: usize,
+    },
     /// The credentials file is malformed.
     #[error("invalid registry credentials (auth.json): {0}")]
     Credentials(String),
@@ -171,12 +233,88 @@ fn normalize_auth_key(k: &str) -> String {
 }
 
 /// Registry client shared by all pulls.
+///
+/// oci-client streams layers and obtains tokens; manifests, configs and signatures go
+/// through `http` (same roots, same plain-HTTP list), since oci-client reads those bodies
+/// whole before any size check.
 pub struct RegistryClient {
     client: Client,
+    http: reqwest::Client,
     creds: BTreeMap<String, (String, String)>,
     rules: RegistryConfig,
     plain_http: Vec<String>,
     retries: u32,
+    limits: NetLimits,
+}
+
+/// An HTTP error answer of the registry (status and the start of its body).
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP {status} from {url}: {detail}")]
+pub struct HttpStatusError {
+    /// The status code.
+    pub status: u16,
+    /// The request URL.
+    pub url: String,
+    /// The registry's error envelope, or the start of a non-JSON body.
+    pub detail: String,
+}
+
+/// The kind of a registry HTTP status, refined by the distribution error codes of its body.
+fn status_kind(status: u16, envelope: Option<&OciEnvelope>) -> ErrorKind {
+    let by_code = envelope.and_then(|env| {
+        env.errors.iter().find_map(|e| match e.code {
+            OciErrorCode::ManifestUnknown
+            | OciErrorCode::BlobUnknown
+            | OciErrorCode::NameUnknown
+            | OciErrorCode::NotFound
+            | OciErrorCode::ManifestBlobUnknown => Some(ErrorKind::NotFound),
+            OciErrorCode::Unauthorized | OciErrorCode::Denied => Some(ErrorKind::Denied),
+            OciErrorCode::Toomanyrequests => Some(ErrorKind::Unavailable),
+            _ => None,
+        })
+    });
+    by_code.unwrap_or(match status {
+        404 => ErrorKind::NotFound,
+        401 | 403 => ErrorKind::Denied,
+        _ => ErrorKind::Unavailable,
+    })
+}
+
+/// The kind of an oci-client error, by its variant and the registry's error codes.
+fn oci_kind(e: &OciDistributionError) -> ErrorKind {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => ErrorKind::NotFound,
+        OciDistributionError::ServerError { code, .. } => status_kind(*code, None),
+        OciDistributionError::RegistryError { envelope, .. } => status_kind(400, Some(envelope)),
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => ErrorKind::Denied,
+        OciDistributionError::RequestError(r) if r.is_timeout() => ErrorKind::TimedOut,
+        OciDistributionError::DigestError(_) => ErrorKind::Integrity,
+        _ => ErrorKind::Unavailable,
+    }
+}
+
+/// One failed attempt of a small fetch.
+struct Failed {
+    kind: ErrorKind,
+    source: BoxError,
+    /// 5xx, 429 and transport failures; other answers are final.
+    retry: bool,
+}
+
+impl Failed {
+    fn transport(e: reqwest::Error) -> Self {
+        let kind = if e.is_timeout() {
+            ErrorKind::TimedOut
+        } else {
+            ErrorKind::Unavailable
+        };
+        Self {
+            kind,
+            source: Box::new(e),
+            retry: true,
+        }
+    }
 }
 
 impl RegistryClient {
@@ -185,7 +323,7 @@ impl RegistryClient {
         rules: RegistryConfig,
         auth_json: Option<&[u8]>,
         extra_roots_pem: &[Vec<u8>],
-        retries: u32,
+        limits: NetLimits,
     ) -> Result<Self, RegistryError> {
         let mut creds = BTreeMap::new();
         if let Some(raw) = auth_json {
@@ -234,20 +372,38 @@ impl RegistryClient {
                 data: pem.clone(),
             })
             .collect();
+        let connect = limits.request_timeout.min(Duration::from_secs(30));
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain.clone()),
             extra_root_certificates: certs,
             platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(30)),
-            read_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(connect),
+            read_timeout: Some(limits.stall_timeout),
             ..Default::default()
         };
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(connect)
+            .read_timeout(limits.stall_timeout)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("guestpull/", env!("CARGO_PKG_VERSION")));
+        for pem in extra_roots_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| RegistryError::Credentials(format!("extra root certificate: {e}")))?;
+            http = http.tls_certs_merge(roots);
+        }
+        let http = http.build().map_err(|e| RegistryError::Request {
+            reference: "registry client".into(),
+            kind: ErrorKind::Internal,
+            source: Box::new(e),
+        })?;
         Ok(Self {
             client: Client::new(config),
+            http,
             creds,
             rules,
             plain_http: plain,
-            retries: retries.max(1),
+            retries: limits.retries.max(1),
+            limits,
         })
     }
 
@@ -332,47 +488,181 @@ impl RegistryClient {
         Ok(out)
     }
 
-    async fn with_retries<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RegistryError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
-    {
+    /// The `Authorization` oci-client negotiated for `r` (bearer token or basic credentials).
+    async fn authorization(&self, r: &Reference) -> Result<Option<HeaderValue>, Failed> {
+        let auth = self.auth_for(r);
+        let token = self
+            .client
+            .auth(r, &auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| Failed {
+                kind: oci_kind(&e),
+                retry: crate::error::is_transient(oci_kind(&e)),
+                source: Box::new(e),
+            })?;
+        let value = match (token, &auth) {
+            (Some(t), _) => format!("Bearer {t}"),
+            (None, RegistryAuth::Basic(u, p)) => {
+                format!("Basic {}", STANDARD.encode(format!("{u}:{p}")))
+            }
+            (None, _) => return Ok(None),
+        };
+        let mut v = HeaderValue::from_str(&value).map_err(|e| Failed {
+            kind: ErrorKind::Precondition,
+            source: Box::new(e),
+            retry: false,
+        })?;
+        v.set_sensitive(true);
+        Ok(Some(v))
+    }
+
+    /// One GET of `url`, its body read while streaming and refused past `limit` bytes.
+    async fn get_once(
+        &self,
+        r: &Reference,
+        url: &str,
+        accept: &str,
+        limit: usize,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), Failed> {
+        let mut req = self.http.get(url).header(ACCEPT, accept);
+        if let Some(a) = self.authorization(r).await? {
+            req = req.header(AUTHORIZATION, a);
+        }
+        let mut resp = req.send().await.map_err(Failed::transport)?;
+        let status = resp.status();
+        let cap = if status.is_success() {
+            limit
+        } else {
+            MAX_ERROR_BODY
+        };
+        let too_large = || Failed {
+            kind: ErrorKind::ResourceExhausted,
+            source: format!("{what} is larger than the {cap}-byte limit").into(),
+            retry: false,
+        };
+        if resp.content_length().is_some_and(|n| n > cap as u64) && status.is_success() {
+            return Err(too_large());
+        }
+        let digest = resp
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(Failed::transport)? {
+            if body.len() + chunk.len() > cap {
+                if !status.is_success() {
+                    // Enough of an error body to say what went wrong.
+                    break;
+                }
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return Ok((body, digest));
+        }
+        let envelope = serde_json::from_slice::<OciEnvelope>(&body).ok();
+        let kind = status_kind(status.as_u16(), envelope.as_ref());
+        let detail = match &envelope {
+            Some(env) => env.to_string(),
+            None => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        };
+        Err(Failed {
+            kind,
+            retry: status.is_server_error() || status.as_u16() == 429,
+            source: Box::new(HttpStatusError {
+                status: status.as_u16(),
+                url: url.to_string(),
+                detail,
+            }),
+        })
+    }
+
+    /// GETs a small document of the registry (manifest, index, config, signature) within the
+    /// request deadline, retrying transient failures; bodies are capped at `limit` bytes.
+    async fn get_small(
+        &self,
+        r: &Reference,
+        path: &str,
+        accept: &str,
+        limit: usize,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), RegistryError> {
+        let registry = r.resolve_registry();
+        let scheme = if self.is_plain_http(registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let ns = r
+            .namespace()
+            .map(|ns| format!("?ns={ns}"))
+            .unwrap_or_default();
+        let url = format!("{scheme}://{registry}/v2/{}/{path}{ns}", r.repository());
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let timed_out = |cause: Option<&BoxError>| RegistryError::TimedOut {
+            reference: r.whole(),
+            what: match cause {
+                Some(c) => format!("fetching the {what} ({})", error_chain(c.as_ref())),
+                None => format!("fetching the {what}"),
+            },
+            after: self.limits.request_timeout,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) if attempt < self.retries && retryable(&e) => {
-                    warn!(%what, attempt, "registry request failed, retrying: {e}");
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) => {
-                    return Err(RegistryError::Request {
-                        reference: what.into(),
-                        reason: e.to_string(),
-                    })
-                }
+            let once = self.get_once(r, &url, accept, limit, what);
+            let failed = match tokio::time::timeout_at(deadline, once).await {
+                Err(_) => return Err(timed_out(None)),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(f)) => f,
+            };
+            if failed.kind == ErrorKind::ResourceExhausted {
+                return Err(RegistryError::TooLarge {
+                    reference: r.whole(),
+                    what: what.into(),
+                    limit,
+                });
             }
+            let delay = backoff(attempt);
+            // Out of attempts, or of time for the next one: the last failure says why.
+            if !failed.retry || attempt >= self.retries || Instant::now() + delay >= deadline {
+                if failed.kind == ErrorKind::TimedOut {
+                    return Err(timed_out(Some(&failed.source)));
+                }
+                return Err(RegistryError::Request {
+                    reference: r.whole(),
+                    kind: failed.kind,
+                    source: failed.source,
+                });
+            }
+            warn!(%what, reference = %r.whole(), attempt, "registry request failed, retrying: {}", failed.source);
+            tokio::time::sleep(delay).await;
         }
     }
 
     async fn manifest_raw(&self, r: &Reference) -> Result<(Bytes, String), RegistryError> {
-        let auth = self.auth_for(r);
-        let (body, digest) = self
-            .with_retries(&r.whole(), || {
-                self.client.pull_manifest_raw(r, &auth, MANIFEST_TYPES)
-            })
+        let reference = r.digest().or(r.tag()).unwrap_or("latest");
+        let (body, header_digest) = self
+            .get_small(
+                r,
+                &format!("manifests/{reference}"),
+                &MANIFEST_TYPES.join(", "),
+                MAX_MANIFEST_SIZE,
+                "manifest",
+            )
             .await?;
-        if body.len() > MAX_MANIFEST_SIZE {
-            return Err(RegistryError::Unsupported {
-                reference: r.whole(),
-                reason: format!("manifest of {} bytes is too large", body.len()),
-            });
-        }
-        // oci-client checked the header and @digest; recompute so we rely on our own check.
-        let expected = r.digest().map(str::to_string).unwrap_or(digest);
+        // A pinned reference is checked against its own digest, a tag against the header
+        // (or, without one, the content names itself).
+        let expected = match (r.digest(), header_digest) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(h)) => h,
+            (None, None) => format!("sha256:{}", hex::encode(Sha256::digest(&body))),
+        };
         verify_digest(&format!("manifest {}", r.whole()), &body, &expected)?;
-        Ok((body, expected))
+        Ok((Bytes::from(body), expected))
     }
 
     /// Resolves `r` (trying mirrors in order) to a platform manifest and config.
@@ -393,7 +683,8 @@ impl RegistryClient {
         }
         Err(last.unwrap_or_else(|| RegistryError::Request {
             reference: r.whole(),
-            reason: "no source".into(),
+            kind: ErrorKind::Precondition,
+            source: "no source configured".into(),
         }))
     }
 
@@ -462,24 +753,15 @@ impl RegistryClient {
                 reason: format!("{what} size {} out of range", desc.size),
             });
         }
-        let (tx, mut rx) = mpsc::channel(64);
-        let fetch = self.blob_to_channel(r, desc, tx);
-        let collect = async {
-            let mut out = Vec::with_capacity(desc.size as usize);
-            while let Some(chunk) = rx.recv().await {
-                match chunk {
-                    Ok(c) => out.extend_from_slice(&c),
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(out)
-        };
-        let (f, c) = tokio::join!(fetch, collect);
-        f?;
-        let data = c.map_err(|e| RegistryError::Request {
-            reference: r.whole(),
-            reason: e.to_string(),
-        })?;
+        let (data, _) = self
+            .get_small(
+                r,
+                &format!("blobs/{}", desc.digest),
+                "*/*",
+                desc.size as usize,
+                what,
+            )
+            .await?;
         verify_digest(&format!("{what} {}", desc.digest), &data, &desc.digest)?;
         Ok(data)
     }
@@ -499,6 +781,9 @@ impl RegistryClient {
             .await;
         let mut offset: u64 = 0;
         let mut attempt = 0;
+        // Retries resume a broken transfer, but a registry that sends nothing for the stall
+        // timeout fails, however many attempts are left.
+        let mut last_progress = Instant::now();
         loop {
             attempt += 1;
             let res = self.stream_once(r, desc, offset, size, &tx).await;
@@ -506,18 +791,35 @@ impl RegistryClient {
                 Ok(()) => return Ok(()),
                 Err(StreamFail::Consumer) => return Err(RegistryError::ConsumerGone),
                 Err(StreamFail::Io(progress, reason)) => {
+                    if progress > offset {
+                        last_progress = Instant::now();
+                    }
                     offset = progress;
                     // A failure after every byte arrived is the digest check of oci-client's
                     // verifying stream: the consumer reports the mismatch, do not refetch.
                     if offset >= size && size > 0 {
                         return Ok(());
                     }
-                    if attempt >= self.retries {
-                        let e = RegistryError::Request {
-                            reference: format!("{}@{}", r.repository(), desc.digest),
-                            reason: format!(
-                                "{reason} (after {attempt} attempts, {offset} of {size} bytes)"
-                            ),
+                    let stalled =
+                        last_progress.elapsed() + backoff(attempt) >= self.limits.stall_timeout;
+                    if attempt >= self.retries || stalled {
+                        let e = if stalled {
+                            RegistryError::TimedOut {
+                                reference: format!("{}@{}", r.repository(), desc.digest),
+                                what: format!(
+                                    "no data at {offset} of {size} bytes ({attempt} attempts; {reason})"
+                                ),
+                                after: self.limits.stall_timeout,
+                            }
+                        } else {
+                            RegistryError::Request {
+                                reference: format!("{}@{}", r.repository(), desc.digest),
+                                kind: ErrorKind::Unavailable,
+                                source: format!(
+                                    "{reason} (after {attempt} attempts, {offset} of {size} bytes)"
+                                )
+                                .into(),
+                            }
                         };
                         let _ = tx
                             .send(Err(io::Error::new(
@@ -546,15 +848,21 @@ impl RegistryClient {
         size: u64,
         tx: &mpsc::Sender<io::Result<Bytes>>,
     ) -> Result<(), StreamFail> {
-        let open = if offset == 0 {
-            self.client
-                .pull_blob_stream(r, desc)
-                .await
-                .map(BlobResponse::Full)
-        } else {
-            self.client
-                .pull_blob_stream_partial(r, desc, offset, None)
-                .await
+        let stall = self.limits.stall_timeout;
+        let open = async {
+            if offset == 0 {
+                self.client
+                    .pull_blob_stream(r, desc)
+                    .await
+                    .map(BlobResponse::Full)
+            } else {
+                self.client
+                    .pull_blob_stream_partial(r, desc, offset, None)
+                    .await
+            }
+        };
+        let Ok(open) = tokio::time::timeout(stall, open).await else {
+            return Err(StreamFail::Io(offset, format!("no answer for {stall:?}")));
         };
         let (mut stream, mut skip) = match open {
             Ok(BlobResponse::Full(s)) => (s, offset),
@@ -563,12 +871,17 @@ impl RegistryClient {
             Err(e) => {
                 return Err(StreamFail::Fatal(RegistryError::Request {
                     reference: format!("{}@{}", r.repository(), desc.digest),
-                    reason: e.to_string(),
+                    kind: oci_kind(&e),
+                    source: Box::new(e),
                 }))
             }
         };
         let mut pos = offset;
-        while let Some(item) = stream.next().await {
+        loop {
+            let Ok(item) = tokio::time::timeout(stall, stream.next()).await else {
+                return Err(StreamFail::Io(pos, format!("no data for {stall:?}")));
+            };
+            let Some(item) = item else { break };
             let mut chunk = match item {
                 Ok(c) => c,
                 Err(e) => return Err(StreamFail::Io(pos, e.to_string())),
@@ -615,22 +928,11 @@ impl RegistryClient {
             source.repository().to_string(),
             format!("{algo}-{hex}.sig"),
         );
-        let auth = self.auth_for(&sig_ref);
-        let res = self
-            .client
-            .pull_manifest_raw(&sig_ref, &auth, MANIFEST_TYPES)
-            .await;
-        let (body, digest) = match res {
-            Ok(v) => v,
-            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(RegistryError::Request {
-                    reference: sig_ref.whole(),
-                    reason: e.to_string(),
-                })
-            }
+        let body = match self.manifest_raw(&sig_ref).await {
+            Ok((body, _)) => body,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
         };
-        verify_digest(&format!("manifest {}", sig_ref.whole()), &body, &digest)?;
         let m: OciImageManifest =
             serde_json::from_slice(&body).map_err(|e| RegistryError::Unsupported {
                 reference: sig_ref.whole(),
@@ -665,18 +967,6 @@ enum StreamFail {
 
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((200u64 << attempt.min(5)).min(5000))
-}
-
-fn is_not_found(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::ImageManifestNotFoundError(_) => true,
-        OciDistributionError::ServerError { code, .. } => *code == 404,
-        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
-            format!("{:?}", e.code).contains("ManifestUnknown")
-                || format!("{:?}", e.code).contains("NameUnknown")
-        }),
-        _ => e.to_string().contains("404"),
-    }
 }
 
 fn retryable(e: &OciDistributionError) -> bool {
@@ -748,7 +1038,7 @@ mod tests {
             RegistryConfig::default(),
             Some(auth.to_string().as_bytes()),
             &[],
-            1,
+            NetLimits::default(),
         )
         .unwrap();
         let user = |s: &str| match c.auth_for(&s.parse().unwrap()) {
@@ -783,7 +1073,7 @@ mod tests {
                 },
             ],
         };
-        let c = RegistryClient::new(rules, None, &[], 1).unwrap();
+        let c = RegistryClient::new(rules, None, &[], NetLimits::default()).unwrap();
         let cands = c.candidates(&"busybox:1.36".parse().unwrap()).unwrap();
         assert_eq!(cands[0].whole(), "127.0.0.1:5000/hub/busybox:1.36");
         assert_eq!(cands[1].whole(), "docker.io/library/busybox:1.36");
@@ -791,6 +1081,30 @@ mod tests {
             c.candidates(&"bad.example/x:1".parse().unwrap()),
             Err(RegistryError::Blocked(_))
         ));
+    }
+
+    #[test]
+    fn registry_errors_are_classified_by_status_and_code() {
+        let env = |code: &str| -> OciEnvelope {
+            serde_json::from_value(serde_json::json!({"errors": [{"code": code, "message": "m"}]}))
+                .unwrap()
+        };
+        // Registries answer MANIFEST_UNKNOWN with 404 or 400 alike.
+        for code in ["MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "NAME_UNKNOWN"] {
+            assert_eq!(
+                status_kind(400, Some(&env(code))),
+                ErrorKind::NotFound,
+                "{code}"
+            );
+        }
+        assert_eq!(status_kind(400, Some(&env("DENIED"))), ErrorKind::Denied);
+        assert_eq!(status_kind(404, None), ErrorKind::NotFound);
+        assert_eq!(status_kind(403, None), ErrorKind::Denied);
+        assert_eq!(status_kind(503, None), ErrorKind::Unavailable);
+        assert_eq!(
+            status_kind(500, Some(&env("SOMETHING_ELSE"))),
+            ErrorKind::Unavailable
+        );
     }
 
     #[test]

@@ -17,9 +17,27 @@ pub enum ResourceError {
     /// The resource does not exist (or the KBS backend failed to produce it).
     #[error("resource {uri} not found: {reason}")]
     NotFound { uri: String, reason: String },
-    /// Any other failure (network, attestation, I/O).
+    /// Any other failure of a remote source (network, attestation).
     #[error("fetching {uri} failed: {reason}")]
     Failed { uri: String, reason: String },
+    /// The URI needs something the configuration does not provide (no KBS, unreadable CA).
+    #[error("cannot fetch {uri}: {reason}")]
+    Unconfigured { uri: String, reason: String },
+    /// The KBS client failed; its error says how.
+    #[error("fetching {uri} from the KBS: {source}")]
+    Kbs {
+        uri: String,
+        /// Boxed: kbs-client's error is large and rare.
+        #[source]
+        source: Box<kbs_client::Error>,
+    },
+    /// A local file could not be read.
+    #[error("reading {uri}: {source}")]
+    Io {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Source of resources named by URI; implemented over the KBS client and the local filesystem.

@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod containerd;
+pub mod hostile;
 pub mod images;
 pub mod kbs;
 pub mod lab;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use guest_puller::config::Config;
 use guest_puller::fetcher::KbsResourceFetcher;
+use guest_puller::lazy::LazyError;
 use guest_puller::pull::{PullError, Puller};
 use integration::chain::blob_traffic;
 use integration::{Lab, Registry};
@@ -395,8 +396,9 @@ async fn bootstrap_digest_mismatch_fails_the_pull() {
     let p = puller(config(&lab, &reg, "")).await;
     let b = lab.join("bundle");
     let err = p.pull_image(&img.nydus, &b).await.unwrap_err();
-    assert!(
-        matches!(&err, PullError::Layer(_) | PullError::Registry(_)),
+    assert_eq!(
+        err.kind(),
+        guest_puller::error::ErrorKind::Integrity,
         "{err}"
     );
     assert!(err.to_string().contains(&boot), "{err}");
@@ -474,7 +476,11 @@ async fn encrypted_lazy_image_needs_the_key_from_the_kbs() {
     let p = puller(kbs_config(&lab, &reg, &kbs)).await;
     let b = lab.join("bundle");
     let err = p.pull_image(&reference, &b).await.unwrap_err();
-    assert!(matches!(err, PullError::Decrypt(_)), "{err}");
+    assert!(
+        matches!(&err, PullError::Lazy(LazyError::Decrypt(_))),
+        "{err}"
+    );
+    assert_eq!(err.kind(), guest_puller::error::ErrorKind::Denied, "{err}");
     assert!(
         err.to_string().contains("missing or wrong decryption key"),
         "{err}"

@@ -59,7 +59,13 @@ impl SignatureSource for HttpSignatures {
         image: &oci_client::Reference,
         manifest_digest: &str,
     ) -> Result<Vec<CosignSignature>, PolicyError> {
-        let err = |e: String| PolicyError::Registry(e);
+        let err = |e: String| {
+            PolicyError::Registry(guest_puller::registry::RegistryError::Request {
+                reference: image.whole(),
+                kind: guest_puller::error::ErrorKind::Unavailable,
+                source: e.into(),
+            })
+        };
         let repo = image.repository();
         let url = format!(
             "{}/v2/{repo}/manifests/{}",

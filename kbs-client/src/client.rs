@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use kbs_types::{Attestation, Challenge, CompositeEvidence, InitData, RuntimeData};
 use rand_core::{OsRng, RngCore};
-use reqwest::header::AUTHORIZATION;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE};
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
@@ -14,7 +14,7 @@ use crate::config::{ClientConfig, Mode, Tee};
 use crate::error::{error_chain, Error};
 use crate::jwe;
 use crate::keys::TeeKeyPair;
-use crate::protocol::{self, KbsError, ResourceAction};
+use crate::protocol::{self, KbsError, ResourceAction, SESSION_COOKIE};
 use crate::token::Token;
 use crate::uri::ResourceUri;
 
@@ -32,7 +32,69 @@ struct Inner {
     key: TeeKeyPair,
     launch: Option<LaunchSecrets>,
     /// Serializes handshakes so concurrent callers share one attestation.
-    token: tokio::sync::Mutex<Option<Token>>,
+    token: tokio::sync::Mutex<Option<Session>>,
+}
+
+/// An attestation: the token and, in background-check mode, the session cookie bound to it.
+///
+/// The cookie is carried here rather than in a cookie store: cookie stores log `Set-Cookie`
+/// values at debug level, and the session id is as good as the token.
+#[derive(Clone)]
+struct Session {
+    token: Token,
+    cookie: Option<Zeroizing<String>>,
+}
+
+/// Longest error body read from the KBS (they are small JSON objects; the rest is dropped).
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// A fully read KBS answer.
+struct Reply {
+    status: reqwest::StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+/// The `kbs-session-id` value from a response's `Set-Cookie` headers.
+fn session_cookie(headers: &HeaderMap) -> Option<Zeroizing<String>> {
+    headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next()?.split_once('='))
+        .find(|(k, _)| k.trim() == SESSION_COOKIE)
+        .map(|(_, v)| Zeroizing::new(v.trim().to_string()))
+}
+
+/// A header value that `http`'s `Debug` and hyper's traces print as "Sensitive".
+fn secret_header(value: &str) -> Result<HeaderValue, Error> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| Error::Config("credential is not a valid HTTP header value".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Why a body was not read.
+enum BodyError {
+    /// The transfer broke.
+    Read(reqwest::Error),
+    /// The body is longer than the limit (refused before it is buffered).
+    TooLarge(usize),
+}
+
+/// Reads at most `limit` bytes of `resp`'s body.
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 impl std::fmt::Debug for Client {
@@ -86,9 +148,16 @@ impl Client {
                 "retry.max_attempts must be at least 1".into(),
             ));
         }
+        if cfg.deadline.is_zero() || cfg.max_response_bytes == 0 {
+            return Err(Error::Config(
+                "deadline and max_response_bytes must be non-zero".into(),
+            ));
+        }
         let mut b = reqwest::Client::builder()
-            .cookie_store(true)
-            .timeout(cfg.timeout)
+            // A KBS never redirects; following one could send the session to another host
+            // or downgrade https to http.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(cfg.timeout.min(cfg.deadline))
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("guestpull-kbs-client/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &cfg.extra_ca_pem {
@@ -143,7 +212,10 @@ impl Client {
                 tee,
                 key,
                 launch,
-                token: tokio::sync::Mutex::new(token),
+                token: tokio::sync::Mutex::new(token.map(|token| Session {
+                    token,
+                    cookie: None,
+                })),
             }),
         })
     }
@@ -165,7 +237,7 @@ impl Client {
 
     /// Returns a valid token, attesting only when none is cached or it is about to expire.
     pub async fn attest(&self) -> Result<Token, Error> {
-        self.token(None).await
+        Ok(self.session(None).await?.token)
     }
 
     /// Fetches and decrypts a resource. Attests first if needed; re-attests at most once.
@@ -182,23 +254,32 @@ impl Client {
         let url = format!("{}/kbs/v0/{}", self.inner.base, uri.request_path());
         let mut reattested = false;
         loop {
-            let token = self.token(None).await?;
+            let session = self.session(None).await?;
             let passport = matches!(self.inner.cfg.mode, Mode::Passport { .. });
-            let resp = self
-                .send(|| {
+            let credential = if passport {
+                Some((
+                    AUTHORIZATION,
+                    secret_header(&format!("Bearer {}", session.token.as_str()))?,
+                ))
+            } else {
+                match &session.cookie {
+                    Some(c) => Some((
+                        COOKIE,
+                        secret_header(&format!("{SESSION_COOKIE}={}", &**c))?,
+                    )),
+                    None => None,
+                }
+            };
+            let reply = self
+                .send(&format!("response for {path}"), || {
                     let rb = self.inner.http.get(&url);
-                    if passport {
-                        rb.header(AUTHORIZATION, format!("Bearer {}", token.as_str()))
-                    } else {
-                        rb
+                    match &credential {
+                        Some((name, value)) => rb.header(name.clone(), value.clone()),
+                        None => rb,
                     }
                 })
                 .await?;
-            let status = resp.status();
-            let body = resp.bytes().await.map_err(|e| Error::Protocol {
-                url: self.inner.base.clone(),
-                detail: format!("reading the response for {path}: {}", error_chain(&e)),
-            })?;
+            let (status, body) = (reply.status, reply.body);
             if status.is_success() {
                 debug!(path = %path, bytes = body.len(), "resource received");
                 return jwe::decrypt(&body, &self.inner.key).map_err(|e| Error::Decrypt {
@@ -211,7 +292,7 @@ impl Client {
                 ResourceAction::Reattest if !reattested => {
                     info!(path = %path, kind = err.kind.name(), "KBS refused the token; attesting again once");
                     reattested = true;
-                    self.token(Some(&token)).await?;
+                    self.session(Some(&session.token)).await?;
                 }
                 ResourceAction::Reattest => {
                     return Err(Error::Unauthorized {
@@ -257,13 +338,14 @@ impl Client {
         }
     }
 
-    /// The cached token, or a fresh one when there is none, it is near `exp`, or it is `stale`.
-    async fn token(&self, stale: Option<&Token>) -> Result<Token, Error> {
+    /// The cached session, or a fresh one when there is none, it is near `exp`, or it is `stale`.
+    async fn session(&self, stale: Option<&Token>) -> Result<Session, Error> {
         let mut guard = self.inner.token.lock().await;
-        if let Some(t) = guard.as_ref() {
+        if let Some(s) = guard.as_ref() {
+            let t = &s.token;
             let is_stale = stale.is_some_and(|s| s.as_str() == t.as_str());
             if !is_stale && !t.needs_refresh(self.inner.cfg.refresh_margin) {
-                return Ok(t.clone());
+                return Ok(s.clone());
             }
             debug!(exp = ?t.exp(), stale = is_stale, "replacing attestation token");
         }
@@ -274,7 +356,7 @@ impl Client {
     }
 
     /// One RCAR handshake: `/auth` → evidence → `/attest`.
-    async fn handshake(&self) -> Result<Token, Error> {
+    async fn handshake(&self) -> Result<Session, Error> {
         let started = Instant::now();
         let tee = self.inner.tee;
         let wire_tee = tee.wire().ok_or_else(|| {
@@ -285,10 +367,13 @@ impl Client {
         let base = &self.inner.base;
         let auth_url = format!("{base}/kbs/v0/auth");
         let request = protocol::auth_request(wire_tee);
-        let resp = self
-            .send(|| self.inner.http.post(&auth_url).json(&request))
+        let reply = self
+            .send("/auth response", || {
+                self.inner.http.post(&auth_url).json(&request)
+            })
             .await?;
-        let challenge: Challenge = self.json_or_attestation_error(resp, "auth").await?;
+        let mut cookie = session_cookie(&reply.headers);
+        let challenge: Challenge = self.json_or_attestation_error(reply, "auth")?;
         let hash = protocol::selected_hash(&challenge).map_err(|detail| Error::Attestation {
             url: base.clone(),
             detail,
@@ -312,33 +397,43 @@ impl Client {
             },
         };
         let attest_url = format!("{base}/kbs/v0/attest");
-        let resp = self
-            .send(|| self.inner.http.post(&attest_url).json(&attestation))
+        let cookie_header = match &cookie {
+            Some(c) => Some(secret_header(&format!("{SESSION_COOKIE}={}", &**c))?),
+            None => None,
+        };
+        let reply = self
+            .send("/attest response", || {
+                let rb = self.inner.http.post(&attest_url).json(&attestation);
+                match &cookie_header {
+                    Some(v) => rb.header(COOKIE, v.clone()),
+                    None => rb,
+                }
+            })
             .await?;
+        // trustee sets the cookie again on /attest; the newest one names the session.
+        if let Some(c) = session_cookie(&reply.headers) {
+            cookie = Some(c);
+        }
         #[derive(serde::Deserialize)]
         struct AttestResponse {
             token: String,
         }
-        let ar: AttestResponse = self.json_or_attestation_error(resp, "attest").await?;
+        let ar: AttestResponse = self.json_or_attestation_error(reply, "attest")?;
         let token = Token::parse(&ar.token).map_err(|e| Error::Protocol {
             url: base.clone(),
             detail: e.to_string(),
         })?;
         info!(kbs = %base, tee = %tee, exp = ?token.exp(), elapsed_ms = started.elapsed().as_millis() as u64, "attested to KBS");
-        Ok(token)
+        Ok(Session { token, cookie })
     }
 
-    async fn json_or_attestation_error<T: serde::de::DeserializeOwned>(
+    fn json_or_attestation_error<T: serde::de::DeserializeOwned>(
         &self,
-        resp: reqwest::Response,
+        reply: Reply,
         step: &str,
     ) -> Result<T, Error> {
         let base = &self.inner.base;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| Error::Protocol {
-            url: base.clone(),
-            detail: format!("reading the /{step} response: {}", error_chain(&e)),
-        })?;
+        let (status, body) = (reply.status, reply.body);
         if !status.is_success() {
             let err = protocol::parse_error(status.as_u16(), &body);
             return Err(Error::Attestation {
@@ -357,32 +452,96 @@ impl Client {
         })
     }
 
-    /// Sends a request, retrying connect errors, timeouts, 429 and 5xx with jittered exponential backoff.
+    /// Sends a request and reads its answer (`what` names it in errors), retrying connect errors,
+    /// timeouts, 429 and 5xx with jittered exponential backoff, all within the configured deadline.
+    /// Bodies are capped: `max_response_bytes` for successes, [`MAX_ERROR_BODY`] for errors.
     async fn send(
         &self,
+        what: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, Error> {
-        let policy = self.inner.cfg.retry;
+    ) -> Result<Reply, Error> {
+        let cfg = &self.inner.cfg;
+        let policy = cfg.retry;
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + cfg.deadline;
+        let timed_out = |attempts: u32, detail: String| Error::TimedOut {
+            url: self.inner.base.clone(),
+            after: cfg.deadline,
+            attempts,
+            detail,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let reason = match build().send().await {
-                Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
-                    let status = r.status();
-                    let body = r.bytes().await.unwrap_or_default();
-                    let err = protocol::parse_error(status.as_u16(), &body);
-                    format!("HTTP {}: {}", status.as_u16(), err.detail)
-                }
-                Ok(r) => return Ok(r),
-                Err(e) if is_certificate_error(&e) => {
+            let mut attempt_timed_out = false;
+            let once = async {
+                let r = build().send().await?;
+                let status = r.status();
+                let headers = r.headers().clone();
+                let limit = if status.is_success() {
+                    cfg.max_response_bytes
+                } else {
+                    MAX_ERROR_BODY
+                };
+                let body = read_limited(r, limit).await;
+                Ok::<_, reqwest::Error>((status, headers, body))
+            };
+            let reason = match tokio::time::timeout_at(deadline, once).await {
+                Err(_) => return Err(timed_out(attempt, format!("waiting for the {what}"))),
+                Ok(Err(e)) if is_certificate_error(&e) => {
                     return Err(Error::Tls {
                         url: self.inner.base.clone(),
                         detail: error_chain(&e),
                     })
                 }
-                Err(e) => error_chain(&e),
+                Ok(Err(e)) | Ok(Ok((_, _, Err(BodyError::Read(e))))) => {
+                    attempt_timed_out = e.is_timeout();
+                    error_chain(&e)
+                }
+                Ok(Ok((status, _, Err(BodyError::TooLarge(limit))))) => {
+                    let what = if status.is_success() {
+                        what.to_string()
+                    } else {
+                        format!("HTTP {} error body", status.as_u16())
+                    };
+                    return Err(Error::TooLarge {
+                        url: self.inner.base.clone(),
+                        what,
+                        limit,
+                    });
+                }
+                Ok(Ok((status, headers, Ok(_)))) if status.is_redirection() => {
+                    return Err(Error::Redirect {
+                        url: self.inner.base.clone(),
+                        status: status.as_u16(),
+                        location: headers
+                            .get(LOCATION)
+                            .and_then(|l| l.to_str().ok())
+                            .unwrap_or("")
+                            .to_string(),
+                    })
+                }
+                Ok(Ok((status, _, Ok(body))))
+                    if status.is_server_error() || status.as_u16() == 429 =>
+                {
+                    let err = protocol::parse_error(status.as_u16(), &body);
+                    format!("HTTP {}: {}", status.as_u16(), err.detail)
+                }
+                Ok(Ok((status, headers, Ok(body)))) => {
+                    return Ok(Reply {
+                        status,
+                        headers,
+                        body,
+                    })
+                }
             };
+            let jitter = OsRng.next_u32() as f64 / u32::MAX as f64;
+            let delay = policy.delay(attempt, jitter);
+            let no_time = tokio::time::Instant::now() + delay >= deadline;
+            // A last attempt that ran into its own timeout is a slow KBS, not a refusing one.
+            if attempt_timed_out && (no_time || attempt >= policy.max_attempts) {
+                return Err(timed_out(attempt, format!("last attempt: {reason}")));
+            }
             if attempt >= policy.max_attempts {
                 return Err(Error::Unreachable {
                     url: self.inner.base.clone(),
@@ -391,8 +550,18 @@ impl Client {
                     reason,
                 });
             }
-            let jitter = OsRng.next_u32() as f64 / u32::MAX as f64;
-            let delay = policy.delay(attempt, jitter);
+            if no_time {
+                // The KBS answered (with failures) every time: it is down, not slow.
+                return Err(Error::Unreachable {
+                    url: self.inner.base.clone(),
+                    attempts: attempt,
+                    elapsed: started.elapsed(),
+                    reason: format!(
+                        "{reason}; no time left for a retry within the {:?} deadline",
+                        cfg.deadline
+                    ),
+                });
+            }
             warn!(kbs = %self.inner.base, attempt, delay_ms = delay.as_millis() as u64, reason = %reason, "KBS request failed; retrying");
             tokio::time::sleep(delay).await;
         }
@@ -404,3 +573,28 @@ const _: fn() = || {
     fn check<T: Send + Sync + Clone>() {}
     check::<Client>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.append(SET_COOKIE, HeaderValue::from_static("other=1; Path=/"));
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static(
+                "kbs-session-id=abc123; Expires=Wed, 21 Oct 2099 07:28:00 GMT",
+            ),
+        );
+        assert_eq!(
+            session_cookie(&h).as_deref().map(String::as_str),
+            Some("abc123")
+        );
+        assert!(session_cookie(&HeaderMap::new()).is_none());
+        let v = secret_header("kbs-session-id=abc123").unwrap();
+        assert!(v.is_sensitive());
+        assert!(!format!("{v:?}").contains("abc123"));
+    }
+}

@@ -171,8 +171,13 @@ pub struct ClientConfig {
     pub key_algorithm: KeyAlgorithm,
     /// Background-check (cookie) or passport (bearer) mode.
     pub mode: Mode,
-    /// Per-request timeout (also bounds connect).
+    /// Timeout of one attempt (also bounds connect).
     pub timeout: Duration,
+    /// Overall deadline of one request, retries and body included.
+    pub deadline: Duration,
+    /// Largest successful response body read (resources, `/auth`, `/attest`); error bodies are
+    /// capped at [`crate::client::MAX_ERROR_BODY`].
+    pub max_response_bytes: usize,
     /// Retry policy for connect errors and 5xx.
     pub retry: RetryPolicy,
     /// How long before `exp` a cached token is replaced.
@@ -191,7 +196,9 @@ impl Default for ClientConfig {
             init_data: None,
             key_algorithm: KeyAlgorithm::default(),
             mode: Mode::default(),
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(20),
+            deadline: Duration::from_secs(60),
+            max_response_bytes: 4 << 20,
             retry: RetryPolicy::default(),
             refresh_margin: Duration::from_secs(30),
             hw_paths: HardwarePaths::default(),

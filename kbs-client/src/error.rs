@@ -2,6 +2,49 @@
 
 use std::time::Duration;
 
+/// What kind of failure an error is, so callers map errors to status codes without reading text.
+///
+/// guest-puller's errors use the same kinds; one table there maps them to ttrpc and gRPC codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request itself is malformed (bad reference, URI, path).
+    Invalid,
+    /// The named thing does not exist.
+    NotFound,
+    /// The target already exists or is in use.
+    AlreadyExists,
+    /// Policy, credentials or attestation refused the request.
+    Denied,
+    /// The configuration (or a configured resource) is unusable.
+    Precondition,
+    /// Content or an operation this implementation does not support.
+    Unsupported,
+    /// Content failed a digest, signature or authentication check.
+    Integrity,
+    /// A remote service failed or could not be reached; retrying may help.
+    Unavailable,
+    /// A deadline passed before the operation completed.
+    TimedOut,
+    /// A size, count or space limit was hit.
+    ResourceExhausted,
+    /// A local fault that is no caller's doing.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The kind of a local I/O failure: space and time limits are told apart, the rest is ours.
+    pub fn of_io(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::StorageFull | K::QuotaExceeded | K::OutOfMemory | K::FileTooLarge => {
+                Self::ResourceExhausted
+            }
+            K::TimedOut => Self::TimedOut,
+            _ => Self::Internal,
+        }
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -171,9 +214,66 @@ pub enum Error {
     /// Key generation or key import failed.
     #[error("TEE key error: {0}")]
     Key(String),
+
+    /// A KBS request did not complete within the client's deadline (retries included).
+    #[error("KBS request to {url} timed out after {after:?} ({attempts} attempt(s)): {detail}")]
+    TimedOut {
+        /// The KBS URL (base).
+        url: String,
+        /// The configured deadline.
+        after: Duration,
+        /// How many attempts were started.
+        attempts: u32,
+        /// What was being done when the deadline passed.
+        detail: String,
+    },
+
+    /// A KBS response body exceeded the client's size limit.
+    #[error("KBS at {url} sent a {what} larger than the {limit}-byte limit")]
+    TooLarge {
+        /// The KBS URL (base).
+        url: String,
+        /// Which response (resource, error body, `/auth`, `/attest`).
+        what: String,
+        /// The limit in bytes.
+        limit: usize,
+    },
+
+    /// The KBS answered with a redirect; the client follows none (a KBS never needs one).
+    #[error("KBS at {url} answered HTTP {status} redirecting to {location:?}; redirects are not followed: configure the KBS URL it really serves")]
+    Redirect {
+        /// The KBS URL (base).
+        url: String,
+        /// The 3xx status.
+        status: u16,
+        /// The `Location` header, if any.
+        location: String,
+    },
 }
 
 impl Error {
+    /// What kind of failure this is (callers map kinds to status codes).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_) | Error::Redirect { .. } => ErrorKind::Precondition,
+            Error::Uri(_) => ErrorKind::Invalid,
+            Error::Unreachable { .. } | Error::Tls { .. } | Error::Protocol { .. } => {
+                ErrorKind::Unavailable
+            }
+            Error::PolicyDeny { .. } | Error::Attestation { .. } | Error::Unauthorized { .. } => {
+                ErrorKind::Denied
+            }
+            Error::ResourceNotFound { .. }
+            | Error::InvalidPath { .. }
+            | Error::LaunchSecretNotFound { .. } => ErrorKind::NotFound,
+            Error::Decrypt { .. } => ErrorKind::Integrity,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Evidence { .. } | Error::Key(_) => ErrorKind::Internal,
+            Error::TimedOut { .. } => ErrorKind::TimedOut,
+            Error::TooLarge { .. } => ErrorKind::ResourceExhausted,
+        }
+    }
+
     /// A stable process exit code for this error class, as documented for the CLI.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -182,7 +282,10 @@ impl Error {
             Error::ResourceNotFound { .. }
             | Error::InvalidPath { .. }
             | Error::LaunchSecretNotFound { .. } => 4,
-            Error::Unreachable { .. } | Error::Tls { .. } => 5,
+            Error::Unreachable { .. }
+            | Error::Tls { .. }
+            | Error::TimedOut { .. }
+            | Error::Redirect { .. } => 5,
             Error::Attestation { .. } | Error::Unauthorized { .. } | Error::Evidence { .. } => 6,
             Error::Decrypt { .. } => 7,
             _ => 1,

@@ -20,7 +20,7 @@ pub mod uri;
 
 pub use client::Client;
 pub use config::{ClientConfig, HardwarePaths, KeyAlgorithm, Mode, RetryPolicy, Tee};
-pub use error::{Error, Result, UriError};
+pub use error::{Error, ErrorKind, Result, UriError};
 pub use keys::TeeKeyPair;
 pub use token::Token;
 pub use uri::ResourceUri;

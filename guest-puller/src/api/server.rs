@@ -10,67 +10,39 @@ use ttrpc::{Code, Error as TtrpcError};
 
 use super::protos::{api, api_ttrpc, keyprovider, keyprovider_ttrpc};
 use crate::config::ListenAddr;
+use crate::error::ErrorKind;
 use crate::keyprovider::{
     ByteForm, KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput, KeyUnwrapResults,
     Operation, WireBytes,
 };
-use crate::policy::PolicyError;
 use crate::pull::{PullError, Puller};
-use crate::registry::RegistryError;
-use crate::resource::ResourceError;
 
 fn status(code: Code, msg: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
 }
 
+/// The one table from error kinds to status codes: (ttrpc, gRPC). Every server of the
+/// puller answers through it; nothing else decides a status code.
+pub fn codes(kind: ErrorKind) -> (Code, tonic::Code) {
+    use tonic::Code as G;
+    match kind {
+        ErrorKind::Invalid => (Code::INVALID_ARGUMENT, G::InvalidArgument),
+        ErrorKind::NotFound => (Code::NOT_FOUND, G::NotFound),
+        ErrorKind::AlreadyExists => (Code::ALREADY_EXISTS, G::AlreadyExists),
+        ErrorKind::Denied => (Code::PERMISSION_DENIED, G::PermissionDenied),
+        ErrorKind::Precondition => (Code::FAILED_PRECONDITION, G::FailedPrecondition),
+        ErrorKind::Unsupported => (Code::UNIMPLEMENTED, G::Unimplemented),
+        ErrorKind::Integrity => (Code::DATA_LOSS, G::DataLoss),
+        ErrorKind::Unavailable => (Code::UNAVAILABLE, G::Unavailable),
+        ErrorKind::TimedOut => (Code::DEADLINE_EXCEEDED, G::DeadlineExceeded),
+        ErrorKind::ResourceExhausted => (Code::RESOURCE_EXHAUSTED, G::ResourceExhausted),
+        ErrorKind::Internal => (Code::INTERNAL, G::Internal),
+    }
+}
+
 /// ttrpc status code a pull error maps to.
 pub fn pull_error_code(e: &PullError) -> Code {
-    match e {
-        PullError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-        PullError::Config(_) => Code::FAILED_PRECONDITION,
-        PullError::Resource(ResourceError::Denied { .. }) => Code::PERMISSION_DENIED,
-        PullError::Resource(ResourceError::NotFound { .. }) => Code::NOT_FOUND,
-        PullError::Resource(ResourceError::InvalidUri { .. }) => Code::FAILED_PRECONDITION,
-        PullError::Resource(ResourceError::Failed { .. }) => Code::UNAVAILABLE,
-        PullError::Registry(RegistryError::InvalidReference { .. }) => Code::INVALID_ARGUMENT,
-        PullError::Registry(RegistryError::Blocked(_)) => Code::PERMISSION_DENIED,
-        PullError::Registry(RegistryError::DigestMismatch { .. }) => Code::DATA_LOSS,
-        PullError::Registry(RegistryError::Unsupported { .. }) => Code::UNIMPLEMENTED,
-        PullError::Registry(RegistryError::Credentials(_)) => Code::FAILED_PRECONDITION,
-        PullError::Registry(RegistryError::Request { reason, .. }) => {
-            // oci-client renders the registry's error codes in several spellings
-            // (`MANIFEST_UNKNOWN`, "OCI API error: manifest unknown").
-            let lower = reason.to_ascii_lowercase();
-            if lower.contains("404")
-                || lower.contains("not found")
-                || ["manifest", "blob", "name"].iter().any(|k| {
-                    lower.contains(&format!("{k}_unknown"))
-                        || lower.contains(&format!("{k} unknown"))
-                })
-            {
-                Code::NOT_FOUND
-            } else if reason.contains("401")
-                || reason.contains("403")
-                || reason.contains("Not authorized")
-            {
-                Code::PERMISSION_DENIED
-            } else {
-                Code::UNAVAILABLE
-            }
-        }
-        PullError::Registry(RegistryError::ConsumerGone) => Code::INTERNAL,
-        PullError::Policy(PolicyError::Rejected { .. }) => Code::PERMISSION_DENIED,
-        PullError::Policy(_) => Code::FAILED_PRECONDITION,
-        PullError::Decrypt(_) => Code::PERMISSION_DENIED,
-        PullError::Layer(crate::layer::LayerError::Integrity { .. }) => Code::DATA_LOSS,
-        PullError::Layer(crate::layer::LayerError::Unpack { .. }) => Code::INVALID_ARGUMENT,
-        PullError::Layer(crate::layer::LayerError::MediaType { .. }) => Code::UNIMPLEMENTED,
-        PullError::Layer(crate::layer::LayerError::Fetch { .. }) => Code::UNAVAILABLE,
-        PullError::Layer(crate::layer::LayerError::Store(_)) => Code::INTERNAL,
-        PullError::Bundle(crate::bundle::BundleError::Busy(_)) => Code::ALREADY_EXISTS,
-        PullError::Bundle(crate::bundle::BundleError::Config(_)) => Code::INVALID_ARGUMENT,
-        PullError::Bundle(_) => Code::INTERNAL,
-    }
+    codes(e.kind()).0
 }
 
 /// Serves both services over one [`Puller`].
@@ -129,7 +101,7 @@ impl Service {
             .unwrapper()
             .unwrap_annotation_packet(annotation.as_slice())
             .await
-            .map_err(|e| status(Code::PERMISSION_DENIED, format!("UnWrapKey: {e}")))?;
+            .map_err(|e| status(codes(e.kind()).0, format!("UnWrapKey: {e}")))?;
         // Array form, as CDH emits it (ocicrypt-rs callers expect it; Go accepts both).
         let out = KeyProviderKeyWrapProtocolOutput {
             keywrapresults: None,
@@ -232,7 +204,7 @@ pub async fn serve(puller: Arc<Puller>, addrs: &[ListenAddr]) -> Result<(), ttrp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resource::ResourceFetcher;
+    use crate::resource::{ResourceError, ResourceFetcher};
     use aes_gcm::aead::{Aead, KeyInit};
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
@@ -248,33 +220,6 @@ mod tests {
                 Err(ResourceError::Denied { uri: uri.into() })
             }
         }
-    }
-
-    #[test]
-    fn registry_not_found_in_every_spelling_is_not_found() {
-        let req = |reason: &str| {
-            PullError::Registry(RegistryError::Request {
-                reference: "r/x:y".into(),
-                reason: reason.into(),
-            })
-        };
-        for r in [
-            "Registry error: url http://10.0.2.100:5000/v2/x/manifests/t, envelope: OCI API errors: [OCI API error: manifest unknown]",
-            "MANIFEST_UNKNOWN",
-            "status 404",
-            "blob unknown to registry",
-            "NAME_UNKNOWN: repository name not known",
-        ] {
-            assert_eq!(pull_error_code(&req(r)), Code::NOT_FOUND, "{r}");
-        }
-        assert_eq!(
-            pull_error_code(&req("401 Unauthorized")),
-            Code::PERMISSION_DENIED
-        );
-        assert_eq!(
-            pull_error_code(&req("connection refused")),
-            Code::UNAVAILABLE
-        );
     }
 
     async fn test_service(dir: &Path) -> Arc<Service> {

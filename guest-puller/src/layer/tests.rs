@@ -56,7 +56,7 @@ async fn run(
         .ensure_layer(spec, |tx| async move {
             for c in sent.chunks(1000) {
                 if tx.send(Ok(Bytes::copy_from_slice(c))).await.is_err() {
-                    return Err("consumer gone".into());
+                    return Err(crate::registry::RegistryError::ConsumerGone);
                 }
             }
             Ok(())
@@ -242,7 +242,7 @@ async fn concurrent_requests_fetch_once() {
                             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                             tx.send(Ok(Bytes::copy_from_slice(c)))
                                 .await
-                                .map_err(|_| "gone".to_string())?;
+                                .map_err(|_| crate::registry::RegistryError::ConsumerGone)?;
                         }
                         Ok(())
                     },

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::decrypt::{self, KeyUnwrapper};
-use crate::registry::{Hasher, RegistryClient};
+use crate::registry::{Hasher, RegistryClient, RegistryError};
 
 pub use image::{detect, NydusManifest};
 pub use mount::{BlobSource, RafsMount};
@@ -34,9 +34,16 @@ pub enum LazyError {
     /// The manifest or bootstrap is not a usable nydus image.
     #[error("nydus image: {0}")]
     Format(String),
-    /// The bootstrap layer could not be fetched.
+    /// The bootstrap layer is unusable (size, media type) or could not be read.
     #[error("nydus bootstrap {digest}: {reason}")]
     Bootstrap { digest: String, reason: String },
+    /// The registry failed to deliver the bootstrap layer.
+    #[error("nydus bootstrap {digest}: {source}")]
+    Fetch {
+        digest: String,
+        #[source]
+        source: RegistryError,
+    },
     /// The bootstrap layer, or a blob it names, is not what the manifest pins.
     #[error("nydus image {what}: {reason}")]
     Integrity { what: String, reason: String },
@@ -146,8 +153,17 @@ pub async fn fetch_bootstrap(
         Ok(out)
     };
     let (fetched, data) = tokio::join!(fetch, collect);
-    let data = data.map_err(|e| fail(e.to_string()))?;
-    fetched.map_err(|e| fail(e.to_string()))?;
+    let data = match (fetched, data) {
+        // The registry's error, unless it only says the collector stopped first.
+        (Err(source), _) if !matches!(source, RegistryError::ConsumerGone) => {
+            return Err(LazyError::Fetch {
+                digest: desc.digest.clone(),
+                source,
+            })
+        }
+        (_, Err(e)) => return Err(fail(e.to_string())),
+        (_, Ok(d)) => d,
+    };
     let actual = hasher.finish();
     if actual != desc.digest {
         return Err(LazyError::Integrity {

@@ -44,7 +44,11 @@ mod tests {
                 ..Default::default()
             }],
         };
-        RegistryClient::new(rules, auth_json, &[], 3).unwrap()
+        let limits = crate::registry::NetLimits {
+            retries: 3,
+            ..Default::default()
+        };
+        RegistryClient::new(rules, auth_json, &[], limits).unwrap()
     }
 
     #[test]

@@ -103,7 +103,10 @@ impl Lookaside {
             return Ok(None);
         };
         let (alg, hex) = digest.split_once(':').ok_or_else(|| {
-            PolicyError::Registry(format!("malformed manifest digest {digest:?}"))
+            PolicyError::Registry(crate::registry::RegistryError::Unsupported {
+                reference: image.path().to_string(),
+                reason: format!("malformed manifest digest {digest:?}"),
+            })
         })?;
         let dir = format!(
             "{}/{}@{alg}={hex}",

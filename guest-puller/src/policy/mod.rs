@@ -103,7 +103,7 @@ pub enum PolicyError {
     },
     /// A [`SignatureSource`] failed to list or fetch cosign signatures.
     #[error("cannot fetch cosign signatures: {0}")]
-    Registry(String),
+    Registry(#[source] crate::registry::RegistryError),
 }
 
 impl PolicyError {

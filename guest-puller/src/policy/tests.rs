@@ -243,7 +243,13 @@ impl SignatureSource for TestRegistry {
         manifest_digest: &str,
     ) -> Result<Vec<CosignSignature>, PolicyError> {
         if self.fail {
-            return Err(PolicyError::Registry("connection refused".into()));
+            return Err(PolicyError::Registry(
+                crate::registry::RegistryError::Request {
+                    reference: "r/x".into(),
+                    kind: crate::error::ErrorKind::Unavailable,
+                    source: "connection refused".into(),
+                },
+            ));
         }
         Ok(self.sigs.get(manifest_digest).cloned().unwrap_or_default())
     }

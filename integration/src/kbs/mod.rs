@@ -159,6 +159,11 @@ impl TestKbs {
         self.state.issued.lock().expect("lock").clone()
     }
 
+    /// Every `kbs-session-id` handed out so far (for tests that check sessions never reach logs).
+    pub fn issued_sessions(&self) -> Vec<String> {
+        self.state.issued_sessions.lock().expect("lock").clone()
+    }
+
     /// Replaces the resource policy.
     pub fn set_policy(&self, policy: ResourcePolicy) {
         *self.state.policy.write().expect("lock") = policy;

@@ -41,6 +41,7 @@ pub(crate) struct State {
     signer: TokenSigner,
     pub(crate) counters: Counters,
     pub(crate) issued: Mutex<Vec<String>>,
+    pub(crate) issued_sessions: Mutex<Vec<String>>,
 }
 
 impl State {
@@ -55,6 +56,7 @@ impl State {
             signer: TokenSigner::generate(),
             counters: Counters::default(),
             issued: Mutex::new(Vec::new()),
+            issued_sessions: Mutex::new(Vec::new()),
         }
     }
 }
@@ -162,6 +164,7 @@ fn auth(st: &State, body: &[u8]) -> Response {
     let mut id = [0u8; 16];
     OsRng.fill_bytes(&mut id);
     let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    st.issued_sessions.lock().expect("lock").push(id.clone());
     st.sessions.lock().expect("lock").insert(
         id.clone(),
         Session {

@@ -37,7 +37,7 @@ struct Cli {
     /// HTTP(S) proxy URL.
     #[arg(long)]
     proxy: Option<String>,
-    /// Per-request timeout in seconds.
+    /// Deadline of each KBS request in seconds, retries included.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
     /// Attempts per request on connect errors/5xx (exponential backoff with jitter).
@@ -109,7 +109,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
     };
     cfg.key_algorithm = cli.key_algorithm;
     cfg.proxy = cli.proxy;
-    cfg.timeout = Duration::from_secs(cli.timeout.max(1));
+    cfg.deadline = Duration::from_secs(cli.timeout.max(1));
+    cfg.timeout = cfg.timeout.min(cfg.deadline);
     cfg.retry.max_attempts = cli.retries.max(1);
     match cli.cmd {
         Cmd::GetResource {
