@@ -4,7 +4,7 @@
 //! unpacker and metadata layer branch on them (AlreadyExists → Stat, NotFound → retry,
 //! FailedPrecondition tolerated by GC), so each variant maps to one fixed code.
 
-use containerd_snapshots::tonic::{Code, Status};
+use tonic::{Code, Status};
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -2,6 +2,7 @@
 //! Containers pull images inside the guest (drop-in for nydus-snapshotter proxy mode),
 //! plus the library half of the `nydus-overlayfs` mount helper.
 
+pub mod api;
 pub mod config;
 pub mod containerd_config;
 pub mod engine;

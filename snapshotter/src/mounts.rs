@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub use containerd_snapshots::api::types::Mount;
+pub use crate::api::types::Mount;
 
 use crate::volume::KataVirtualVolume;
 

@@ -3,13 +3,13 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use containerd_snapshots::tonic::transport::Server;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
 use tracing::info;
 
+use crate::api::snapshots::snapshots_server::SnapshotsServer;
 use crate::service::GuestPullService;
 
 /// Socket setup or serving failure.
@@ -29,7 +29,7 @@ pub enum ServerError {
     },
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
-    Transport(#[from] containerd_snapshots::tonic::transport::Error),
+    Transport(#[from] tonic::transport::Error),
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -88,7 +88,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let result = Server::builder()
-        .add_service(containerd_snapshots::server(Arc::new(service)))
+        .add_service(SnapshotsServer::new(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(address);

@@ -1,4 +1,4 @@
-//! The `containerd_snapshots::Snapshotter` implementation (gRPC side).
+//! containerd's Snapshots gRPC service (generated in [`crate::api`]) over the [`Engine`].
 //!
 //! Each RPC runs the synchronous [`Engine`] on tokio's blocking pool: redb commits
 //! fsync and du walks directories, neither of which may stall the async reactor.
@@ -9,16 +9,25 @@
 //! that panics; on restart the integrity check at open reports the damage.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use containerd_snapshots::{api::types::Mount, Info, Kind as ApiKind, Snapshotter, Usage};
+use prost::Message;
 use tokio::sync::watch;
+use tonic::{Request, Response, Status};
 use tracing::error;
 
+use crate::api::snapshots::{self as pb, snapshots_server::Snapshots};
 use crate::engine::{Engine, SnapshotInfo};
 use crate::error::{Error, Result};
-use crate::store::Kind;
+use crate::mounts::Mount;
+use crate::store::{DiskUsage, Kind};
+
+/// containerd's own service sends 100 snapshots per List message; so do we, and also cut a
+/// message at 4 MiB, far below the 16 MiB containerd receives.
+const LIST_BATCH_INFOS: usize = 100;
+/// See [`LIST_BATCH_INFOS`].
+const LIST_BATCH_BYTES: usize = 4 << 20;
 
 /// gRPC-facing snapshotter; cheap to clone.
 #[derive(Clone)]
@@ -85,56 +94,35 @@ impl GuestPullService {
             }
         }
     }
-}
 
-fn time(ns: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(ns)
-}
-
-/// Converts our info into the crate's API type.
-pub fn to_api_info(i: SnapshotInfo) -> Info {
-    Info {
-        kind: match i.kind {
-            Kind::View => ApiKind::View,
-            Kind::Active => ApiKind::Active,
-            Kind::Committed => ApiKind::Committed,
-        },
-        name: i.name,
-        parent: i.parent,
-        labels: i.labels.into_iter().collect(),
-        created_at: time(i.created_ns),
-        updated_at: time(i.updated_ns),
-    }
-}
-
-#[containerd_snapshots::tonic::async_trait]
-impl Snapshotter for GuestPullService {
-    type Error = Error;
-
-    async fn stat(&self, key: String) -> Result<Info> {
-        self.run(move |e| e.stat(&key)).await.map(to_api_info)
+    /// Stat ([`Engine::stat`]).
+    pub async fn stat(&self, key: String) -> Result<SnapshotInfo> {
+        self.run(move |e| e.stat(&key)).await
     }
 
-    async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info> {
-        let paths = fieldpaths.unwrap_or_default();
-        self.run(move |e| e.update(&info.name, info.labels, &paths))
+    /// Update ([`Engine::update`]); no field paths = replace the labels.
+    pub async fn update(
+        &self,
+        name: String,
+        labels: HashMap<String, String>,
+        fieldpaths: Vec<String>,
+    ) -> Result<SnapshotInfo> {
+        self.run(move |e| e.update(&name, labels, &fieldpaths))
             .await
-            .map(to_api_info)
     }
 
-    async fn usage(&self, key: String) -> Result<Usage> {
-        let u = self.run(move |e| e.usage(&key)).await?;
-        Ok(Usage {
-            inodes: u.inodes,
-            size: u.size,
-        })
+    /// Usage ([`Engine::usage`]).
+    pub async fn usage(&self, key: String) -> Result<DiskUsage> {
+        self.run(move |e| e.usage(&key)).await
     }
 
-    async fn mounts(&self, key: String) -> Result<Vec<Mount>> {
+    /// Mounts ([`Engine::mounts`]).
+    pub async fn mounts(&self, key: String) -> Result<Vec<Mount>> {
         self.run(move |e| e.mounts(&key)).await
     }
 
-    async fn prepare(
+    /// Prepare ([`Engine::prepare`]).
+    pub async fn prepare(
         &self,
         key: String,
         parent: String,
@@ -143,7 +131,8 @@ impl Snapshotter for GuestPullService {
         self.run(move |e| e.prepare(&key, &parent, labels)).await
     }
 
-    async fn view(
+    /// View ([`Engine::view`]).
+    pub async fn view(
         &self,
         key: String,
         parent: String,
@@ -152,7 +141,8 @@ impl Snapshotter for GuestPullService {
         self.run(move |e| e.view(&key, &parent, labels)).await
     }
 
-    async fn commit(
+    /// Commit ([`Engine::commit`]).
+    pub async fn commit(
         &self,
         name: String,
         key: String,
@@ -161,32 +151,178 @@ impl Snapshotter for GuestPullService {
         self.run(move |e| e.commit(&name, &key, labels)).await
     }
 
-    async fn remove(&self, key: String) -> Result<()> {
+    /// Remove ([`Engine::remove`]).
+    pub async fn remove(&self, key: String) -> Result<()> {
         self.run(move |e| e.remove(&key)).await
     }
 
-    async fn clear(&self) -> Result<()> {
+    /// Cleanup ([`Engine::cleanup`]).
+    pub async fn clear(&self) -> Result<()> {
         self.run(|e| e.cleanup().map(|_| ())).await
     }
 
-    type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info>>>;
+    /// List ([`Engine::list`]).
+    pub async fn list(&self, filters: Vec<String>) -> Result<Vec<SnapshotInfo>> {
+        self.run(move |e| e.list(&filters)).await
+    }
+}
 
-    async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<Self::InfoStream> {
-        let infos = self.run(move |e| e.list(&filters)).await?;
-        let items: Vec<Result<Info>> = infos.into_iter().map(|i| Ok(to_api_info(i))).collect();
-        Ok(futures::stream::iter(items))
+fn timestamp(ns: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ns / 1_000_000_000) as i64,
+        nanos: (ns % 1_000_000_000) as i32,
+    }
+}
+
+/// Converts our info into the wire type.
+pub fn to_pb_info(i: SnapshotInfo) -> pb::Info {
+    let kind = match i.kind {
+        Kind::View => pb::Kind::View,
+        Kind::Active => pb::Kind::Active,
+        Kind::Committed => pb::Kind::Committed,
+    };
+    pb::Info {
+        name: i.name,
+        parent: i.parent,
+        kind: kind as i32,
+        created_at: Some(timestamp(i.created_ns)),
+        updated_at: Some(timestamp(i.updated_ns)),
+        labels: i.labels.into_iter().collect(),
+    }
+}
+
+/// Splits List results into messages of at most [`LIST_BATCH_INFOS`] snapshots and
+/// [`LIST_BATCH_BYTES`] (a single larger record, impossible under the limits, goes alone).
+fn list_batches(infos: Vec<SnapshotInfo>) -> Vec<pb::ListSnapshotsResponse> {
+    let mut out = Vec::new();
+    let mut batch = pb::ListSnapshotsResponse::default();
+    let mut bytes = 0usize;
+    for info in infos {
+        let info = to_pb_info(info);
+        // As encoded inside the message: field tag, length prefix, body.
+        let len = 1 + prost::length_delimiter_len(info.encoded_len()) + info.encoded_len();
+        if !batch.info.is_empty()
+            && (batch.info.len() == LIST_BATCH_INFOS || bytes + len > LIST_BATCH_BYTES)
+        {
+            out.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += len;
+        batch.info.push(info);
+    }
+    if !batch.info.is_empty() {
+        out.push(batch);
+    }
+    out
+}
+
+type ListStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Snapshots for GuestPullService {
+    async fn prepare(
+        &self,
+        r: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = GuestPullService::prepare(self, r.key, r.parent, r.labels).await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
+    }
+
+    async fn view(
+        &self,
+        r: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = GuestPullService::view(self, r.key, r.parent, r.labels).await?;
+        Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
+    }
+
+    async fn mounts(
+        &self,
+        r: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
+        let mounts = GuestPullService::mounts(self, r.into_inner().key).await?;
+        Ok(Response::new(pb::MountsResponse { mounts }))
+    }
+
+    async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        // `parent` (rebase on commit) is only sent to snapshotters advertising `rebase`,
+        // which guestpull never does.
+        let r = r.into_inner();
+        GuestPullService::commit(self, r.name, r.key, r.labels).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(&self, r: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        GuestPullService::remove(self, r.into_inner().key).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        r: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let info = GuestPullService::stat(self, r.into_inner().key).await?;
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(to_pb_info(info)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        r: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without snapshot info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let info = GuestPullService::update(self, info.name, info.labels, paths).await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(to_pb_info(info)),
+        }))
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(
+        &self,
+        r: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let infos = GuestPullService::list(self, r.into_inner().filters).await?;
+        let batches = list_batches(infos).into_iter().map(Ok);
+        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        r: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let u = GuestPullService::usage(self, r.into_inner().key).await?;
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(&self, _: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        self.clear().await?;
+        Ok(Response::new(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::snapshots::Info;
     use crate::config::{Config, PlainChainMode};
     use crate::engine::*;
     use crate::volume::{KataVirtualVolume, KATA_VOLUME_OPTION_PREFIX};
-    use containerd_snapshots::tonic::{Code, Status};
     use futures::StreamExt;
     use std::path::Path;
+    use tonic::Code;
 
     fn chain(i: u8) -> String {
         format!("sha256:{}", format!("{i:02x}").repeat(32))
@@ -203,9 +339,38 @@ mod tests {
         GuestPullService::new(Arc::new(Engine::open(c).unwrap()))
     }
 
-    fn code<T: std::fmt::Debug>(r: Result<T>) -> Code {
+    fn code<T: std::fmt::Debug, E: Into<Status>>(r: Result<T, E>) -> Code {
         let e = r.expect_err("expected an error");
-        Status::from(e).code()
+        e.into().code()
+    }
+
+    /// Update through the gRPC service, as containerd sends it.
+    async fn update(
+        s: &GuestPullService,
+        info: Info,
+        paths: Option<Vec<String>>,
+    ) -> Result<Info, Status> {
+        let r = pb::UpdateSnapshotRequest {
+            snapshotter: String::new(),
+            info: Some(info),
+            update_mask: paths.map(|paths| prost_types::FieldMask { paths }),
+        };
+        let resp = Snapshots::update(s, Request::new(r)).await?.into_inner();
+        Ok(resp.info.expect("info in the response"))
+    }
+
+    /// List through the gRPC service: every message of the stream, concatenated.
+    async fn list(s: &GuestPullService, filters: Vec<String>) -> Result<Vec<Info>, Status> {
+        let r = pb::ListSnapshotsRequest {
+            snapshotter: String::new(),
+            filters,
+        };
+        let mut stream = Snapshots::list(s, Request::new(r)).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream.next().await {
+            out.extend(batch?.info);
+        }
+        Ok(out)
     }
 
     fn layer_labels(i: u8, cri: bool) -> HashMap<String, String> {
@@ -232,7 +397,7 @@ mod tests {
                 .await;
             assert_eq!(code(r), Code::AlreadyExists);
             let st = s.stat(chain(i)).await.unwrap();
-            assert_eq!(st.kind, ApiKind::Committed);
+            assert_eq!(st.kind, Kind::Committed);
             assert_eq!(st.parent, parent);
             assert_eq!(
                 code(s.stat(key).await),
@@ -275,24 +440,14 @@ mod tests {
             chain(2),
             chain(1)
         );
-        let found: Vec<_> = s
-            .list(String::new(), vec![f])
-            .await
-            .unwrap()
-            .collect()
-            .await;
+        let found: Vec<_> = list(&s, vec![f]).await.unwrap();
         assert_eq!(found.len(), 1);
-        assert_eq!(found[0].as_ref().unwrap().name, chain(2));
+        assert_eq!(found[0].name, chain(2));
         // Base layer: containerd sends parent=="" and expects a match.
         let f = format!("labels.\"{LABEL_SNAPSHOT_REF}\"=={},parent==\"\"", chain(1));
-        let found: Vec<_> = s
-            .list(String::new(), vec![f])
-            .await
-            .unwrap()
-            .collect()
-            .await;
+        let found: Vec<_> = list(&s, vec![f]).await.unwrap();
         assert_eq!(found.len(), 1);
-        let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
+        let all: Vec<_> = list(&s, vec![]).await.unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(code(s.mounts(chain(1)).await), Code::FailedPrecondition);
         let dirs = std::fs::read_dir(d.path().join("snapshots"))
@@ -306,10 +461,7 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             3
         );
-        let bad = s
-            .list(String::new(), vec!["name=x".into()])
-            .await
-            .map(|_| ());
+        let bad = list(&s, vec!["name=x".into()]).await.map(|_| ());
         assert_eq!(code(bad), Code::InvalidArgument);
     }
 
@@ -458,7 +610,8 @@ mod tests {
         // A parent carrying cri.image-ref but no marker is plain regardless.
         let mut l = HashMap::new();
         l.insert(LABEL_CRI_IMAGE_REF.to_string(), "img".to_string());
-        s.update(
+        update(
+            &s,
             Info {
                 name: "default/4/top".into(),
                 labels: l,
@@ -573,10 +726,10 @@ mod tests {
             .unwrap();
         assert_eq!(m[0].r#type, "fuse.nydus-overlayfs");
         let st = s.stat(chain(3)).await.unwrap();
-        assert_eq!(st.kind, ApiKind::Committed);
+        assert_eq!(st.kind, Kind::Committed);
         assert_eq!(st.labels[LABEL_RECOVERED], "true");
         // Stat of a lost chain ID (containerd's metadata shortcut) heals too.
-        assert_eq!(s.stat(chain(1)).await.unwrap().kind, ApiKind::Committed);
+        assert_eq!(s.stat(chain(1)).await.unwrap().kind, Kind::Committed);
         assert_eq!(
             s.engine()
                 .stats()
@@ -658,35 +811,33 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        let i = s
-            .update(
-                info(&[("a", "1"), ("b", "2")]),
-                Some(vec!["labels.a".into(), "labels.zz".into()]),
-            )
-            .await
-            .unwrap();
+        let i = update(
+            &s,
+            info(&[("a", "1"), ("b", "2")]),
+            Some(vec!["labels.a".into(), "labels.zz".into()]),
+        )
+        .await
+        .unwrap();
         assert_eq!(i.labels["a"], "1");
         assert!(!i.labels.contains_key("b"));
         assert!(i.labels.contains_key(LABEL_PROXY_MODE), "other labels kept");
-        let i = s
-            .update(info(&[]), Some(vec!["labels.a".into()]))
+        let i = update(&s, info(&[]), Some(vec!["labels.a".into()]))
             .await
             .unwrap();
         assert!(!i.labels.contains_key("a"));
-        let i = s.update(info(&[("only", "x")]), None).await.unwrap();
+        let i = update(&s, info(&[("only", "x")]), None).await.unwrap();
         assert_eq!(i.labels.len(), 1);
-        let i = s
-            .update(info(&[("l", "y")]), Some(vec!["labels".into()]))
+        let i = update(&s, info(&[("l", "y")]), Some(vec!["labels".into()]))
             .await
             .unwrap();
         assert_eq!(i.labels.keys().collect::<Vec<_>>(), vec!["l"]);
         assert_eq!(
-            code(s.update(info(&[]), Some(vec!["parent".into()])).await),
+            code(update(&s, info(&[]), Some(vec!["parent".into()])).await),
             Code::InvalidArgument
         );
         let mut missing = info(&[]);
         missing.name = "nope".into();
-        assert_eq!(code(s.update(missing, None).await), Code::NotFound);
+        assert_eq!(code(update(&s, missing, None).await), Code::NotFound);
         // Marker semantics survive label replacement: children still get guest pull.
         let m = s
             .prepare("c".into(), chain(1), HashMap::new())
@@ -721,7 +872,7 @@ mod tests {
             ok += won as usize;
         }
         assert_eq!(ok, 1, "exactly one Prepare of the same key wins");
-        let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
+        let all: Vec<_> = list(&s, vec![]).await.unwrap();
         assert_eq!(all.len(), 2);
         s.clear().await.unwrap();
         assert_eq!(
@@ -828,7 +979,7 @@ mod tests {
         assert!(msg.contains("page 7 unreachable"), "{msg}");
         // Every later RPC is refused, even one the store could answer.
         assert_eq!(code(s.stat(chain(1)).await), Code::Internal);
-        let listed = s.list(String::new(), vec![]).await.map(|_| ());
+        let listed = list(&s, vec![]).await.map(|_| ());
         assert_eq!(code(listed), Code::Internal);
         let why = tokio::time::timeout(std::time::Duration::from_secs(5), s.failed())
             .await
@@ -871,7 +1022,7 @@ mod tests {
             .prepare("k4".into(), chain(4), layer_labels(4, true))
             .await;
         assert_eq!(code(r), Code::InvalidArgument);
-        let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
+        let all: Vec<_> = list(&s, vec![]).await.unwrap();
         assert!(all.is_empty(), "{all:?}");
     }
 
@@ -885,13 +1036,12 @@ mod tests {
         // Same key again, on another lost chain ID: AlreadyExists, and chain(6) not healed.
         let r = s.prepare("c".into(), chain(6), HashMap::new()).await;
         assert_eq!(code(r), Code::AlreadyExists);
-        let names: Vec<String> = s
-            .list(String::new(), vec![])
+        let names: Vec<String> = list(&s, vec![])
             .await
             .unwrap()
-            .map(|i| i.unwrap().name)
-            .collect()
-            .await;
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         assert_eq!(names, vec!["c".to_string(), chain(5)]);
         assert_eq!(
             s.engine()
@@ -969,8 +1119,8 @@ mod tests {
             .await
             .unwrap();
         let c = s.stat("c".into()).await.unwrap();
-        assert_eq!(c.created_at, c.updated_at);
-        assert!(c.created_at > active.created_at);
+        assert_eq!(c.created_ns, c.updated_ns);
+        assert!(c.created_ns > active.created_ns);
     }
 
     #[tokio::test]
@@ -1021,9 +1171,34 @@ mod tests {
             labels: many,
             ..Default::default()
         };
-        assert_eq!(code(s.update(info, None).await), Code::InvalidArgument);
-        let all: Vec<_> = s.list(String::new(), vec![]).await.unwrap().collect().await;
+        assert_eq!(code(update(&s, info, None).await), Code::InvalidArgument);
+        let all: Vec<_> = list(&s, vec![]).await.unwrap();
         assert_eq!(all.len(), 1);
-        assert_eq!(all[0].as_ref().unwrap().name, key);
+        assert_eq!(all[0].name, key);
+    }
+
+    #[test]
+    fn list_messages_stay_small() {
+        let info = |i: usize, label: usize| SnapshotInfo {
+            name: format!("s{i}"),
+            kind: Kind::Committed,
+            parent: String::new(),
+            labels: [("l".to_string(), "v".repeat(label))].into_iter().collect(),
+            created_ns: 0,
+            updated_ns: 0,
+        };
+        let sizes =
+            |b: &[pb::ListSnapshotsResponse]| b.iter().map(|m| m.info.len()).collect::<Vec<_>>();
+        let small: Vec<_> = (0..250).map(|i| info(i, 10)).collect();
+        assert_eq!(sizes(&list_batches(small)), vec![100, 100, 50]);
+        // 100 snapshots at the label total: cut by bytes, every message under 4 MiB.
+        let big: Vec<_> = (0..100).map(|i| info(i, 60 * 1024)).collect();
+        let batches = list_batches(big);
+        assert!(batches.len() >= 2, "{:?}", sizes(&batches));
+        assert_eq!(sizes(&batches).iter().sum::<usize>(), 100);
+        assert!(batches
+            .iter()
+            .all(|b| b.encoded_len() <= LIST_BATCH_BYTES + 64));
+        assert!(list_batches(Vec::new()).is_empty());
     }
 }
