@@ -782,6 +782,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         let c = RegistryClient::new(rules, None, &[], 1).unwrap();
         let cands = c.candidates(&"busybox:1.36".parse().unwrap()).unwrap();

@@ -43,6 +43,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         RegistryClient::new(rules, auth_json, &[], 3).unwrap()
     }
