@@ -5,7 +5,11 @@ fn main() {
     std::fs::create_dir_all(&out).expect("create protos out dir");
     ttrpc_codegen::Codegen::new()
         .out_dir(&out)
-        .inputs(["protos/api.proto", "protos/keyprovider.proto"])
+        .inputs([
+            "protos/api.proto",
+            "protos/keyprovider.proto",
+            "protos/attestation-agent.proto",
+        ])
         .include("protos")
         .rust_protobuf()
         .customize(ttrpc_codegen::Customize {

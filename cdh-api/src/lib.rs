@@ -32,6 +32,17 @@ pub mod protos {
     pub mod keyprovider {
         include!(concat!(env!("OUT_DIR"), "/protos/keyprovider.rs"));
     }
+    /// `package attestation_agent` messages (the attestation-agent a CDH calls).
+    pub mod attestation_agent {
+        include!(concat!(env!("OUT_DIR"), "/protos/attestation_agent.rs"));
+    }
+    /// `package attestation_agent` services.
+    pub mod attestation_agent_ttrpc {
+        include!(concat!(
+            env!("OUT_DIR"),
+            "/protos/attestation_agent_ttrpc.rs"
+        ));
+    }
     /// `package keyprovider` services.
     pub mod keyprovider_ttrpc {
         include!(concat!(env!("OUT_DIR"), "/protos/keyprovider_ttrpc.rs"));

@@ -1,8 +1,12 @@
-//! Puller configuration (TOML), mirroring the CDH `[image]` / `[kbc]` keys where they make sense.
+//! Puller configuration (TOML). One type reads both guest-puller's own format and CDH's config
+//! (`cdh.toml` as kata-agent hands it over): CDH's keys are part of the schema and
+//! [`Config::normalize`] folds them into the fields the puller uses (see [`crate::cdh_config`]).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::cdh_config::{AaConfig, Credential, KbcConfig, LogConfig, ProxyConfig};
 
 /// Default directory holding the layer store and the per-container overlay dirs.
 pub const DEFAULT_WORK_DIR: &str = "/run/kata-containers/image";
@@ -41,6 +45,39 @@ pub struct Config {
     pub server: ServerConfig,
     /// Layer decryption keys.
     pub keys: KeysConfig,
+    /// Where kata-agent leaves the pod's initdata.
+    pub initdata: InitdataConfig,
+    /// CDH: the ttrpc address (`unix:///…`); same as `[server] listen = [socket]`.
+    pub socket: Option<ListenAddr>,
+    /// CDH `[kbc]`: `name` (`cc_kbc`), `url`, `kbs_cert` (inline PEM); folded into `[kbs]`.
+    pub kbc: Option<KbcConfig>,
+    /// CDH `[aa]`: the attestation-agent socket used for evidence when it runs.
+    pub aa: AaConfig,
+    /// CDH `[[credentials]]`: KBS resources written to files at start.
+    pub credentials: Vec<Credential>,
+    /// CDH: skips the JWS check of sealed secrets (no sealed-secret service here: ignored).
+    pub skip_sealed_secret_verification: Option<bool>,
+    /// CDH `[log]`: the log level when `GUEST_PULLER_LOG` is unset.
+    pub log: Option<LogConfig>,
+}
+
+/// Default location of the initdata TOML kata-agent writes (its `INITDATA_TOML_PATH`).
+pub const DEFAULT_INITDATA_TOML: &str = "/run/confidential-containers/initdata/initdata.toml";
+
+/// `[initdata]` (guest-puller only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InitdataConfig {
+    /// The initdata TOML; when the file does not exist the pod has no initdata.
+    pub path: PathBuf,
+}
+
+impl Default for InitdataConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(DEFAULT_INITDATA_TOML),
+        }
+    }
 }
 
 /// CDH `[image]` section.
@@ -51,8 +88,12 @@ pub struct ImageConfig {
     pub work_dir: PathBuf,
     /// URI (`kbs:///…`, `file://…`, `data:` or inline JSON) of a containers-policy.json; unset = no verification.
     pub image_security_policy_uri: Option<String>,
+    /// CDH: the policy itself (e.g. from initdata); used when `image_security_policy_uri` is unset.
+    pub image_security_policy: Option<String>,
     /// URI of a registries.d-style YAML naming signature lookaside locations.
     pub sigstore_config_uri: Option<String>,
+    /// CDH: the sigstore configuration itself; used when `sigstore_config_uri` is unset.
+    pub sigstore_config: Option<String>,
     /// URI of a docker `auth.json` with registry credentials.
     pub authenticated_registry_credentials_uri: Option<String>,
     /// URI of a TOML registry configuration (same shape as `[image.registry_config]`).
@@ -61,8 +102,14 @@ pub struct ImageConfig {
     pub registry_config: Option<RegistryConfig>,
     /// How many layers of one image are fetched at once.
     pub max_concurrent_layer_downloads_per_image: usize,
-    /// Extra PEM root certificates (file paths) trusted for registries.
-    pub extra_root_certificates: Vec<PathBuf>,
+    /// Extra root certificates trusted for registries: inline PEM (as in CDH) or file paths.
+    pub extra_root_certificates: Vec<String>,
+    /// CDH `[image.image_pull_proxy]` (`https_proxy`, `http_proxy`, `no_proxy`).
+    pub image_pull_proxy: Option<ProxyConfig>,
+    /// CDH (image-rs `keywrap-native` builds only): the KBC name for layer keys; ignored.
+    pub kbc: Option<String>,
+    /// CDH (image-rs `keywrap-native` builds only): the KBS URI for layer keys; ignored.
+    pub kbs_uri: Option<String>,
     /// Attempts per HTTP request on 5xx or broken connections.
     pub max_retries: u32,
     /// Deadline in seconds of one manifest, index, config or signature fetch, retries included.
@@ -81,18 +128,42 @@ impl Default for ImageConfig {
         Self {
             work_dir: PathBuf::from(DEFAULT_WORK_DIR),
             image_security_policy_uri: None,
+            image_security_policy: None,
             sigstore_config_uri: None,
+            sigstore_config: None,
             authenticated_registry_credentials_uri: None,
             registry_configuration_uri: None,
             registry_config: None,
             max_concurrent_layer_downloads_per_image: 3,
             extra_root_certificates: Vec::new(),
+            image_pull_proxy: None,
+            kbc: None,
+            kbs_uri: None,
             max_retries: 5,
             registry_request_timeout_secs: 60,
             registry_stall_timeout_secs: 30,
             force_eager: false,
             lazy_prefetch: false,
         }
+    }
+}
+
+impl ImageConfig {
+    /// The extra root certificates as PEM: inline entries as they are, others read from files.
+    pub fn extra_root_pems(&self) -> Result<Vec<Vec<u8>>, ConfigError> {
+        self.extra_root_certificates
+            .iter()
+            .map(|c| {
+                if c.contains("-----BEGIN") {
+                    Ok(c.as_bytes().to_vec())
+                } else {
+                    std::fs::read(c).map_err(|source| ConfigError::Read {
+                        path: PathBuf::from(c),
+                        source,
+                    })
+                }
+            })
+            .collect()
     }
 }
 
@@ -104,6 +175,10 @@ pub struct RegistryConfig {
     pub insecure_registries: Vec<String>,
     /// Per-prefix rules: remapped location and mirrors tried first.
     pub registry: Vec<RegistryRule>,
+    /// CDH (containers-registries.conf): registries tried for short names. guest-puller
+    /// resolves short names on docker.io only, so other values are reported and ignored.
+    #[serde(rename = "unqualified-search-registries")]
+    pub unqualified_search_registries: Option<Vec<String>>,
 }
 
 /// One `[[registry]]` rule.
@@ -144,6 +219,8 @@ pub struct KbsConfig {
     pub request_timeout_secs: Option<u64>,
     /// Largest KBS response body accepted, in bytes (kbs-client default: 4 MiB).
     pub max_response_bytes: Option<usize>,
+    /// The CA itself, inline PEM (CDH's `[kbc] kbs_cert`).
+    pub cert_pem: Option<String>,
 }
 
 /// ttrpc server settings.
@@ -289,20 +366,21 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::parse(&text, path)
     }
 
     /// Parses a TOML string (for tests and inline use).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
+        Self::parse(text, Path::new("<inline>"))
+    }
+
+    /// Either format: unknown keys fail with the key and its line (serde's `deny_unknown_fields`).
+    fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
             source: Box::new(source),
         })?;
+        cfg.normalize()?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -15,9 +15,21 @@ pub struct KbsResourceFetcher {
 impl KbsResourceFetcher {
     /// Builds the fetcher; without `kbs.url`, `kbs://` URIs fail with a clear error.
     pub fn new(cfg: &KbsConfig) -> Result<Self, ResourceError> {
+        Self::with_attestation(cfg, None, None)
+    }
+
+    /// Like [`Self::new`], sending `init_data` (the initdata TOML) in the attestation request and
+    /// taking evidence from `evidence` (an attestation-agent) instead of the built-in attesters.
+    pub fn with_attestation(
+        cfg: &KbsConfig,
+        init_data: Option<String>,
+        evidence: Option<std::sync::Arc<dyn kbs_client::attester::EvidenceProvider>>,
+    ) -> Result<Self, ResourceError> {
         let kbs = match &cfg.url {
             Some(url) => {
                 let mut c = kbs_client::ClientConfig::new(url.clone());
+                c.init_data = init_data;
+                c.evidence = evidence;
                 if let Some(cert) = &cfg.cert {
                     c.extra_ca_pem =
                         Some(
@@ -26,6 +38,9 @@ impl KbsResourceFetcher {
                                 reason: format!("reading KBS CA certificate: {e}"),
                             })?,
                         );
+                }
+                if let Some(pem) = &cfg.cert_pem {
+                    c.extra_ca_pem = Some(pem.as_bytes().to_vec());
                 }
                 if let Some(t) = cfg.request_timeout_secs {
                     c.deadline = std::time::Duration::from_secs(t.max(1));
@@ -52,7 +67,7 @@ impl ResourceFetcher for KbsResourceFetcher {
             let Some(kbs) = &self.kbs else {
                 return Err(ResourceError::Unconfigured {
                     uri: uri.into(),
-                    reason: "no KBS configured ([kbs] url)".into(),
+                    reason: "no KBS configured ([kbc] url or [kbs] url)".into(),
                 });
             };
             let parsed: kbs_client::ResourceUri =

@@ -1,11 +1,14 @@
 //! guest-puller: pulls, verifies, decrypts and unpacks container images inside the TEE guest.
 
+pub mod aa;
 pub mod api;
 pub mod bundle;
+pub mod cdh_config;
 pub mod config;
 pub mod decrypt;
 pub mod error;
 pub mod fetcher;
+pub mod initdata;
 pub mod keyprovider;
 pub mod layer;
 pub mod lazy;
@@ -13,4 +16,5 @@ pub mod policy;
 pub mod pull;
 pub mod registry;
 pub mod resource;
+pub mod startup;
 pub mod unpack;

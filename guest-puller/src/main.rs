@@ -1,13 +1,15 @@
 //! `guest-puller` CLI: pull an image into a bundle, serve the CDH-compatible ttrpc API,
-//! or unmount a bundle.
+//! or unmount a bundle. Started as `confidential-data-hub` (a symlink, as kata-agent launches
+//! the CDH), it takes CDH's command line and serves.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use guest_puller::cdh_config::{CDH_BINARY_NAME, CREDENTIALS_DIR};
 use guest_puller::config::{Config, ListenAddr};
-use guest_puller::fetcher::KbsResourceFetcher;
 use guest_puller::pull::Puller;
 
 #[derive(Parser)]
@@ -21,12 +23,25 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// CDH's command line, as kata-agent passes it (`-c <cdh.toml>` when initdata has one).
+#[derive(Parser)]
+#[command(
+    name = CDH_BINARY_NAME,
+    version,
+    about = "guest-puller serving as the Confidential Data Hub"
+)]
+struct CdhCli {
+    /// CDH configuration file (CDH's TOML, or guest-puller's own).
+    #[arg(short = 'c', long)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Pull IMAGE into an OCI bundle (rootfs at BUNDLE/rootfs, config.json beside it).
     Pull {
-        /// TOML configuration file.
-        #[arg(long)]
+        /// TOML configuration file (guest-puller's or CDH's format).
+        #[arg(short = 'c', long)]
         config: Option<PathBuf>,
         /// Image reference.
         image: String,
@@ -36,8 +51,8 @@ enum Cmd {
     },
     /// Serve api.ImagePullService and keyprovider.KeyProviderService over ttrpc.
     Serve {
-        /// TOML configuration file.
-        #[arg(long)]
+        /// TOML configuration file (guest-puller's or CDH's format).
+        #[arg(short = 'c', long)]
         config: Option<PathBuf>,
         /// Socket path (overrides [server] socket and listen).
         #[arg(long, conflicts_with = "listen")]
@@ -79,9 +94,65 @@ fn load(config: &Option<PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-async fn puller(cfg: Config) -> anyhow::Result<Puller> {
-    let fetcher = Arc::new(KbsResourceFetcher::new(&cfg.kbs)?);
+/// CDH without `-c`: defaults, with the KBS from `AA_KBC_PARAMS` or the kernel command line.
+fn cdh_default_config() -> anyhow::Result<Config> {
+    let mut cfg = Config::default();
+    let env = std::env::var("AA_KBC_PARAMS").ok();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cfg.apply_aa_kbc_params(env.as_deref(), &cmdline)?;
+    Ok(cfg)
+}
+
+fn init_logging(cfg: Option<&Config>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GUEST_PULLER_LOG")
+        .ok()
+        .or_else(|| {
+            cfg.and_then(Config::log_filter)
+                .and_then(|l| tracing_subscriber::EnvFilter::try_new(l).ok())
+        })
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(keys) = cfg
+        .map(Config::unimplemented_keys)
+        .filter(|k| !k.is_empty())
+    {
+        tracing::warn!(
+            "config keys accepted but not implemented by guest-puller (ignored): {}",
+            keys.join("; ")
+        );
+    }
+}
+
+async fn puller(mut cfg: Config) -> anyhow::Result<Puller> {
+    let fetcher = guest_puller::startup::prepare(&mut cfg).await?;
     Ok(Puller::new(cfg, fetcher).await?)
+}
+
+/// Serves as the CDH does: credentials written first, then the ttrpc API on `addrs`.
+async fn serve(mut cfg: Config, addrs: Vec<ListenAddr>) -> anyhow::Result<()> {
+    let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let fetcher = guest_puller::startup::prepare(&mut cfg).await?;
+    guest_puller::startup::write_credentials(
+        &cfg.credentials,
+        fetcher.as_ref(),
+        Path::new(CREDENTIALS_DIR),
+    )
+    .await?;
+    let p = Arc::new(Puller::new(cfg, fetcher).await?);
+    guest_puller::api::server::serve(p, &addrs)
+        .await
+        .with_context(|| format!("serving on {}", shown.join(", ")))
+}
+
+/// Whether argv[0] names the CDH binary (how kata-agent's launch plan starts us).
+fn started_as_cdh(argv0: Option<&OsString>) -> bool {
+    argv0
+        .map(Path::new)
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == CDH_BINARY_NAME)
 }
 
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
@@ -94,20 +165,27 @@ fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GUEST_PULLER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().cmd {
-        Cmd::Pull {
-            config,
-            image,
-            bundle,
-        } => {
-            let cfg = load(&config)?;
+    if started_as_cdh(std::env::args_os().next().as_ref()) {
+        let cli = CdhCli::parse();
+        let cfg = match &cli.config {
+            Some(p) => Config::from_file(p)?,
+            None => cdh_default_config()?,
+        };
+        init_logging(Some(&cfg));
+        let addrs = cfg.server.addresses();
+        return serve(cfg, addrs).await;
+    }
+    let cli = Cli::parse();
+    let cfg = match &cli.cmd {
+        Cmd::Pull { config, .. } | Cmd::Serve { config, .. } | Cmd::Unmount { config, .. } => {
+            Some(load(config)?)
+        }
+        Cmd::ClientPull { .. } => None,
+    };
+    init_logging(cfg.as_ref());
+    let cfg = cfg.unwrap_or_default();
+    match cli.cmd {
+        Cmd::Pull { image, bundle, .. } => {
             let p = puller(cfg).await?;
             let bundle = absolute(bundle)?;
             let r = p
@@ -128,22 +206,13 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Cmd::Serve {
-            config,
-            socket,
-            listen,
-        } => {
-            let cfg = load(&config)?;
+        Cmd::Serve { socket, listen, .. } => {
             let addrs = match socket {
                 Some(s) => vec![ListenAddr::Unix(absolute(s)?)],
                 None if !listen.is_empty() => listen,
                 None => cfg.server.addresses(),
             };
-            let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-            let p = Arc::new(puller(cfg).await?);
-            guest_puller::api::server::serve(p, &addrs)
-                .await
-                .with_context(|| format!("serving on {}", shown.join(", ")))?;
+            serve(cfg, addrs).await?;
         }
         Cmd::ClientPull {
             socket,
@@ -161,11 +230,51 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("PullImage {image} via {}", socket.display()))?;
             println!("{digest}");
         }
-        Cmd::Unmount { config, bundle } => {
-            let cfg = load(&config)?;
+        Cmd::Unmount { bundle, .. } => {
             let store = guest_puller::layer::LayerStore::open(&cfg.image.work_dir)?;
             guest_puller::pull::unmount_bundle(&store, &absolute(bundle)?).await?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv0_selects_cdh_mode() {
+        for (argv0, cdh) in [
+            ("/usr/local/bin/confidential-data-hub", true),
+            ("confidential-data-hub", true),
+            ("/usr/local/bin/guest-puller", false),
+            ("/usr/local/bin/confidential-data-hub.sh", false),
+        ] {
+            assert_eq!(started_as_cdh(Some(&OsString::from(argv0))), cdh, "{argv0}");
+        }
+        assert!(!started_as_cdh(None));
+        let c = CdhCli::try_parse_from([
+            "confidential-data-hub",
+            "-c",
+            "/run/confidential-containers/initdata/cdh.toml",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.config.as_deref(),
+            Some(Path::new("/run/confidential-containers/initdata/cdh.toml"))
+        );
+        assert!(CdhCli::try_parse_from(["confidential-data-hub"])
+            .unwrap()
+            .config
+            .is_none());
+        assert!(CdhCli::try_parse_from(["confidential-data-hub", "--bogus"]).is_err());
+        let c = Cli::try_parse_from(["guest-puller", "serve", "-c", "/etc/cdh.toml"]).unwrap();
+        assert!(matches!(
+            c.cmd,
+            Cmd::Serve {
+                config: Some(_),
+                ..
+            }
+        ));
+    }
 }

@@ -137,12 +137,10 @@ impl Puller {
             rules.insecure_registries.extend(extra.insecure_registries);
             rules.registry.extend(extra.registry);
         }
-        let mut roots = Vec::new();
-        for p in &cfg.image.extra_root_certificates {
-            roots.push(std::fs::read(p).map_err(|e| {
-                PullError::Config(format!("extra root certificate {}: {e}", p.display()))
-            })?);
-        }
+        let roots = cfg
+            .image
+            .extra_root_pems()
+            .map_err(|e| PullError::Config(format!("extra root certificate: {e}")))?;
         let registry = RegistryClient::new(
             rules,
             auth.as_deref().map(|a| a.as_slice()),

@@ -1072,6 +1072,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         let c = RegistryClient::new(rules, None, &[], NetLimits::default()).unwrap();
         let cands = c.candidates(&"busybox:1.36".parse().unwrap()).unwrap();

@@ -3,6 +3,7 @@
 //! Everything here starts real components (Debian's `docker-registry`, containerd 1.6/1.7/2.1,
 //! runc, umoci, skopeo) under a private directory per test, and fails loudly when one is missing.
 
+pub mod aa;
 pub mod chain;
 pub mod containerd;
 pub mod hostile;

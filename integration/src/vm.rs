@@ -48,6 +48,25 @@ pub const GUEST_CID: u32 = 3;
 pub const GUEST_WORK_DIR: &str = "/run/kata-containers/image";
 /// The guest-puller's config file inside the guest.
 pub const GUEST_CONFIG: &str = "/etc/guest-puller.toml";
+/// Where the guest image holds the guest-puller.
+pub const GUEST_PULLER_BIN: &str = "/usr/local/bin/guest-puller";
+/// The CDH binary of kata-agent's launch plan: a symlink to [`GUEST_PULLER_BIN`].
+pub const CDH_BIN: &str = "/usr/local/bin/confidential-data-hub";
+/// kata-agent's `INITDATA_PATH`.
+pub const INITDATA_DIR: &str = "/run/confidential-containers/initdata";
+/// The CDH socket kata-agent waits for.
+pub const CDH_SOCKET: &str = "/run/confidential-containers/cdh.sock";
+/// kata-agent's `OCICRYPT_CONFIG_PATH`, passed to the CDH as `OCICRYPT_KEYPROVIDER_CONFIG`.
+pub const OCICRYPT_CONFIG: &str = "/etc/ocicrypt_config.json";
+/// The environment kata-agent (as init) starts the CDH with: its own `PATH` plus the ocicrypt
+/// configuration.
+pub const CDH_ENV: &str =
+    "PATH=/bin:/sbin/:/usr/bin/:/usr/sbin/ OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json";
+/// Where the test hands the initdata TOML to the guest (outside the rootfs the pod sees, as
+/// Kata's initdata block device is).
+const INITDATA_IN: &str = "/initdata.toml";
+/// The awk program the guest init extracts initdata entries with.
+const INITDATA_AWK: &str = include_str!("vm/initdata.awk");
 /// The guest's address on QEMU's user network.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Name of the virtio-serial port carrying the test's command shell.
@@ -230,10 +249,44 @@ impl GuestFwd {
     }
 }
 
+/// How the guest starts the guest-puller.
+pub enum GuestLaunch {
+    /// `guest-puller serve --config` [`GUEST_CONFIG`] with this TOML; its `[server]` must listen
+    /// on vsock.
+    Serve(String),
+    /// As kata-agent does: lays out this initdata TOML under [`INITDATA_DIR`] like its
+    /// `initdata.rs` (see [`kata_initdata_layout`]), writes `ocicrypt_config` to
+    /// [`OCICRYPT_CONFIG`], then runs its launch plan's CDH step: [`CDH_BIN`] with
+    /// `-c <INITDATA_DIR>/cdh.toml` when that file exists, in [`CDH_ENV`], after removing a stale
+    /// [`CDH_SOCKET`], waiting for the socket with 1 s polls.
+    KataPlan {
+        /// The initdata TOML; `[data]` values must be `'''` literal strings closed on their own line.
+        initdata: String,
+        /// The ocicrypt keyprovider configuration of the guest image.
+        ocicrypt_config: String,
+    },
+}
+
+/// The files kata-agent's `initialize_initdata` writes for `initdata` (name, content): the
+/// document verbatim as `initdata.toml`, and the `aa.toml` / `cdh.toml` entries of `[data]`.
+pub fn kata_initdata_layout(initdata: &str) -> Vec<(&'static str, String)> {
+    kbs_client::protocol::init_data_digest(initdata)
+        .unwrap_or_else(|e| panic!("kata-agent would refuse this initdata: {e}"));
+    let doc: toml::Value = toml::from_str(initdata).expect("initdata TOML");
+    let mut files = vec![("initdata.toml", initdata.to_string())];
+    for key in ["aa.toml", "cdh.toml"] {
+        if let Some(v) = doc.get("data").and_then(|d| d.get(key)) {
+            let v = v.as_str().expect("initdata data values are strings");
+            files.push((key, v.to_string()));
+        }
+    }
+    files
+}
+
 /// What to boot.
 pub struct VmSpec {
-    /// guest-puller TOML (written to [`GUEST_CONFIG`]); its `[server]` must listen on vsock.
-    pub guest_config: String,
+    /// How the guest-puller is started.
+    pub launch: GuestLaunch,
     /// The only network paths out of the guest.
     pub forwards: Vec<GuestFwd>,
     /// Guest RAM.
@@ -566,6 +619,7 @@ fn build_initramfs(dir: &Path, assets: &VmAssets, spec: &VmSpec) -> PathBuf {
         "run",
         "etc",
         "lib/modules",
+        "usr/local/bin",
     ] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
@@ -574,7 +628,7 @@ fn build_initramfs(dir: &Path, assets: &VmAssets, spec: &VmSpec) -> PathBuf {
     run_ok(
         Command::new("strip")
             .arg("-o")
-            .arg(root.join("bin/guest-puller"))
+            .arg(root.join(GUEST_PULLER_BIN.trim_start_matches('/')))
             .arg(&assets.guest_puller),
     );
     for m in GUEST_MODULES {
@@ -595,11 +649,27 @@ fn build_initramfs(dir: &Path, assets: &VmAssets, spec: &VmSpec) -> PathBuf {
     }
     fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
     fs::copy(roots, root.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
-    fs::write(
-        root.join(GUEST_CONFIG.trim_start_matches('/')),
-        &spec.guest_config,
-    )
-    .unwrap();
+    // The guest image recipe: the binary, the CDH name kata-agent launches, and a short name.
+    std::os::unix::fs::symlink("guest-puller", root.join(CDH_BIN.trim_start_matches('/'))).unwrap();
+    std::os::unix::fs::symlink(GUEST_PULLER_BIN, root.join("bin/guest-puller")).unwrap();
+    match &spec.launch {
+        GuestLaunch::Serve(config) => {
+            fs::write(root.join(GUEST_CONFIG.trim_start_matches('/')), config).unwrap()
+        }
+        GuestLaunch::KataPlan {
+            initdata,
+            ocicrypt_config,
+        } => {
+            kata_initdata_layout(initdata);
+            fs::write(root.join(INITDATA_IN.trim_start_matches('/')), initdata).unwrap();
+            fs::write(root.join("etc/initdata.awk"), INITDATA_AWK).unwrap();
+            fs::write(
+                root.join(OCICRYPT_CONFIG.trim_start_matches('/')),
+                ocicrypt_config,
+            )
+            .unwrap();
+        }
+    }
     let init = root.join("init");
     fs::write(&init, init_script(spec)).unwrap();
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
@@ -646,8 +716,7 @@ echo 0 > /run/vmstat/tmpfs-peak
         usleep 50000
     done
 ) &
-GUEST_PULLER_LOG=info /bin/guest-puller serve --config {config} > /dev/console 2>&1 &
-echo $! > /run/guest-puller.pid
+{launch}
 log "guest-puller pid $(cat /run/guest-puller.pid), uptime $(cut -d' ' -f1 /proc/uptime)s"
 port=""
 for i in $(seq 1 100); do
@@ -676,10 +745,40 @@ done
         ip = GUEST_IP,
         work = GUEST_WORK_DIR,
         tmpfs = spec.work_tmpfs_mib,
-        config = GUEST_CONFIG,
+        launch = launch_script(&spec.launch),
         cmd_port = CMD_PORT_NAME,
         rc_marker = RC_MARKER,
     )
+}
+
+fn launch_script(launch: &GuestLaunch) -> String {
+    match launch {
+        GuestLaunch::Serve(_) => format!(
+            "GUEST_PULLER_LOG=info {GUEST_PULLER_BIN} serve --config {GUEST_CONFIG} > /dev/console 2>&1 &\n\
+             echo $! > /run/guest-puller.pid"
+        ),
+        GuestLaunch::KataPlan { .. } => format!(
+            r#"# kata-agent's initialize_initdata: the document verbatim, then its aa.toml/cdh.toml.
+mkdir -p {INITDATA_DIR}
+cp {INITDATA_IN} {INITDATA_DIR}/initdata.toml
+for k in aa.toml cdh.toml; do
+    awk -v key=$k -f /etc/initdata.awk {INITDATA_DIR}/initdata.toml > /run/initdata.$k \
+        && mv /run/initdata.$k {INITDATA_DIR}/$k || rm -f /run/initdata.$k
+done
+# kata-agent's launch plan, CDH step (launch_process): -c only when the config exists, the
+# stale socket removed, the plan's environment, then 1 s polls for the socket.
+set --
+[ -e {INITDATA_DIR}/cdh.toml ] && set -- -c {INITDATA_DIR}/cdh.toml
+rm -f {CDH_SOCKET}
+env -i {CDH_ENV} {CDH_BIN} "$@" > /dev/console 2>&1 &
+echo $! > /run/guest-puller.pid
+for i in $(seq 1 60); do
+    sleep 1
+    [ -e {CDH_SOCKET} ] && break
+done
+[ -e {CDH_SOCKET} ] && log "cdh socket {CDH_SOCKET} up" || log "cdh socket {CDH_SOCKET} missing""#
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -689,7 +788,7 @@ mod tests {
     #[test]
     fn init_loads_modules_in_dependency_order_and_serves_vsock() {
         let s = init_script(&VmSpec {
-            guest_config: String::new(),
+            launch: GuestLaunch::Serve(String::new()),
             forwards: vec![],
             memory_mib: 512,
             work_tmpfs_mib: 256,
@@ -700,6 +799,50 @@ mod tests {
             s.contains("mount -t tmpfs -o size=256m,mode=0700 tmpfs /run/kata-containers/image")
         );
         assert!(s.contains("guest-puller serve --config /etc/guest-puller.toml"));
+    }
+
+    #[test]
+    fn kata_plan_starts_the_cdh_with_the_agents_argv_and_env() {
+        let s = launch_script(&GuestLaunch::KataPlan {
+            initdata: String::new(),
+            ocicrypt_config: String::new(),
+        });
+        assert!(s.contains(
+            "[ -e /run/confidential-containers/initdata/cdh.toml ] && set -- -c /run/confidential-containers/initdata/cdh.toml"
+        ));
+        assert!(s.contains(
+            "env -i PATH=/bin:/sbin/:/usr/bin/:/usr/sbin/ OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json /usr/local/bin/confidential-data-hub \"$@\""
+        ));
+        assert!(s.contains("rm -f /run/confidential-containers/cdh.sock"));
+    }
+
+    #[test]
+    fn initdata_awk_extracts_what_kata_agent_writes() {
+        let initdata = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs]\n'''\n\n\"cdh.toml\" = '''\nsocket = \"unix:///x\"\n\n[kbc]\nname = \"cc_kbc\"\n'''\n";
+        let layout = kata_initdata_layout(initdata);
+        assert_eq!(layout.len(), 3);
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("initdata.toml");
+        fs::write(&f, initdata).unwrap();
+        let awk = d.path().join("initdata.awk");
+        fs::write(&awk, INITDATA_AWK).unwrap();
+        let extract = |key: &str| {
+            Command::new("awk")
+                .args(["-v", &format!("key={key}"), "-f"])
+                .arg(&awk)
+                .arg(&f)
+                .output()
+                .expect("awk")
+        };
+        for (name, want) in &layout[1..] {
+            let out = extract(name);
+            assert!(out.status.success(), "{name}");
+            assert_eq!(&String::from_utf8(out.stdout).unwrap(), want, "{name}");
+        }
+        assert!(
+            !extract("policy.rego").status.success(),
+            "an absent entry is not written"
+        );
     }
 
     #[test]

@@ -550,95 +550,10 @@ async fn cli_exit_codes() {
 
 // ---- HTTPS ----
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the HTTPS test needs the `openssl` command (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A throwaway CA and a 127.0.0.1 server certificate it signed.
-fn make_pki(dir: &Path) -> (Vec<u8>, integration::kbs::TlsIdentity) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=kbs-test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]);
-    openssl(dir, &a);
-    let mut b = vec!["req"];
-    b.extend(ec);
-    b.extend([
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(dir, &b);
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "leaf.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "leaf.ext",
-        ],
-    );
-    let rd = |n: &str| std::fs::read(dir.join(n)).unwrap();
-    (
-        rd("ca.pem"),
-        integration::kbs::TlsIdentity {
-            cert_chain_pem: rd("leaf.pem"),
-            key_pem: rd("leaf.key"),
-        },
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_extra_ca() {
     let pki = tempfile::tempdir().unwrap();
-    let (ca, id) = make_pki(pki.path());
+    let (ca, id) = integration::kbs::test_pki(pki.path(), "127.0.0.1");
     let (kbs, _d) = start(|c| c.tls = Some(id)).await;
     assert!(kbs.url().starts_with("https://"));
 
@@ -670,4 +585,91 @@ async fn https_with_extra_ca() {
     let mut bad = client_cfg(&kbs.url());
     bad.extra_ca_pem = Some(b"not a certificate".to_vec());
     assert!(matches!(Client::new(bad), Err(Error::Config(_))));
+}
+
+// ---- initdata and the attestation-agent ----
+
+const INITDATA: &str = "version = \"0.1.0\"\nalgorithm = \"sha384\"\n\n[data]\n\"cdh.toml\" = '''\n[kbc]\nname = \"cc_kbc\"\nurl = \"http://kbs\"\n'''\n";
+
+fn b64_digest(initdata: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(
+        kbs_client::protocol::init_data_digest(initdata)
+            .unwrap()
+            .digest,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_data_digest_is_checked_against_the_reference_like_trustee() {
+    let want = b64_digest(INITDATA);
+    let (kbs, _d) = start(|c| c.init_data_reference = Some(want.clone())).await;
+    let mut cfg = client_cfg(&kbs.url());
+    cfg.init_data = Some(INITDATA.into());
+    let t = Client::new(cfg).unwrap().attest().await.unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t.as_str().split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let ae = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    // As trustee's sample verifier: the digest joins the TEE claims, cdh.toml becomes JSON.
+    assert_eq!(ae["sample"]["init_data"], want, "{claims}");
+    assert_eq!(ae["init_data_claims"]["cdh.toml"]["kbc"]["name"], "cc_kbc");
+
+    // Other bytes (one appended comment): refused, naming both digests.
+    let tampered = format!("{INITDATA}# changed\n");
+    let mut cfg = client_cfg(&kbs.url());
+    cfg.init_data = Some(tampered.clone());
+    let e = Client::new(cfg).unwrap().attest().await.unwrap_err();
+    assert!(matches!(e, Error::Attestation { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains(&want), "{msg}");
+    assert!(msg.contains(&b64_digest(&tampered)), "{msg}");
+    // No initdata at all is refused too.
+    let e = Client::new(client_cfg(&kbs.url()))
+        .unwrap()
+        .attest()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no init_data"), "{e}");
+}
+
+/// The guest-puller's start-up with `[aa] aa_socket` at a running AA, and without one.
+async fn puller_fetch(kbs: &TestKbs, dir: &Path, aa_socket: &Path) -> Vec<u8> {
+    let initdata = dir.join("initdata.toml");
+    std::fs::write(&initdata, INITDATA).unwrap();
+    let mut cfg = guest_puller::config::Config::from_toml(&format!(
+        "[kbc]\nname = \"cc_kbc\"\nurl = \"{}\"\n[aa]\naa_socket = \"unix://{}\"\n[initdata]\npath = \"{}\"\n",
+        kbs.url(),
+        aa_socket.display(),
+        initdata.display()
+    ))
+    .unwrap();
+    let fetcher = guest_puller::startup::prepare(&mut cfg).await.unwrap();
+    use guest_puller::resource::ResourceFetcher;
+    fetcher
+        .fetch("kbs:///default/key/k1")
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_from_a_running_attestation_agent_else_built_in() {
+    let (kbs, d) = start(|c| c.init_data_reference = Some(b64_digest(INITDATA))).await;
+    let sock = d.path().join("aa.sock");
+    let aa = integration::aa::TestAa::start(&sock).await;
+    assert_eq!(puller_fetch(&kbs, d.path(), &sock).await, SECRET);
+    // One GetTeeType at start, one GetEvidence for the one handshake; the AA got the unpadded
+    // SHA-384 report data, and the KBS accepted it with the initdata the puller sent.
+    assert_eq!(aa.calls(), (1, 1));
+    assert_eq!(aa.last_runtime_data().len(), 48);
+    assert_eq!(kbs.stats().attest_ok, 1);
+    aa.stop().await;
+
+    // No socket there: the built-in (sample) attester, the AA is not asked.
+    let none = d.path().join("no-aa.sock");
+    assert_eq!(puller_fetch(&kbs, d.path(), &none).await, SECRET);
+    assert_eq!(kbs.stats().attest_ok, 2);
 }

@@ -8,10 +8,22 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use integration::chain::{build_images, catalog_repo, cosign_policy, find_bytes, OwnerKeys, HELLO};
+use std::sync::Mutex;
+
+use base64::Engine;
+use integration::chain::{
+    build_images, build_images_kbs, catalog_repo, cosign_policy, find_bytes, OwnerKeys, HELLO,
+    OWNER_KEK_ID,
+};
 use integration::kbs::{TestKbs, TestKbsConfig};
-use integration::vm::{GuestFwd, Vm, VmAssets, VmSpec, CDH_VSOCK_PORT, GUEST_WORK_DIR};
+use integration::vm::{
+    kata_initdata_layout, GuestFwd, GuestLaunch, Vm, VmAssets, VmSpec, CDH_BIN, CDH_SOCKET,
+    CDH_VSOCK_PORT, GUEST_WORK_DIR, INITDATA_DIR,
+};
 use integration::{Lab, Registry};
+
+/// One VM at a time: two TCG guests on the 2-core machines would starve each other.
+static ONE_VM: Mutex<()> = Mutex::new(());
 
 const POLICY_URI: &str = "kbs:///default/security-policy/vm";
 const KEY_URI: &str = "kbs:///default/image-key/vm";
@@ -45,16 +57,35 @@ listen = ["vsock://-1:{CDH_VSOCK_PORT}"]
     )
 }
 
+/// A registry in `lab` with the owner's keys and the signed busybox catalog image (`:jwe`, and
+/// with `kbs_keys` also `:kbs`); returns them and the image's repository.
+fn busybox_images(lab: &Lab, kbs_keys: bool) -> (Registry<'_>, OwnerKeys, String) {
+    let reg = Registry::start(lab);
+    let keys = OwnerKeys::generate(lab);
+    if kbs_keys {
+        build_images_kbs(lab, &reg, &keys, &["busybox"]);
+    } else {
+        build_images(lab, &reg, &keys, &["busybox"]);
+    }
+    let repo = catalog_repo(&reg, "busybox");
+    (reg, keys, repo)
+}
+
+/// Writes a test KBS resource `<repo>/<type>/<tag>` below `dir`.
+fn put_resource(dir: &std::path::Path, path: &str, data: &[u8]) {
+    let p = dir.join(path);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, data).unwrap();
+}
+
 #[test]
 fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     Lab::require_root();
     let started = Instant::now();
     let assets = VmAssets::locate();
     let lab = Lab::new("vm");
-    let reg = Registry::start(&lab);
-    let keys = OwnerKeys::generate(&lab);
-    build_images(&lab, &reg, &keys, &["busybox"]);
-    let repo = catalog_repo(&reg, "busybox");
+    let (reg, keys, repo) = busybox_images(&lab, false);
     let image = format!("{repo}:jwe");
     let manifest = integration::images::inspect(&reg, &image);
 
@@ -62,11 +93,7 @@ fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
     // never calls it, so every session it sees is the VM's.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let resources = lab.join("kbs-resources");
-    let put = |path: &str, data: &[u8]| {
-        let p = resources.join(path);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, data).unwrap();
-    };
+    let put = |path: &str, data: &[u8]| put_resource(&resources, path, data);
     let jwe_key = fs::read(keys.jwe_private()).unwrap();
     put("default/image-key/vm", &jwe_key);
     put(
@@ -93,7 +120,7 @@ fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
         host_port: kbs.addr().port(),
     };
     let spec = VmSpec {
-        guest_config: guest_config(&reg.host(), &registry_fwd, &kbs_fwd),
+        launch: GuestLaunch::Serve(guest_config(&reg.host(), &registry_fwd, &kbs_fwd)),
         forwards: vec![registry_fwd, kbs_fwd],
         memory_mib: 1024,
         work_tmpfs_mib: 256,
@@ -243,6 +270,203 @@ fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
         mem.puller_hwm_kib >= mem_before.puller_rss_kib,
         "VmHWM below an earlier RSS: {mem:?} / {mem_before:?}"
     );
+    drop(vm);
+    drop(kbs);
+}
+
+const CREDENTIAL: &[u8] = b"pod-credential-from-the-kbs";
+const CREDENTIAL_PATH: &str = "/run/confidential-containers/cdh/kbs/vm/token";
+
+/// A pod's initdata as the Kata runtime receives it: CDH's config written for the real CDH
+/// (`[kbc]` with `kbs_cert`, `[[credentials]]`, `[image]` with the policy inline, the registry
+/// rule), nothing of guest-puller's own format.
+fn pod_initdata(kbs_url: &str, kbs_ca: &str, policy: &str, reg_host: &str, reg: &str) -> String {
+    format!(
+        r#"version = "0.1.0"
+algorithm = "sha384"
+
+[data]
+"aa.toml" = '''
+[token_configs.kbs]
+url = "{kbs_url}"
+'''
+
+"cdh.toml" = '''
+socket = "unix://{CDH_SOCKET}"
+
+[kbc]
+name = "cc_kbc"
+url = "{kbs_url}"
+kbs_cert = """
+{kbs_ca}"""
+
+[[credentials]]
+resource_uri = "kbs:///default/vm-credential/token"
+path = "{CREDENTIAL_PATH}"
+
+[image]
+work_dir = "{GUEST_WORK_DIR}"
+image_security_policy = '{policy}'
+
+[[image.registry_config.registry]]
+prefix = "{reg_host}"
+location = "{reg}"
+insecure = true
+
+[log]
+level = "info"
+'''
+"#
+    )
+}
+
+#[test]
+fn kata_agent_launch_plan_with_initdata_pulls_an_encrypted_signed_image() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    Lab::require_root();
+    let assets = VmAssets::locate();
+    let lab = Lab::new("vm-kata");
+    let (reg, keys, repo) = busybox_images(&lab, true);
+    let image = format!("{repo}:kbs");
+    let manifest = integration::images::inspect(&reg, &image);
+
+    // The KBS holds the owner's KEK, the cosign key and the pod's credential; the policy is not
+    // in the KBS at all: it travels inline in the initdata.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let resources = lab.join("kbs-resources");
+    let put = |path: &str, data: &[u8]| put_resource(&resources, path, data);
+    put(
+        OWNER_KEK_ID.trim_start_matches("kbs:///"),
+        &fs::read(keys.kek()).unwrap(),
+    );
+    put(
+        "default/cosign-public-key/vm",
+        &fs::read(keys.cosign_pub()).unwrap(),
+    );
+    put("default/vm-credential/token", CREDENTIAL);
+    let policy = cosign_policy(std::slice::from_ref(&repo), COSIGN_URI).to_string();
+
+    let registry_fwd = GuestFwd {
+        guest: GUEST_REGISTRY,
+        guest_port: 5000,
+        host_port: reg.host().rsplit_once(':').unwrap().1.parse().unwrap(),
+    };
+    // HTTPS, with a certificate for the address the guest uses, so kbs_cert is needed.
+    let pki = lab.join("kbs-pki");
+    fs::create_dir_all(&pki).unwrap();
+    let (ca, tls) = integration::kbs::test_pki(&pki, &GUEST_KBS.to_string());
+    let ca = String::from_utf8(ca).unwrap();
+    let initdata_for = |kbs_port: u16| {
+        pod_initdata(
+            &format!("https://{GUEST_KBS}:{kbs_port}"),
+            &ca,
+            &policy,
+            &reg.host(),
+            &registry_fwd.guest_addr(),
+        )
+    };
+    // The guest's port is fixed before the KBS starts (it names it in the initdata the KBS's
+    // reference digest covers).
+    let guest_kbs_port = 8443;
+    let initdata = initdata_for(guest_kbs_port);
+    let digest = |t: &str| {
+        base64::engine::general_purpose::STANDARD
+            .encode(kbs_client::protocol::init_data_digest(t).unwrap().digest)
+    };
+    let mut kcfg = TestKbsConfig::new(&resources);
+    kcfg.tls = Some(tls);
+    kcfg.init_data_reference = Some(digest(&initdata));
+    let kbs = rt
+        .block_on(TestKbs::start(kcfg))
+        .expect("starting the test KBS");
+    let kbs_fwd = GuestFwd {
+        guest: GUEST_KBS,
+        guest_port: guest_kbs_port,
+        host_port: kbs.addr().port(),
+    };
+    let spec = VmSpec {
+        launch: GuestLaunch::KataPlan {
+            initdata: initdata.clone(),
+            ocicrypt_config: format!(
+                r#"{{"key-providers":{{"attestation-agent":{{"ttrpc":"unix://{CDH_SOCKET}"}}}}}}"#
+            ),
+        },
+        forwards: vec![registry_fwd, kbs_fwd],
+        memory_mib: 1024,
+        work_tmpfs_mib: 256,
+    };
+    let mut vm = Vm::boot(&lab, &assets, &spec);
+
+    // The layout kata-agent's initdata.rs leaves, byte for byte.
+    for (name, want) in kata_initdata_layout(&initdata) {
+        let got = vm.exec_ok(&format!("cat {INITDATA_DIR}/{name}"));
+        assert_eq!(got, want, "{INITDATA_DIR}/{name}");
+    }
+    // The launch plan's argv and environment, as the guest kernel saw them.
+    let pid = vm.exec_ok("cat /run/guest-puller.pid").trim().to_string();
+    let argv = vm.exec_ok(&format!("tr '\\000' ' ' < /proc/{pid}/cmdline"));
+    assert_eq!(
+        argv.trim_end(),
+        format!("{CDH_BIN} -c {INITDATA_DIR}/cdh.toml")
+    );
+    let env = vm.exec_ok(&format!("tr '\\000' '\\n' < /proc/{pid}/environ | sort"));
+    assert_eq!(
+        env.trim_end(),
+        "OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json\nPATH=/bin:/sbin/:/usr/bin/:/usr/sbin/"
+    );
+    assert_eq!(
+        vm.exec_ok(&format!("test -S {CDH_SOCKET} && echo socket"))
+            .trim(),
+        "socket"
+    );
+    // [[credentials]] were fetched at start, mode 0600.
+    assert_eq!(
+        vm.exec_ok(&format!("cat {CREDENTIAL_PATH}")).as_bytes(),
+        CREDENTIAL
+    );
+    assert_eq!(
+        vm.exec_ok(&format!("stat -c %a {CREDENTIAL_PATH}")).trim(),
+        "600"
+    );
+
+    // PullImage on the CDH socket, as kata-agent calls it (here from the guest's shell).
+    let bundle = "/run/kata-containers/vm-kata";
+    let digest_out = vm.exec_ok(&format!(
+        "guest-puller client-pull --socket {CDH_SOCKET} --timeout 600 --bundle {bundle} {image}"
+    ));
+    assert_eq!(digest_out.trim(), manifest.manifest_digest);
+    let hello = vm.exec_ok(&format!("cat {bundle}/rootfs/etc/hello.txt"));
+    assert_eq!(hello.trim_end(), HELLO, "rootfs content in the guest");
+    let ran = vm.exec_ok(&format!("chroot {bundle}/rootfs /bin/cat /etc/hello.txt"));
+    assert_eq!(ran.trim_end(), HELLO, "the image's busybox in the guest");
+    let stats = kbs.stats();
+    assert_eq!(
+        (stats.attest_ok, stats.resource_unauthorized),
+        (1, 0),
+        "one attested session, with the initdata the KBS expects: {stats:?}"
+    );
+    // Credential, cosign key, KEK; no policy request (it was inline).
+    assert_eq!(stats.resource_ok, 3, "{stats:?}");
+
+    // The host changes the initdata (one appended comment): the KBS refuses the attestation and
+    // the CDH does not start, saying which digest differed from which.
+    let tampered = format!("{initdata}# appended by the host\n");
+    let out = {
+        let (rc, out) = vm.exec(&format!(
+            "kill {pid}; while [ -e /proc/{pid} ]; do usleep 100000; done; \
+             echo '# appended by the host' >> {INITDATA_DIR}/initdata.toml; \
+             env -i {env} {CDH_BIN} -c {INITDATA_DIR}/cdh.toml",
+            env = integration::vm::CDH_ENV
+        ));
+        assert_ne!(rc, 0, "a CDH with other initdata started:\n{out}");
+        out
+    };
+    assert!(
+        out.contains(&digest(&tampered)) && out.contains(&digest(&initdata)),
+        "the refusal names both digests:\n{out}"
+    );
+    assert!(out.contains("reference value"), "{out}");
+    assert_eq!(kbs.stats().attest_ok, 1, "no second session was accepted");
     drop(vm);
     drop(kbs);
 }

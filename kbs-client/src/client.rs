@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kbs_types::{Attestation, Challenge, CompositeEvidence, InitData, RuntimeData};
+use kbs_types::{Attestation, Challenge, CompositeEvidence, RuntimeData};
 use rand_core::{OsRng, RngCore};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE};
 use tracing::{debug, info, warn};
@@ -24,11 +24,19 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// Where evidence comes from.
+enum Source {
+    /// A built-in attester for this TEE.
+    Builtin(Tee),
+    /// `cfg.evidence` (e.g. an attestation-agent).
+    External(Arc<dyn attester::EvidenceProvider>),
+}
+
 struct Inner {
     cfg: ClientConfig,
     base: String,
     http: reqwest::Client,
-    tee: Tee,
+    source: Source,
     key: TeeKeyPair,
     launch: Option<LaunchSecrets>,
     /// Serializes handshakes so concurrent callers share one attestation.
@@ -101,7 +109,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("url", &self.inner.base)
-            .field("tee", &self.inner.tee)
+            .field("tee", &self.tee())
             .field("key", &self.inner.key)
             .finish()
     }
@@ -177,7 +185,10 @@ impl Client {
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {}", error_chain(&e))))?;
 
-        let tee = attester::detect(&cfg.hw_paths, cfg.tee);
+        let source = match &cfg.evidence {
+            Some(p) => Source::External(p.clone()),
+            None => Source::Builtin(attester::detect(&cfg.hw_paths, cfg.tee)),
+        };
         let (key, token) =
             match &cfg.mode {
                 Mode::Passport {
@@ -203,13 +214,14 @@ impl Client {
                 )),
                 _ => (TeeKeyPair::generate(cfg.key_algorithm)?, None),
             };
-        let launch = (tee == Tee::Sev).then(|| LaunchSecrets::new(&cfg.hw_paths.efi_secrets_dir));
+        let launch = matches!(source, Source::Builtin(Tee::Sev))
+            .then(|| LaunchSecrets::new(&cfg.hw_paths.efi_secrets_dir));
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 base,
                 http,
-                tee,
+                source,
                 key,
                 launch,
                 token: tokio::sync::Mutex::new(token.map(|token| Session {
@@ -220,9 +232,12 @@ impl Client {
         })
     }
 
-    /// The TEE in use (configured or detected).
-    pub fn tee(&self) -> Tee {
-        self.inner.tee
+    /// The built-in TEE in use (configured or detected); `None` with an external evidence provider.
+    pub fn tee(&self) -> Option<Tee> {
+        match self.inner.source {
+            Source::Builtin(t) => Some(t),
+            Source::External(_) => None,
+        }
     }
 
     /// The KBS base URL.
@@ -358,12 +373,20 @@ impl Client {
     /// One RCAR handshake: `/auth` → evidence → `/attest`.
     async fn handshake(&self) -> Result<Session, Error> {
         let started = Instant::now();
-        let tee = self.inner.tee;
-        let wire_tee = tee.wire().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{tee} has no runtime attestation; only launch secrets are available"
-            ))
-        })?;
+        let (tee_name, wire_tee) = match &self.inner.source {
+            Source::External(p) => {
+                let t = p.tee().await?;
+                (format!("{t:?} (external evidence)"), t)
+            }
+            Source::Builtin(tee) => (
+                tee.to_string(),
+                tee.wire().ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "{tee} has no runtime attestation; only launch secrets are available"
+                    ))
+                })?,
+            ),
+        };
         let base = &self.inner.base;
         let auth_url = format!("{base}/kbs/v0/auth");
         let request = protocol::auth_request(wire_tee);
@@ -381,12 +404,14 @@ impl Client {
 
         let tee_pubkey = self.inner.key.public_jwk();
         let report_data = protocol::report_data(hash, &challenge.nonce, &tee_pubkey, "");
-        let evidence = attester::evidence(tee, &self.inner.cfg.hw_paths, report_data).await?;
+        let evidence = match &self.inner.source {
+            Source::External(p) => p.primary_evidence(report_data).await?,
+            Source::Builtin(tee) => {
+                attester::evidence(*tee, &self.inner.cfg.hw_paths, report_data).await?
+            }
+        };
         let attestation = Attestation {
-            init_data: self.inner.cfg.init_data.as_ref().map(|body| InitData {
-                format: "toml".into(),
-                body: body.clone(),
-            }),
+            init_data: self.inner.cfg.init_data.as_deref().map(protocol::init_data),
             runtime_data: RuntimeData {
                 nonce: challenge.nonce.clone(),
                 tee_pubkey,
@@ -423,7 +448,7 @@ impl Client {
             url: base.clone(),
             detail: e.to_string(),
         })?;
-        info!(kbs = %base, tee = %tee, exp = ?token.exp(), elapsed_ms = started.elapsed().as_millis() as u64, "attested to KBS");
+        info!(kbs = %base, tee = %tee_name, exp = ?token.exp(), elapsed_ms = started.elapsed().as_millis() as u64, "attested to KBS");
         Ok(Session { token, cookie })
     }
 

@@ -167,6 +167,9 @@ pub struct ClientConfig {
     pub tee: Option<Tee>,
     /// init-data TOML text passed as `{"format":"toml","body":…}`.
     pub init_data: Option<String>,
+    /// Evidence from outside (a running attestation-agent) instead of the built-in attesters;
+    /// `tee` and `hw_paths` are then unused.
+    pub evidence: Option<std::sync::Arc<dyn crate::attester::EvidenceProvider>>,
     /// TEE key algorithm.
     pub key_algorithm: KeyAlgorithm,
     /// Background-check (cookie) or passport (bearer) mode.
@@ -194,6 +197,7 @@ impl Default for ClientConfig {
             proxy: None,
             tee: None,
             init_data: None,
+            evidence: None,
             key_algorithm: KeyAlgorithm::default(),
             mode: Mode::default(),
             timeout: Duration::from_secs(20),

@@ -191,6 +191,72 @@ pub fn resource_action(err: &KbsError) -> ResourceAction {
     }
 }
 
+/// The initdata format trustee's attestation request carries (`init_data.format`).
+pub const INIT_DATA_FORMAT: &str = "toml";
+/// The only initdata specification version kata-agent and trustee accept.
+pub const INIT_DATA_VERSION: &str = "0.1.0";
+
+/// The digest of an initdata document, computed over its exact bytes with its declared algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitDataDigest {
+    /// `sha256`, `sha384` or `sha512`, as the document declares.
+    pub algorithm: String,
+    /// The raw digest (32, 48 or 64 bytes).
+    pub digest: Vec<u8>,
+}
+
+impl InitDataDigest {
+    /// The digest as a TEE register holds it: truncated or zero-padded to the register's width
+    /// (TDX MRCONFIGID 48 bytes, SNP HOSTDATA 32 bytes), as kata's runtime writes it at launch.
+    pub fn for_register(&self, width: usize) -> Vec<u8> {
+        let mut v = self.digest.clone();
+        v.resize(width, 0);
+        v
+    }
+}
+
+/// Validates an initdata TOML the way kata-agent does (version `0.1.0`, a supported algorithm,
+/// a `[data]` table of strings) and digests its bytes as written, as kata-agent and trustee do.
+pub fn init_data_digest(toml_text: &str) -> Result<InitDataDigest, String> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        version: String,
+        algorithm: String,
+        // Parsed only to refuse documents kata-agent would refuse (values must be strings).
+        #[serde(default, rename = "data")]
+        _data: std::collections::BTreeMap<String, String>,
+    }
+    let doc: Doc = toml::from_str(toml_text).map_err(|e| format!("initdata is not valid: {e}"))?;
+    if doc.version != INIT_DATA_VERSION {
+        return Err(format!(
+            "initdata version {:?} is not supported (want {INIT_DATA_VERSION:?})",
+            doc.version
+        ));
+    }
+    let alg = match doc.algorithm.as_str() {
+        "sha256" => HashAlgorithm::Sha256,
+        "sha384" => HashAlgorithm::Sha384,
+        "sha512" => HashAlgorithm::Sha512,
+        other => {
+            return Err(format!(
+                "initdata algorithm {other:?} is not supported (sha256, sha384, sha512)"
+            ))
+        }
+    };
+    Ok(InitDataDigest {
+        algorithm: doc.algorithm,
+        digest: alg.digest(toml_text.as_bytes()),
+    })
+}
+
+/// The `init_data` member of the attestation request for an initdata document.
+pub fn init_data(toml_text: &str) -> kbs_types::InitData {
+    kbs_types::InitData {
+        format: INIT_DATA_FORMAT.to_string(),
+        body: toml_text.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +369,50 @@ mod tests {
         assert_eq!(
             e(401, "PolicyDeny").kind.type_url(),
             format!("{ERROR_TYPE_PREFIX}PolicyDeny")
+        );
+    }
+    #[test]
+    fn init_data_digest_hashes_the_exact_bytes_with_the_declared_algorithm() {
+        use sha2::Digest;
+        let text = "# comment kept in the digest\nversion = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = '''\n[kbc]\nname = \"cc_kbc\"\n'''\n";
+        let d = init_data_digest(text).unwrap();
+        assert_eq!(d.algorithm, "sha384");
+        assert_eq!(d.digest, sha2::Sha384::digest(text.as_bytes()).to_vec());
+        // Same TOML value, other bytes: another digest (nothing is re-serialized).
+        let other = init_data_digest(&text.replacen("# comment", "#", 1)).unwrap();
+        assert_ne!(other.digest, d.digest);
+        for (alg, len) in [("sha256", 32), ("sha512", 64)] {
+            let t = format!("version = \"0.1.0\"\nalgorithm = \"{alg}\"\n");
+            assert_eq!(init_data_digest(&t).unwrap().digest.len(), len);
+        }
+        // Register widths as kata's runtime writes them: truncated or zero-padded.
+        assert_eq!(d.for_register(32), d.digest[..32].to_vec());
+        let short = init_data_digest("version = \"0.1.0\"\nalgorithm = \"sha256\"\n").unwrap();
+        let tdx = short.for_register(48);
+        assert_eq!(
+            (&tdx[..32], &tdx[32..]),
+            (&short.digest[..], &[0u8; 16][..])
+        );
+    }
+
+    #[test]
+    fn init_data_is_refused_as_kata_agent_refuses_it() {
+        for (text, why) in [
+            ("version = \"0.2.0\"\nalgorithm = \"sha256\"\n", "version"),
+            ("version = \"0.1.0\"\nalgorithm = \"md5\"\n", "md5"),
+            ("algorithm = \"sha256\"\n", "version"),
+            (
+                "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\nx = 1\n",
+                "valid",
+            ),
+        ] {
+            let e = init_data_digest(text).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        let w = init_data("version = \"0.1.0\"");
+        assert_eq!(
+            (w.format.as_str(), w.body.as_str()),
+            ("toml", "version = \"0.1.0\"")
         );
     }
 }

@@ -43,6 +43,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let limits = crate::registry::NetLimits {
             retries: 3,

@@ -1,6 +1,8 @@
 //! A test Key Broker Service speaking trustee's RCAR protocol 0.4.0 (not a product).
 //!
-//! It verifies `sample` evidence (report-data binding, nonce, session expiry), applies a
+//! It verifies `sample` evidence (report-data binding, nonce, session expiry), digests the
+//! request's initdata as trustee does (and compares it with a reference digest when one is set,
+//! as an attestation policy on the `init_data` claim would), applies a
 //! [`ResourcePolicy`], serves resources from `DIR/<repo>/<type>/<tag>`, encrypts them to the
 //! TEE key with `kbs_client::jwe` (one implementation of the wire format), answers with the
 //! reference's error bodies and status codes, issues ES256 tokens with a header `jwk`, and accepts
@@ -14,7 +16,7 @@ mod server;
 mod tls;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,9 @@ pub struct TestKbsConfig {
     pub tamper_jwe_tag: bool,
     /// Serve HTTPS with this PEM certificate chain and PEM private key instead of HTTP.
     pub tls: Option<TlsIdentity>,
+    /// The initdata digest (standard base64, as trustee's `init_data` claim) attestations must
+    /// carry; `None` accepts any initdata, or none.
+    pub init_data_reference: Option<String>,
 }
 
 /// A server certificate chain and key, both PEM.
@@ -60,6 +65,7 @@ impl TestKbsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tamper_jwe_tag: false,
             tls: None,
+            init_data_reference: None,
         }
     }
 }
@@ -179,4 +185,84 @@ impl Drop for TestKbs {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the HTTPS test needs the `openssl` command (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA (PEM) and a server certificate for the IP address `ip` it signed, made with
+/// the `openssl` command in `dir`.
+pub fn test_pki(dir: &Path, ip: &str) -> (Vec<u8>, TlsIdentity) {
+    let cn = format!("/CN={ip}");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kbs-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(dir, &a);
+    let mut b = vec!["req"];
+    b.extend(ec);
+    b.extend(["-keyout", "leaf.key", "-out", "leaf.csr", "-subj", &cn]);
+    openssl(dir, &b);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    let rd = |n: &str| std::fs::read(dir.join(n)).unwrap();
+    (
+        rd("ca.pem"),
+        TlsIdentity {
+            cert_chain_pem: rd("leaf.pem"),
+            key_pem: rd("leaf.key"),
+        },
+    )
 }

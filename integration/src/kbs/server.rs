@@ -36,6 +36,7 @@ pub(crate) struct State {
     session_ttl: Duration,
     token_ttl: Duration,
     tamper_jwe_tag: bool,
+    init_data_reference: Option<String>,
     pub(crate) policy: RwLock<ResourcePolicy>,
     sessions: Mutex<HashMap<String, Session>>,
     signer: TokenSigner,
@@ -51,6 +52,7 @@ impl State {
             session_ttl: cfg.session_ttl,
             token_ttl: cfg.token_ttl,
             tamper_jwe_tag: cfg.tamper_jwe_tag,
+            init_data_reference: cfg.init_data_reference,
             policy: RwLock::new(cfg.policy),
             sessions: Mutex::new(HashMap::new()),
             signer: TokenSigner::generate(),
@@ -247,19 +249,30 @@ fn attest(st: &State, headers: &HeaderMap, body: &[u8]) -> Response {
     if ev.get("svn").and_then(Value::as_str).is_none() {
         return attest_failed("sample evidence without svn");
     }
-    let init_data_claims = match &att.init_data {
-        None => json!({}),
-        Some(i) if i.format == "toml" => match toml::from_str::<toml::Value>(&i.body) {
-            Ok(v) => serde_json::to_value(
-                v.get("data")
-                    .cloned()
-                    .unwrap_or(toml::Value::Table(Default::default())),
-            )
-            .unwrap_or(json!({})),
-            Err(e) => return attest_failed(format!("init-data is not TOML: {e}")),
-        },
-        Some(i) => return attest_failed(format!("unsupported init-data format {}", i.format)),
+    let (init_data_hash, init_data_claims) = match init_data(&att) {
+        Ok(v) => v,
+        Err(why) => return attest_failed(why),
     };
+    if let Some(want) = &st.init_data_reference {
+        match &init_data_hash {
+            None => {
+                return attest_failed(format!(
+                    "no init_data in the attestation request; the reference value is {want}"
+                ))
+            }
+            Some(got) if got != want => {
+                return attest_failed(format!(
+                    "init_data digest {got} of the attestation request differs from the reference value {want}"
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    // trustee's sample verifier adds the digest of the request's initdata to the TEE claims.
+    let mut tee_claims = ev.clone();
+    if let (Some(h), Some(obj)) = (&init_data_hash, tee_claims.as_object_mut()) {
+        obj.insert("init_data".into(), json!(h));
+    }
     let now = now_secs();
     let claims = json!({
         "eat_profile": "tag:github.com,2023:veraison/ear",
@@ -271,7 +284,7 @@ fn attest(st: &State, headers: &HeaderMap, body: &[u8]) -> Response {
             "ear.status": "affirming",
             "ear.appraisal-policy-id": "default",
             "ear.veraison.annotated-evidence": {
-                "sample": ev,
+                "sample": tee_claims,
                 "runtime_data_claims": serde_json::to_value(&att.runtime_data).expect("json"),
                 "init_data_claims": init_data_claims,
             }
@@ -283,6 +296,40 @@ fn attest(st: &State, headers: &HeaderMap, body: &[u8]) -> Response {
     session.attested = Some((token.clone(), claims));
     debug!("attestation accepted");
     json_token(&token)
+}
+
+/// The request's initdata as trustee's attestation service reads it: the digest of the exact
+/// TOML text with its declared algorithm (standard base64), and the `[data]` table as claims,
+/// with `cdh.toml` / `aa.toml` turned into JSON when they parse as TOML.
+fn init_data(att: &Attestation) -> Result<(Option<String>, Value), String> {
+    let Some(i) = &att.init_data else {
+        return Ok((None, json!({})));
+    };
+    if i.format != protocol::INIT_DATA_FORMAT {
+        return Err(format!("unsupported init-data format {}", i.format));
+    }
+    let digest = protocol::init_data_digest(&i.body)?;
+    let doc: toml::Value =
+        toml::from_str(&i.body).map_err(|e| format!("init-data is not TOML: {e}"))?;
+    let mut claims = serde_json::to_value(
+        doc.get("data")
+            .cloned()
+            .unwrap_or(toml::Value::Table(Default::default())),
+    )
+    .unwrap_or(json!({}));
+    if let Some(map) = claims.as_object_mut() {
+        for key in ["cdh.toml", "aa.toml"] {
+            let parsed = map
+                .get(key)
+                .and_then(Value::as_str)
+                .and_then(|t| toml::from_str::<toml::Value>(t).ok())
+                .and_then(|v| serde_json::to_value(v).ok());
+            if let Some(v) = parsed {
+                map.insert(key.into(), v);
+            }
+        }
+    }
+    Ok((Some(STANDARD.encode(&digest.digest)), claims))
 }
 
 fn json_token(token: &str) -> Response {

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::{HardwarePaths, Tee};
 use crate::error::Error;
+use crate::protocol::InitDataDigest;
 
 pub use sev::LaunchSecrets;
 
@@ -70,6 +71,83 @@ pub async fn evidence(
         })?
 }
 
+/// Evidence from outside this crate, e.g. a running attestation-agent, used instead of the
+/// built-in attesters.
+#[async_trait::async_trait]
+pub trait EvidenceProvider: Send + Sync + std::fmt::Debug {
+    /// The protocol `tee` the evidence is for.
+    async fn tee(&self) -> Result<kbs_types::Tee, Error>;
+    /// Primary evidence binding `report_data` (the unpadded digest).
+    async fn primary_evidence(&self, report_data: Vec<u8>) -> Result<Value, Error>;
+}
+
+/// How an initdata digest relates to the TEE's evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitDataBinding {
+    /// The hardware register holds the digest.
+    Verified {
+        /// The register compared (`MRCONFIGID`, `HOSTDATA`).
+        register: &'static str,
+    },
+    /// This TEE has no register for it; only the KBS can check it (from the attestation request).
+    NotBound(String),
+}
+
+/// Compares the initdata digest with the register the host set at launch (TDX MRCONFIGID,
+/// SNP HOSTDATA), as the attestation-agent does; a mismatch names both values.
+pub async fn check_init_data(
+    tee: Tee,
+    paths: &HardwarePaths,
+    digest: &InitDataDigest,
+) -> Result<InitDataBinding, Error> {
+    let (register, width) = match tee {
+        Tee::Tdx => ("MRCONFIGID", tdx::MR_LEN),
+        Tee::Snp => ("HOSTDATA", 32),
+        Tee::Sample => {
+            return Ok(InitDataBinding::NotBound(
+                "the sample attester has no hardware register; the KBS sees the initdata in the attestation request".into(),
+            ))
+        }
+        Tee::Sev => {
+            return Ok(InitDataBinding::NotBound(
+                "SEV/SEV-ES has no runtime attestation to bind initdata to".into(),
+            ))
+        }
+    };
+    let p = paths.clone();
+    let found = tokio::task::spawn_blocking(move || match tee {
+        Tee::Tdx => tdx::mrconfigid(&p),
+        _ => snp::host_data(&p),
+    })
+    .await
+    .map_err(|e| Error::Evidence {
+        tee: tee.to_string(),
+        detail: format!("report task failed: {e}"),
+    })??;
+    compare_init_data(tee, register, &digest.for_register(width), &found, digest)
+}
+
+fn compare_init_data(
+    tee: Tee,
+    register: &'static str,
+    expected: &[u8],
+    found: &[u8],
+    digest: &InitDataDigest,
+) -> Result<InitDataBinding, Error> {
+    if expected == found {
+        return Ok(InitDataBinding::Verified { register });
+    }
+    Err(Error::Evidence {
+        tee: tee.to_string(),
+        detail: format!(
+            "initdata digest ({}) {} differs from {register} {} set at launch: the initdata is not the one this TEE was started with",
+            digest.algorithm,
+            hex::encode(expected),
+            hex::encode(found)
+        ),
+    })
+}
+
 /// Zero-pads (or truncates) report data to the 64-byte REPORT_DATA field of TDX/SNP.
 pub(crate) fn pad64(report_data: &[u8]) -> [u8; 64] {
     let mut out = [0u8; 64];
@@ -104,6 +182,47 @@ mod tests {
         assert_eq!(detect(&p, None), Tee::Snp);
         std::fs::write(&p.tdx_guest_dev, b"").unwrap();
         assert_eq!(detect(&p, None), Tee::Tdx);
+    }
+
+    #[test]
+    fn init_data_mismatch_names_both_values() {
+        let d = crate::protocol::init_data_digest(
+            "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n",
+        )
+        .unwrap();
+        let want = d.for_register(32);
+        assert_eq!(
+            compare_init_data(Tee::Snp, "HOSTDATA", &want, &want, &d).unwrap(),
+            InitDataBinding::Verified {
+                register: "HOSTDATA"
+            }
+        );
+        let e = compare_init_data(Tee::Snp, "HOSTDATA", &want, &[0u8; 32], &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&hex::encode(&want)), "{e}");
+        assert!(
+            e.contains(&"00".repeat(32)) && e.contains("HOSTDATA"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sample_cannot_bind_and_tdx_without_tsm_fails_clearly() {
+        let d = tempfile::tempdir().unwrap();
+        let p = nowhere(d.path());
+        let digest =
+            crate::protocol::init_data_digest("version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
+                .unwrap();
+        assert!(matches!(
+            check_init_data(Tee::Sample, &p, &digest).await.unwrap(),
+            InitDataBinding::NotBound(_)
+        ));
+        let e = check_init_data(Tee::Tdx, &p, &digest)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
     }
 
     #[test]

@@ -25,8 +25,18 @@ pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Valu
             report_data.len()
         )));
     }
-    let data = pad64(report_data);
-    let (raw, certs) = if paths.tsm_report_dir.is_dir() {
+    let (raw, certs) = raw_report(paths, pad64(report_data))?;
+    let report = AttestationReport::from_bytes(&raw)
+        .map_err(|e| err(format!("cannot parse the attestation report: {e}")))?;
+    build(&report, certs)
+}
+
+/// The raw attestation report (and the host's certificate table) for 64 bytes of report data.
+fn raw_report(
+    paths: &HardwarePaths,
+    data: [u8; 64],
+) -> Result<(Vec<u8>, Option<Vec<CertTableEntry>>), Error> {
+    Ok(if paths.tsm_report_dir.is_dir() {
         let rep = tsm::report(&paths.tsm_report_dir, &data, true).map_err(err)?;
         if !rep.provider.starts_with("sev") {
             return Err(err(format!(
@@ -50,10 +60,22 @@ pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Valu
             paths.tsm_report_dir.display(),
             paths.sev_guest_dev.display()
         )));
-    };
-    let report = AttestationReport::from_bytes(&raw)
-        .map_err(|e| err(format!("cannot parse the attestation report: {e}")))?;
-    build(&report, certs)
+    })
+}
+
+/// Offset and width of HOST_DATA in the SNP attestation report (set by the host at launch).
+const HOST_DATA: std::ops::Range<usize> = 0xC0..0xE0;
+
+/// HOST_DATA of this guest, from a fresh attestation report.
+pub(crate) fn host_data(paths: &HardwarePaths) -> Result<Vec<u8>, Error> {
+    let (raw, _) = raw_report(paths, [0u8; 64])?;
+    report_host_data(&raw).map(<[u8]>::to_vec).map_err(err)
+}
+
+/// HOST_DATA from raw report bytes.
+pub(crate) fn report_host_data(raw: &[u8]) -> Result<&[u8], String> {
+    raw.get(HOST_DATA)
+        .ok_or_else(|| format!("the SNP report is too short ({} bytes)", raw.len()))
 }
 
 fn build(report: &AttestationReport, certs: Option<Vec<CertTableEntry>>) -> Result<Value, Error> {
@@ -119,6 +141,14 @@ mod tests {
         let mut bad = buf.clone();
         bad[16] = 200;
         assert!(parse_cert_table(&bad).is_err());
+    }
+
+    #[test]
+    fn host_data_is_at_0xc0() {
+        let mut raw = vec![0u8; 1184];
+        raw[0xC0..0xE0].copy_from_slice(&[5u8; 32]);
+        assert_eq!(report_host_data(&raw).unwrap(), &[5u8; 32]);
+        assert!(report_host_data(&raw[..0xD0]).is_err());
     }
 
     #[test]

@@ -36,6 +36,45 @@ pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Valu
     Ok(build(&rep.outblob, ccel.as_deref()))
 }
 
+/// MRCONFIGID of this TD, from a quote requested through configfs-tsm.
+pub(crate) fn mrconfigid(paths: &HardwarePaths) -> Result<Vec<u8>, Error> {
+    let rep = tsm::report(&paths.tsm_report_dir, &[0u8; 64], false).map_err(err)?;
+    if !rep.provider.starts_with("tdx") {
+        return Err(err(format!(
+            "configfs-tsm provider is {:?}, not tdx_guest",
+            rep.provider
+        )));
+    }
+    quote_mrconfigid(&rep.outblob)
+        .map(<[u8]>::to_vec)
+        .map_err(err)
+}
+
+/// Width of TDX measurement registers (SHA-384).
+pub(crate) const MR_LEN: usize = 48;
+/// Quote header length (v4 and v5).
+const QUOTE_HEADER_LEN: usize = 48;
+/// Offset of MRCONFIGID in the TD quote body: TEE_TCB_SVN(16) MRSEAM(48) MRSIGNERSEAM(48)
+/// SEAMATTRIBUTES(8) TDATTRIBUTES(8) XFAM(8) MRTD(48).
+const MRCONFIGID_OFFSET: usize = 184;
+
+/// MRCONFIGID from a TDX quote (v4, or v5 whose body has a 6-byte type/size prefix).
+pub(crate) fn quote_mrconfigid(quote: &[u8]) -> Result<&[u8], String> {
+    let version = quote
+        .get(..2)
+        .map(|v| u16::from_le_bytes([v[0], v[1]]))
+        .ok_or("the TDX quote is empty")?;
+    let body = match version {
+        4 => QUOTE_HEADER_LEN,
+        5 => QUOTE_HEADER_LEN + 6,
+        v => return Err(format!("TDX quote version {v} is not supported (4 or 5)")),
+    };
+    let start = body + MRCONFIGID_OFFSET;
+    quote
+        .get(start..start + MR_LEN)
+        .ok_or_else(|| format!("the TDX quote is too short ({} bytes)", quote.len()))
+}
+
 fn build(quote: &[u8], ccel: Option<&[u8]>) -> Value {
     json!({
         "cc_eventlog": ccel.map(|c| STANDARD.encode(c)),
@@ -53,6 +92,24 @@ mod tests {
         assert_eq!(v.to_string(), r#"{"cc_eventlog":null,"quote":"cXVvdGU="}"#);
         let v = build(b"quote", Some(b"log"));
         assert_eq!(v["cc_eventlog"], "bG9n");
+    }
+
+    #[test]
+    fn mrconfigid_is_read_from_v4_and_v5_quotes() {
+        let mut q4 = vec![0u8; 632];
+        q4[0] = 4;
+        q4[48 + 184..48 + 184 + 48].copy_from_slice(&[7u8; 48]);
+        assert_eq!(quote_mrconfigid(&q4).unwrap(), &[7u8; 48]);
+        let mut q5 = vec![0u8; 700];
+        q5[0] = 5;
+        q5[54 + 184..54 + 184 + 48].copy_from_slice(&[9u8; 48]);
+        assert_eq!(quote_mrconfigid(&q5).unwrap(), &[9u8; 48]);
+        assert!(quote_mrconfigid(&q4[..200])
+            .unwrap_err()
+            .contains("too short"));
+        let mut q3 = q4.clone();
+        q3[0] = 3;
+        assert!(quote_mrconfigid(&q3).unwrap_err().contains("version 3"));
     }
 
     #[test]
