@@ -230,6 +230,8 @@ pub fn create_bundle(
     for d in [&upper, &work] {
         fs::create_dir_all(d).map_err(io_at(d))?;
     }
+    // Before mounting: the upper's copies of implicit parent dirs (see unpack::compose).
+    crate::unpack::compose::fix_implicit_dirs(layers, &upper).map_err(io_at(&upper))?;
     // overlayfs takes the top-most lower dir first.
     let lower: Vec<String> = layers
         .iter()

@@ -8,17 +8,31 @@
 //!
 //! Policy:
 //! - Paths: leading `/` and `.` components are dropped (relative to the layer root, as
-//!   containerd and umoci do); any `..` component rejects the layer. A parent that is a
-//!   symlink (or not a directory) rejects the layer, so nothing is ever written through a link.
+//!   containerd and umoci do); any `..` component rejects the layer. Nothing is ever written
+//!   through a symlink: a parent that is a symlink or a non-directory in this layer rejects
+//!   the entry, except for whiteouts (below).
 //! - Hardlink targets are resolved the same way inside the layer and must already exist.
-//! - Whiteouts: `.wh.NAME` becomes a 0:0 character device `NAME` with mode 000;
-//!   `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its directory.
+//! - Whiteouts hide the lower layers only (OCI image spec): `.wh.NAME` becomes a 0:0 character
+//!   device `NAME` with mode 000 unless this layer already has `NAME` — a file or link stays, a
+//!   directory stays and becomes opaque (its lower contents go, as with umoci). A whiteout or
+//!   `.wh..wh..opq` below a path this layer made a symlink, file or whiteout is a no-op, since
+//!   that entry already hides everything below it (umoci repack writes those after replacing a
+//!   directory by a symlink). `NAME` empty, `.` or `..` rejects the layer. An entry below, or a
+//!   directory at, a path this layer whited out creates an opaque directory.
+//! - Implicit parents (created for an entry without their own entry, and the root unless the
+//!   archive has `./`) are 0755 root:root and marked with [`IMPLICIT_XATTR`]; when a bundle is
+//!   composed they take the attributes of the lower layers ([`compose`]), as with containerd.
+//! - PAX records are parsed by their length prefix (values may contain newlines); an empty
+//!   value removes the record, so an xattr with an empty value is not set (POSIX pax; umoci
+//!   does the same). Global headers are ignored, like containerd and umoci.
+//! - GNU sparse files in PAX format (0.0, 0.1, 1.0) are reconstructed with their holes as
+//!   holes; the old GNU sparse type `S` and unknown sparse versions are rejected.
 //! - Device nodes: char/block devices and whiteouts are created when running as root and
 //!   rejected otherwise; FIFOs are always created.
 //! - Ownership (root only), modes incl. setuid/setgid/sticky, mtimes (directories last) and
-//!   PAX `SCHILY.xattr.*` xattrs are applied.
-//! - GNU sparse files and unknown entry types are rejected.
+//!   PAX `SCHILY.xattr.*` xattrs are applied. Unknown entry types are rejected.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
@@ -88,6 +102,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), Unpac
         is_root,
         dirs: Vec::new(),
         stats: UnpackStats::default(),
+        implicit: HashSet::from([Vec::new()]),
         cache: std::cell::RefCell::new(None),
     };
     let mut archive = tar::Archive::new(reader);
@@ -115,24 +130,13 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), Unpac
                             ),
                         });
                     }
+                    let mut data = Vec::with_capacity(size as usize);
+                    entry
+                        .read_to_end(&mut data)
+                        .map_err(|e| io_err(&shown, e))?;
                     if et == EntryType::XHeader {
-                        let exts = entry
-                            .pax_extensions()
-                            .map_err(|e| io_err(&shown, e))?
-                            .into_iter()
-                            .flatten();
-                        for ext in exts {
-                            let ext = ext.map_err(|e| io_err(&shown, e))?;
-                            let key = ext.key().map_err(|e| {
-                                io_err(&shown, io::Error::new(io::ErrorKind::InvalidData, e))
-                            })?;
-                            pax.push((key.to_string(), ext.value_bytes().to_vec()));
-                        }
+                        pax = pax::parse_records(&data, &shown)?;
                     } else {
-                        let mut data = Vec::with_capacity(size as usize);
-                        entry
-                            .read_to_end(&mut data)
-                            .map_err(|e| io_err(&shown, e))?;
                         while data.last() == Some(&0) {
                             data.pop();
                         }
@@ -171,7 +175,13 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), Unpac
                 dev_major: entry.header().device_major().ok().flatten().unwrap_or(0),
                 dev_minor: entry.header().device_minor().ok().flatten().unwrap_or(0),
             };
+            let sparse = pax::take_sparse(&mut pax, &shown)?;
             for (k, v) in pax.drain(..) {
+                // POSIX: an empty value removes the keyword, so the header field (or, for an
+                // xattr, nothing) applies. Go's archive/tar and thus umoci do the same.
+                if v.is_empty() {
+                    continue;
+                }
                 let text = String::from_utf8_lossy(&v).into_owned();
                 match k.as_str() {
                     "path" => path = v,
@@ -194,9 +204,23 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), Unpac
                     }
                 }
             }
+            if let Some(name) = sparse.as_ref().and_then(|s| s.name.clone()) {
+                path = name;
+            }
             let shown = String::from_utf8_lossy(&path).into_owned();
+            if sparse.is_some() && !matches!(et, EntryType::Regular | EntryType::Continuous) {
+                return Err(UnpackError::Bad {
+                    path: shown,
+                    reason: "GNU sparse records on a non-regular entry".into(),
+                });
+            }
             let comps = components(&path, &shown)?;
-            u.entry(et, comps, link, meta, &mut entry, &shown, size)?;
+            let data = Data {
+                reader: &mut entry,
+                size,
+                sparse,
+            };
+            u.entry(et, comps, link, meta, data, &shown)?;
             u.stats.entries += 1;
         }
     }
@@ -255,11 +279,22 @@ fn components(path: &[u8], shown: &str) -> Result<Vec<Vec<u8>>, UnpackError> {
     Ok(out)
 }
 
+/// An entry's data: the tar stream positioned at it, its stored size, and the sparse map.
+struct Data<'a, R> {
+    reader: &'a mut R,
+    size: u64,
+    sparse: Option<pax::Sparse>,
+}
+
 struct Unpacker {
     root: OwnedFd,
     is_root: bool,
     dirs: Vec<PendingDir>,
     stats: UnpackStats,
+    /// Directories this layer holds only because entries below them needed a parent (and the
+    /// root, unless the archive has a `./` entry). Marked with [`IMPLICIT_XATTR`] at the end so
+    /// the overlay composition can give them the attributes of the lower layers.
+    implicit: HashSet<Vec<Vec<u8>>>,
     /// Last directory resolved: archives list siblings together, so this saves a full
     /// O_NOFOLLOW walk per entry. Dropped whenever anything is removed.
     cache: std::cell::RefCell<Option<(Vec<Vec<u8>>, OwnedFd)>>,
@@ -267,66 +302,125 @@ struct Unpacker {
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Marks a directory the layer created only as a parent for other entries; see
+/// [`compose`] for how the marker is consumed (and why it is never visible in a rootfs).
+pub const IMPLICIT_XATTR: &str = "trusted.guestpull.implicit";
+
+/// Why a directory walk inside the layer stopped.
+enum Walk {
+    /// Component `usize` (0-based) exists in this layer and is not a directory.
+    NotDir(usize, FileType),
+    /// A component is missing and `create` was false.
+    Missing,
+    /// Another failure.
+    Err(UnpackError),
+}
+
+fn is_whiteout(st: &rfs::Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0
+}
 
 impl Unpacker {
     /// Opens the directory `comps` under the root without following any symlink, creating
     /// missing directories (mode 0755) when `create`.
     fn open_dir(
-        &self,
+        &mut self,
         comps: &[Vec<u8>],
         create: bool,
         shown: &str,
     ) -> Result<OwnedFd, UnpackError> {
+        self.try_open_dir(comps, create, shown)
+            .map_err(|w| self.walk_err(w, comps, shown))
+    }
+
+    fn walk_err(&self, w: Walk, comps: &[Vec<u8>], shown: &str) -> UnpackError {
+        match w {
+            Walk::NotDir(i, ft) => {
+                let at = String::from_utf8_lossy(&comps[..=i].join(&b'/')).into_owned();
+                let what = if ft == FileType::Symlink {
+                    "a symlink"
+                } else {
+                    "not a directory"
+                };
+                UnpackError::Unsafe {
+                    path: shown.into(),
+                    reason: format!("parent {at:?} is {what} in this layer; entries are never written through it"),
+                }
+            }
+            Walk::Missing => io_err(shown, io::ErrorKind::NotFound.into()),
+            Walk::Err(e) => e,
+        }
+    }
+
+    fn try_open_dir(
+        &mut self,
+        comps: &[Vec<u8>],
+        create: bool,
+        shown: &str,
+    ) -> Result<OwnedFd, Walk> {
         if let Some((c, fd)) = self.cache.borrow().as_ref() {
             if c.as_slice() == comps {
-                return fd.try_clone().map_err(|e| io_err(shown, e));
+                return fd.try_clone().map_err(|e| Walk::Err(io_err(shown, e)));
             }
         }
         let fd = self.walk(comps, create, shown)?;
-        let copy = fd.try_clone().map_err(|e| io_err(shown, e))?;
+        let copy = fd.try_clone().map_err(|e| Walk::Err(io_err(shown, e)))?;
         *self.cache.borrow_mut() = Some((comps.to_vec(), copy));
         Ok(fd)
     }
 
-    fn walk(&self, comps: &[Vec<u8>], create: bool, shown: &str) -> Result<OwnedFd, UnpackError> {
-        let mut cur = rfs::openat(
-            &self.root,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| io_err(shown, e.into()))?;
-        for c in comps {
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    fn walk(&mut self, comps: &[Vec<u8>], create: bool, shown: &str) -> Result<OwnedFd, Walk> {
+        let e = |e: Errno| Walk::Err(io_err(shown, e.into()));
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut cur = rfs::openat(&self.root, ".", flags, Mode::empty()).map_err(e)?;
+        for (i, c) in comps.iter().enumerate() {
             let next = match rfs::openat(&cur, c.as_slice(), flags, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) if create => {
-                    match rfs::mkdirat(&cur, c.as_slice(), Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => return Err(io_err(shown, e.into())),
-                    }
-                    rfs::openat(&cur, c.as_slice(), flags, Mode::empty())
-                        .map_err(|e| self.parent_err(shown, e))?
+                    rfs::mkdirat(&cur, c.as_slice(), Mode::from_raw_mode(0o755)).map_err(e)?;
+                    self.implicit.insert(comps[..=i].to_vec());
+                    rfs::openat(&cur, c.as_slice(), flags, Mode::empty()).map_err(e)?
                 }
-                Err(e) => return Err(self.parent_err(shown, e)),
+                Err(Errno::NOENT) => return Err(Walk::Missing),
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    let st =
+                        rfs::statat(&cur, c.as_slice(), AtFlags::SYMLINK_NOFOLLOW).map_err(e)?;
+                    if create && is_whiteout(&st) {
+                        // `.wh.d` then `d/x` in one layer: the lower `d` is deleted and a new,
+                        // empty `d` holds `x`, i.e. an opaque directory with default attributes.
+                        self.cache.borrow_mut().take();
+                        rfs::unlinkat(&cur, c.as_slice(), AtFlags::empty()).map_err(e)?;
+                        rfs::mkdirat(&cur, c.as_slice(), Mode::from_raw_mode(0o755)).map_err(e)?;
+                        let fd =
+                            rfs::openat(&cur, c.as_slice(), flags, Mode::empty()).map_err(e)?;
+                        self.set_opaque(&fd, shown).map_err(Walk::Err)?;
+                        fd
+                    } else {
+                        return Err(Walk::NotDir(i, FileType::from_raw_mode(st.st_mode)));
+                    }
+                }
+                Err(err) => return Err(e(err)),
             };
             cur = next;
         }
         Ok(cur)
     }
 
-    fn parent_err(&self, shown: &str, e: Errno) -> UnpackError {
-        if e == Errno::LOOP || e == Errno::NOTDIR {
-            UnpackError::Unsafe {
+    fn set_opaque(&self, fd: &OwnedFd, shown: &str) -> Result<(), UnpackError> {
+        if !self.is_root {
+            return Err(UnpackError::Bad {
                 path: shown.into(),
-                reason: "a parent directory is a symlink or not a directory".into(),
-            }
-        } else {
-            io_err(shown, e.into())
+                reason: "opaque directories need trusted.* xattrs (run as root)".into(),
+            });
         }
+        rfs::fsetxattr(fd, OPAQUE_XATTR, b"y", XattrFlags::empty())
+            .map_err(|e| io_err(shown, e.into()))
     }
 
     /// Removes whatever non-directory (or, unless `keep_dir`, directory) sits at `name`.
+    /// Returns the type of what was there, if anything was kept.
     fn clear(
         &self,
         parent: &OwnedFd,
@@ -334,6 +428,14 @@ impl Unpacker {
         keep_dir: bool,
         shown: &str,
     ) -> Result<bool, UnpackError> {
+        // Names come from `components` or validated whiteouts; this keeps any future caller
+        // from reaching the layer's parent through the /proc path below.
+        if matches!(name, b"" | b"." | b"..") || name.contains(&b'/') {
+            return Err(UnpackError::Unsafe {
+                path: shown.into(),
+                reason: format!("refusing to remove {:?}", String::from_utf8_lossy(name)),
+            });
+        }
         match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(io_err(shown, e.into())),
@@ -356,20 +458,74 @@ impl Unpacker {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A whiteout hides `hidden` of the lower layers only (OCI image spec), so it never
+    /// removes what this layer itself wrote.
+    fn whiteout(
+        &mut self,
+        parents: &[Vec<u8>],
+        hidden: &[u8],
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        if !self.is_root {
+            return Err(UnpackError::Bad {
+                path: shown.into(),
+                reason: "whiteouts are 0:0 character devices and need CAP_MKNOD (run as root)"
+                    .into(),
+            });
+        }
+        // `.wh..` would name the directory above; `.wh..` inside `d/` would name `d` itself.
+        if matches!(hidden, b"" | b"." | b"..") || hidden.contains(&b'/') {
+            return Err(UnpackError::Bad {
+                path: shown.into(),
+                reason: format!(
+                    "invalid whiteout name {:?}",
+                    String::from_utf8_lossy(hidden)
+                ),
+            });
+        }
+        let parent = match self.try_open_dir(parents, true, shown) {
+            Ok(fd) => fd,
+            // A parent this layer made a symlink, file or whiteout already hides everything
+            // below it in the lower layers (umoci repack writes such whiteouts after the link).
+            Err(Walk::NotDir(..)) => return Ok(()),
+            Err(w) => return Err(self.walk_err(w, parents, shown)),
+        };
+        match rfs::statat(&parent, hidden, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => {
+                rfs::mknodat(&parent, hidden, FileType::CharacterDevice, Mode::empty(), 0)
+                    .map_err(|e| io_err(shown, e.into()))
+            }
+            Err(e) => Err(io_err(shown, e.into())),
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                // This layer's directory stays with what this layer put in it; the lower
+                // layers' contents go, as with umoci.
+                let fd = rfs::openat(
+                    &parent,
+                    hidden,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err(shown, e.into()))?;
+                self.set_opaque(&fd, shown)
+            }
+            // A file, link or whiteout of this layer already hides the lower entry.
+            Ok(_) => Ok(()),
+        }
+    }
+
     fn entry<R: Read>(
         &mut self,
         et: EntryType,
         comps: Vec<Vec<u8>>,
         link: Option<Vec<u8>>,
         meta: Meta,
-        data: &mut R,
+        data: Data<'_, R>,
         shown: &str,
-        size: u64,
     ) -> Result<(), UnpackError> {
         let Some((name, parents)) = comps.split_last() else {
             if et == EntryType::Directory {
                 // "./": metadata of the layer root itself.
+                self.implicit.remove(&comps);
                 self.chown(&self.root, &meta, shown)?;
                 self.set_xattrs(&self.root, &meta, shown)?;
                 self.dirs.push(PendingDir {
@@ -384,43 +540,36 @@ impl Unpacker {
                 reason: "empty path".into(),
             });
         };
-        let parent = self.open_dir(parents, true, shown)?;
         if name.as_slice() == OPAQUE {
-            if !self.is_root {
-                return Err(UnpackError::Bad {
-                    path: shown.into(),
-                    reason: "opaque directories need trusted.* xattrs (run as root)".into(),
-                });
-            }
-            rfs::fsetxattr(&parent, "trusted.overlay.opaque", b"y", XattrFlags::empty())
-                .map_err(|e| io_err(shown, e.into()))?;
-            return Ok(());
+            return match self.try_open_dir(parents, true, shown) {
+                Ok(fd) => self.set_opaque(&fd, shown),
+                Err(Walk::NotDir(..)) => Ok(()),
+                Err(w) => Err(self.walk_err(w, parents, shown)),
+            };
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            if !self.is_root {
-                return Err(UnpackError::Bad {
-                    path: shown.into(),
-                    reason: "whiteouts are 0:0 character devices and need CAP_MKNOD (run as root)"
-                        .into(),
-                });
-            }
-            if hidden.is_empty() {
-                return Err(UnpackError::Bad {
-                    path: shown.into(),
-                    reason: "empty whiteout name".into(),
-                });
-            }
-            self.clear(&parent, hidden, false, shown)?;
-            rfs::mknodat(&parent, hidden, FileType::CharacterDevice, Mode::empty(), 0)
-                .map_err(|e| io_err(shown, e.into()))?;
-            return Ok(());
+            return self.whiteout(parents, hidden, shown);
         }
+        let parent = self.open_dir(parents, true, shown)?;
         match et {
             EntryType::Directory => {
-                let exists = self.clear(&parent, name, true, shown)?;
-                if !exists {
-                    rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755))
-                        .map_err(|e| io_err(shown, e.into()))?;
+                let mut opaque = false;
+                match rfs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                        self.implicit.remove(&comps);
+                    }
+                    Ok(st) => {
+                        // `.wh.d` then `d/`: the lower `d` is gone, this is a new directory.
+                        opaque = is_whiteout(&st);
+                        self.clear(&parent, name, false, shown)?;
+                        rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755))
+                            .map_err(|e| io_err(shown, e.into()))?;
+                    }
+                    Err(Errno::NOENT) => {
+                        rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755))
+                            .map_err(|e| io_err(shown, e.into()))?;
+                    }
+                    Err(e) => return Err(io_err(shown, e.into())),
                 }
                 let fd = rfs::openat(
                     &parent,
@@ -428,7 +577,10 @@ impl Unpacker {
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
-                .map_err(|e| self.parent_err(shown, e))?;
+                .map_err(|e| io_err(shown, e.into()))?;
+                if opaque {
+                    self.set_opaque(&fd, shown)?;
+                }
                 self.chown(&fd, &meta, shown)?;
                 self.set_xattrs(&fd, &meta, shown)?;
                 self.dirs.push(PendingDir {
@@ -451,14 +603,23 @@ impl Unpacker {
                 )
                 .map_err(|e| io_err(shown, e.into()))?;
                 let mut file = File::from(fd);
-                let n =
-                    copy_large(&mut data.take(size), &mut file).map_err(|e| io_err(shown, e))?;
-                if n != size {
-                    return Err(UnpackError::Bad {
-                        path: shown.into(),
-                        reason: format!("archive ended inside the entry ({n} of {size} bytes)"),
-                    });
-                }
+                let size = data.size;
+                let n = match data.sparse {
+                    Some(sparse) => pax::write_sparse(&mut file, data.reader, size, sparse, shown)?,
+                    None => {
+                        let n = copy_large(&mut data.reader.take(size), &mut file)
+                            .map_err(|e| io_err(shown, e))?;
+                        if n != size {
+                            return Err(UnpackError::Bad {
+                                path: shown.into(),
+                                reason: format!(
+                                    "archive ended inside the entry ({n} of {size} bytes)"
+                                ),
+                            });
+                        }
+                        n
+                    }
+                };
                 self.stats.bytes += n;
                 self.chown(&file, &meta, shown)?;
                 // After chown, which clears setuid/setgid.
@@ -657,9 +818,40 @@ impl Unpacker {
         // Deepest first so a parent's mtime is set after its children changed it.
         self.dirs.sort_by_key(|d| std::cmp::Reverse(d.comps.len()));
         let dirs = std::mem::take(&mut self.dirs);
+        let implicit = std::mem::take(&mut self.implicit);
+        let mut marked = 0u64;
+        for comps in implicit {
+            let shown = String::from_utf8_lossy(&comps.join(&b'/')).into_owned();
+            // Replaced by a later entry of the archive: nothing to mark.
+            let Ok(fd) = self.try_open_dir(&comps, false, &shown) else {
+                continue;
+            };
+            // Fixed rather than left to the umask, like the 0755 containerd and umoci use.
+            rfs::fchmod(&fd, Mode::from_raw_mode(0o755)).map_err(|e| io_err(&shown, e.into()))?;
+            if self.is_root {
+                rfs::fsetxattr(&fd, IMPLICIT_XATTR, b"1", XattrFlags::empty())
+                    .map_err(|e| io_err(&shown, e.into()))?;
+                marked += u64::from(!comps.is_empty());
+            }
+        }
+        if self.is_root {
+            // Lets the composition skip walking layers without implicit directories.
+            rfs::fsetxattr(
+                &self.root,
+                compose::IMPLICIT_COUNT_XATTR,
+                marked.to_string().as_bytes(),
+                XattrFlags::empty(),
+            )
+            .map_err(|e| io_err("<layer root>", e.into()))?;
+        }
         for d in dirs {
             let shown = String::from_utf8_lossy(&d.comps.join(&b'/')).into_owned();
-            let fd = self.open_dir(&d.comps, false, &shown)?;
+            let fd = match self.try_open_dir(&d.comps, false, &shown) {
+                Ok(fd) => fd,
+                // A later entry replaced the directory; its own metadata applies.
+                Err(Walk::NotDir(..) | Walk::Missing) => continue,
+                Err(Walk::Err(e)) => return Err(e),
+            };
             rfs::fchmod(&fd, Mode::from_raw_mode(d.mode)).map_err(|e| io_err(&shown, e.into()))?;
             rfs::futimens(&fd, &times(d.mtime)).map_err(|e| io_err(&shown, e.into()))?;
         }
@@ -717,5 +909,7 @@ fn proc_path(parent: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
     p
 }
 
+pub mod compose;
+mod pax;
 #[cfg(test)]
 mod tests;
