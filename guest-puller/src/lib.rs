@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod bundles;
 pub mod config;
 pub mod decrypt;
 pub mod fetcher;
@@ -12,4 +13,5 @@ pub mod policy;
 pub mod pull;
 pub mod registry;
 pub mod resource;
+pub mod rootfs;
 pub mod unpack;
