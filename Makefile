@@ -15,8 +15,10 @@ build:
 	$(CARGO) build --workspace --bins
 
 ## A local demo on embedded defaults: everything under one temporary directory, torn down at the end.
+## Runs the binary `build` just made: `cargo run -p integration` would resolve features for that
+## one package, differently from the workspace build, and silently rebuild half the graph.
 demo: deps build
-	$(CARGO) run -q -p integration --bin demo
+	"$${CARGO_TARGET_DIR:-target}/debug/demo"
 
 ## Every unit and integration test (the end-to-end suites need root and run against containerd 1.6, 1.7 and 2.1).
 test: deps build

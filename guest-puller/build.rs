@@ -1,12 +1,23 @@
-//! Generates the gRPC (tonic) bindings of ocicrypt's keyprovider service for `guestpull-keyprovider`.
-//! The proto is the one cdh-api serves over ttrpc, so both transports share one wire definition.
+//! Generates the gRPC (tonic) service stubs of ocicrypt's keyprovider for `guestpull-keyprovider`.
+//! The messages are cdh-api's (compiled once from `keyprovider.proto` for ttrpc); only the
+//! service glue is generated here, with a rust-protobuf codec, so the proto is not compiled twice.
 
 fn main() {
-    let proto = "../cdh-api/protos/keyprovider.proto";
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_protos(&[proto], &["../cdh-api/protos"])
-        .expect("keyprovider gRPC codegen (is protoc installed?)");
-    println!("cargo:rerun-if-changed={proto}");
+    let method = |name: &str, route: &str| {
+        tonic_build::manual::Method::builder()
+            .name(name)
+            .route_name(route)
+            .input_type("crate::keyprovider::grpc::KeyProviderKeyWrapProtocolInput")
+            .output_type("crate::keyprovider::grpc::KeyProviderKeyWrapProtocolOutput")
+            .codec_path("crate::keyprovider::grpc::ProtobufCodec")
+            .build()
+    };
+    let service = tonic_build::manual::Service::builder()
+        .name("KeyProviderService")
+        .package("keyprovider")
+        .method(method("wrap_key", "WrapKey"))
+        .method(method("un_wrap_key", "UnWrapKey"))
+        .build();
+    tonic_build::manual::Builder::new().compile(&[service]);
+    println!("cargo:rerun-if-changed=build.rs");
 }

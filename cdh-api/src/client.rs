@@ -138,8 +138,9 @@ pub async fn pull_image_at(
 ) -> Result<String, ttrpc::Error> {
     let client = api_ttrpc::ImagePullServiceClient::new(connect(endpoint).await?);
     let mut req = api::ImagePullRequest::new();
-    req.image_url = image.to_string();
-    req.bundle_path = bundle.to_string_lossy().into_owned();
+    req.image_url = image.as_bytes().to_vec();
+    // Sent as is: the server, not the client, decides whether a path is acceptable.
+    req.bundle_path = std::os::unix::ffi::OsStrExt::as_bytes(bundle.as_os_str()).to_vec();
     let resp = client
         .pull_image(
             ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64),

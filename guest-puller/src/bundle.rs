@@ -10,6 +10,9 @@ use oci_spec::runtime::{Process, Root, Spec, User};
 use rustix::mount::{mount, unmount, MountFlags, UnmountFlags};
 use serde::Deserialize;
 
+use crate::layer::LayerError;
+use crate::rootfs::{Rootfs, RootfsError};
+
 /// Why a bundle could not be created or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -22,9 +25,19 @@ pub enum BundleError {
     /// The bundle already has a rootfs.
     #[error("bundle {0} already has a mounted rootfs")]
     Busy(PathBuf),
+    /// The requested bundle path is not acceptable (outside the bundle roots, `..`, a symlink,
+    /// the work dir, not UTF-8, NUL).
+    #[error("bundle path {path:?} {reason}")]
+    Path { path: PathBuf, reason: String },
+    /// The bundle holds a `config.json` or rootfs the puller did not make.
+    #[error("{0} exists and was not made by the guest-puller; refusing to replace it")]
+    Foreign(PathBuf),
     /// Filesystem error.
     #[error("bundle {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A file the bundle needs from the image rootfs is unusable (symlink, FIFO, device, huge).
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
@@ -105,58 +118,74 @@ impl ImageConfig {
     }
 }
 
+/// Largest `/etc/passwd` or `/etc/group` the puller reads from an image.
+pub const MAX_ACCOUNT_FILE: u64 = 4 << 20;
+
+/// An account database of the image: `None` when the image has none (the documented
+/// fallback: numeric ids are used as given, gid 0), an error when it is there but unusable.
+fn account_file(rootfs: &Rootfs, path: &str) -> Result<Option<String>, BundleError> {
+    match rootfs.read_file(path, MAX_ACCOUNT_FILE) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(RootfsError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(BundleError::Rootfs(e)),
+    }
+}
+
+/// The first line of an account file whose field `key` equals `value`, split into fields.
+fn find_entry<'a>(
+    text: &'a str,
+    key: usize,
+    value: &str,
+    min_fields: usize,
+) -> Option<Vec<&'a str>> {
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= min_fields && f[key] == value)
+}
+
 /// Resolves `user[:group]` to numeric ids, reading names from the rootfs' /etc/passwd and /etc/group.
 fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32, Option<String>), BundleError> {
     let (u, g) = spec
         .split_once(':')
         .map_or((spec, None), |(u, g)| (u, Some(g)));
-    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
-        let text = fs::read_to_string(rootfs.join(file)).ok()?;
-        text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            if f.first() == Some(&name) && f.len() > 3 {
-                Some((f[2].parse().ok()?, f[3].parse().ok()?))
-            } else {
-                None
-            }
-        })
+    let root = if u.is_empty() && g.is_none() {
+        None
+    } else {
+        Some(Rootfs::open(rootfs).map_err(BundleError::Rootfs)?)
+    };
+    let passwd = || match &root {
+        Some(r) => account_file(r, "/etc/passwd"),
+        None => Ok(None),
     };
     let (uid, mut gid, name) = if u.is_empty() {
         (0, 0, None)
     } else if let Ok(n) = u.parse::<u32>() {
-        let gid = fs::read_to_string(rootfs.join("etc/passwd"))
-            .ok()
-            .and_then(|t| {
-                t.lines().find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 3 && f[2] == u)
-                        .then(|| f[3].parse().ok())
-                        .flatten()
-                })
-            })
+        let gid = passwd()?
+            .and_then(|t| find_entry(&t, 2, u, 4).and_then(|f| f[3].parse().ok()))
             .unwrap_or(0);
         (n, gid, None)
     } else {
-        let (uid, gid) = lookup("etc/passwd", u)
-            .ok_or_else(|| BundleError::Config(format!("user {u:?} not found in /etc/passwd")))?;
+        let ids = passwd()?.and_then(|t| {
+            find_entry(&t, 0, u, 4).and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        });
+        let (uid, gid) =
+            ids.ok_or_else(|| BundleError::Config(format!("user {u:?} not found in /etc/passwd")))?;
         (uid, gid, Some(u.to_string()))
     };
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => fs::read_to_string(rootfs.join("etc/group"))
-                .ok()
-                .and_then(|t| {
-                    t.lines().find_map(|l| {
-                        let f: Vec<&str> = l.split(':').collect();
-                        (f.len() > 2 && f[0] == g)
-                            .then(|| f[2].parse().ok())
-                            .flatten()
-                    })
-                })
-                .ok_or_else(|| {
-                    BundleError::Config(format!("group {g:?} not found in /etc/group"))
-                })?,
+            Err(_) => {
+                let group = match &root {
+                    Some(r) => account_file(r, "/etc/group")?,
+                    None => None,
+                };
+                group
+                    .and_then(|t| find_entry(&t, 0, g, 3).and_then(|f| f[2].parse().ok()))
+                    .ok_or_else(|| {
+                        BundleError::Config(format!("group {g:?} not found in /etc/group"))
+                    })?
+            }
         };
     }
     Ok((uid, gid, name))
@@ -232,18 +261,7 @@ pub fn create_bundle(
     }
     // Before mounting: the upper's copies of implicit parent dirs (see unpack::compose).
     crate::unpack::compose::fix_implicit_dirs(layers, &upper).map_err(io_at(&upper))?;
-    // overlayfs takes the top-most lower dir first.
-    let lower: Vec<String> = layers
-        .iter()
-        .rev()
-        .map(|p| escape_overlay(&p.to_string_lossy()))
-        .collect();
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        escape_overlay(&upper.to_string_lossy()),
-        escape_overlay(&work.to_string_lossy())
-    );
+    let data = overlay_mount_data(layers, overlay_dir);
     let cdata = std::ffi::CString::new(data).map_err(|e| BundleError::Config(e.to_string()))?;
     mount(
         "overlay",
@@ -266,6 +284,54 @@ pub fn create_bundle(
     if let Err(e) = write() {
         let _ = unmount(&rootfs, UnmountFlags::DETACH);
         return Err(e);
+    }
+    Ok(())
+}
+
+/// The overlay mount options for `layers` (bottom first) and the upper/work dirs in `overlay_dir`.
+fn overlay_mount_data(layers: &[PathBuf], overlay_dir: &Path) -> String {
+    // overlayfs takes the top-most lower dir first.
+    let lower: Vec<String> = layers
+        .iter()
+        .rev()
+        .map(|p| escape_overlay(&p.to_string_lossy()))
+        .collect();
+    format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        escape_overlay(&overlay_dir.join("upper").to_string_lossy()),
+        escape_overlay(&overlay_dir.join("work").to_string_lossy())
+    )
+}
+
+/// overlayfs' limit on lower layers (`OVL_MAX_STACK`).
+pub const OVERLAY_MAX_LOWER: usize = 500;
+
+/// Checks, before anything is fetched, that the overlay over `layers` can be mounted: at most
+/// [`OVERLAY_MAX_LOWER`] layers, and mount(2) data (copied by the kernel as one page, a longer
+/// string is cut off) that fits a page with its NUL.
+pub fn check_overlay_fits(layers: &[PathBuf], overlay_dir: &Path) -> Result<(), LayerError> {
+    if layers.len() > OVERLAY_MAX_LOWER {
+        return Err(LayerError::TooManyLayers {
+            count: layers.len(),
+            limit: OVERLAY_MAX_LOWER,
+            why: "overlayfs lower-layer limit".into(),
+        });
+    }
+    let page = rustix::param::page_size();
+    let len = overlay_mount_data(layers, overlay_dir).len();
+    if len >= page {
+        // How many layers of this path length would fit, for the message.
+        let fixed = overlay_mount_data(&[], overlay_dir).len();
+        let per = ((len - fixed) / layers.len().max(1)).max(1);
+        return Err(LayerError::TooManyLayers {
+            count: layers.len(),
+            limit: (page - 1 - fixed.min(page - 1)) / per,
+            why: format!(
+                "the overlay mount options would be {len} bytes, more than the kernel's \
+                 {page}-byte page; a shorter [image] work_dir fits more layers"
+            ),
+        });
     }
     Ok(())
 }
@@ -353,5 +419,98 @@ mod tests {
         )
         .unwrap();
         assert!(runtime_spec(&bad, dir.path()).is_err());
+    }
+
+    fn spec_for_user(rootfs: &Path, user: &str) -> Result<Spec, BundleError> {
+        let c = ImageConfig::parse(
+            format!(r#"{{"config":{{"User":"{user}","Cmd":["x"]}},"rootfs":{{"type":"layers"}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        runtime_spec(&c, rootfs)
+    }
+
+    #[test]
+    fn hostile_account_files_are_refused_fast_and_missing_ones_fall_back() {
+        use rustix::fs::{mknodat, FileType, Mode, CWD};
+        let started = std::time::Instant::now();
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        fs::write(secret.path(), "app:x:4242:4242::/:/bin/sh\n").unwrap();
+        let out = secret.path().to_owned();
+        type Make = Box<dyn Fn(&Path)>;
+        let cases: Vec<(&str, Make, &str)> = vec![
+            (
+                "symlink out",
+                Box::new(move |p: &Path| std::os::unix::fs::symlink(&out, p).unwrap()),
+                "symlink",
+            ),
+            (
+                "FIFO",
+                Box::new(|p: &Path| {
+                    mknodat(CWD, p, FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap()
+                }),
+                "FIFO",
+            ),
+            (
+                "1 GB sparse file",
+                Box::new(|p: &Path| fs::File::create(p).unwrap().set_len(1 << 30).unwrap()),
+                "larger than",
+            ),
+            (
+                "directory",
+                Box::new(|p: &Path| fs::create_dir(p).unwrap()),
+                "directory",
+            ),
+            (
+                "symlink to /dev/zero",
+                Box::new(|p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+                "symlink",
+            ),
+        ];
+        for (what, make, says) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join("etc")).unwrap();
+            make(&dir.path().join("etc/passwd"));
+            for user in ["app", "1000", "1000:0"] {
+                let e = spec_for_user(dir.path(), user).unwrap_err();
+                assert!(matches!(e, BundleError::Rootfs(_)), "{what} {user}: {e:?}");
+                assert!(e.to_string().contains("/etc/passwd"), "{what}: {e}");
+                assert!(e.to_string().contains(says), "{what}: {e}");
+            }
+            // An image that names no user never reads the file.
+            assert_eq!(
+                spec_for_user(dir.path(), "")
+                    .unwrap()
+                    .process()
+                    .as_ref()
+                    .unwrap()
+                    .user()
+                    .uid(),
+                0
+            );
+        }
+        // No /etc/passwd at all: numeric ids as given (gid 0), names not found.
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec_for_user(dir.path(), "1000").unwrap();
+        assert_eq!(s.process().as_ref().unwrap().user().uid(), 1000);
+        assert_eq!(s.process().as_ref().unwrap().user().gid(), 0);
+        let e = spec_for_user(dir.path(), "app").unwrap_err();
+        assert!(matches!(e, BundleError::Config(_)), "{e:?}");
+        // A FIFO /etc/group is refused too.
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        mknodat(
+            CWD,
+            dir.path().join("etc/group"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let e = spec_for_user(dir.path(), "1000:staff").unwrap_err();
+        assert!(
+            e.to_string().contains("/etc/group") && e.to_string().contains("FIFO"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
     }
 }

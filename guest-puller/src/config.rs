@@ -10,8 +10,8 @@ use crate::cdh_config::{AaConfig, Credential, KbcConfig, LogConfig, ProxyConfig}
 
 /// Default directory holding the layer store and the per-container overlay dirs.
 pub const DEFAULT_WORK_DIR: &str = "/run/kata-containers/image";
-/// Default unix socket of the CDH-compatible ttrpc server.
-pub const DEFAULT_SOCKET: &str = "/run/confidential-containers/cdh.sock";
+/// Default unix socket of the CDH-compatible ttrpc server (the one kata-agent dials).
+pub use cdh_api::DEFAULT_SOCKET;
 
 /// Why a configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +121,14 @@ pub struct ImageConfig {
     pub force_eager: bool,
     /// After a nydus image is mounted lazily, fetch the rest of it in the background.
     pub lazy_prefetch: bool,
+    /// Directories bundles must live strictly below (kata-agent uses `/run/kata-containers/<cid>`).
+    pub bundle_roots: Vec<PathBuf>,
+    /// Most bytes one image's new layers may unpack to (the tar streams); unset = the free
+    /// space of the work dir when the pull starts, which always bounds it too.
+    pub max_unpacked_image_size: Option<u64>,
+    /// Most layers an image may have (at most 500, overlayfs' limit; the overlay mount options
+    /// must also fit a page, which with the default work dir holds about 37 layer paths).
+    pub max_layers: usize,
 }
 
 impl Default for ImageConfig {
@@ -144,6 +152,9 @@ impl Default for ImageConfig {
             registry_stall_timeout_secs: 30,
             force_eager: false,
             lazy_prefetch: false,
+            bundle_roots: vec![PathBuf::from(crate::bundles::DEFAULT_BUNDLE_ROOT)],
+            max_unpacked_image_size: None,
+            max_layers: crate::bundle::OVERLAY_MAX_LOWER,
         }
     }
 }
@@ -398,6 +409,33 @@ impl Config {
                 self.image.work_dir.display()
             )));
         }
+        if self.image.bundle_roots.is_empty() {
+            return Err(ConfigError::Invalid(
+                "image.bundle_roots must name at least one directory".into(),
+            ));
+        }
+        for r in &self.image.bundle_roots {
+            let clean = r.is_absolute()
+                && r.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
+                });
+            if !clean || r.as_os_str().len() > 1 && r.as_os_str().as_encoded_bytes().ends_with(b"/")
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "image.bundle_roots entry {} must be an absolute path without `.` or `..`",
+                    r.display()
+                )));
+            }
+        }
+        if !(1..=crate::bundle::OVERLAY_MAX_LOWER).contains(&self.image.max_layers) {
+            return Err(ConfigError::Invalid(format!(
+                "image.max_layers must be between 1 and {} (overlayfs' limit)",
+                crate::bundle::OVERLAY_MAX_LOWER
+            )));
+        }
         Ok(())
     }
 
@@ -467,6 +505,36 @@ mod tests {
             Config::from_toml("[image]\nmax_concurrent_layer_downloads_per_image = 0").is_err()
         );
         assert!(Config::from_toml("[image]\nwork_dir = \"rel\"").is_err());
+        for bad in [
+            "bundle_roots = []",
+            "bundle_roots = [\"rel\"]",
+            "bundle_roots = [\"/run/../etc\"]",
+            "max_layers = 0",
+            "max_layers = 501",
+        ] {
+            assert!(
+                Config::from_toml(&format!("[image]\n{bad}")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_and_bundle_roots_have_kata_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(
+            c.image.bundle_roots,
+            [PathBuf::from("/run/kata-containers")]
+        );
+        assert_eq!(c.image.max_layers, 500);
+        assert_eq!(c.image.max_unpacked_image_size, None);
+        let c = Config::from_toml(
+            "[image]\nbundle_roots = [\"/a\", \"/b/c\"]\nmax_layers = 40\nmax_unpacked_image_size = 1048576",
+        )
+        .unwrap();
+        assert_eq!(c.image.bundle_roots.len(), 2);
+        assert_eq!(c.image.max_layers, 40);
+        assert_eq!(c.image.max_unpacked_image_size, Some(1 << 20));
     }
 
     #[test]

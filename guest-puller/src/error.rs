@@ -142,6 +142,9 @@ impl LayerError {
             LayerError::MediaType { .. } => ErrorKind::Unsupported,
             LayerError::Store(e) => ErrorKind::of_io(e),
             LayerError::Fetch { source, .. } => source.kind(),
+            LayerError::TooLarge { .. }
+            | LayerError::TooManyLayers { .. }
+            | LayerError::NoSpace { .. } => ErrorKind::ResourceExhausted,
         }
     }
 }
@@ -165,7 +168,8 @@ impl BundleError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             BundleError::Config(_) => ErrorKind::Invalid,
-            BundleError::Busy(_) => ErrorKind::AlreadyExists,
+            BundleError::Busy(_) | BundleError::Foreign(_) => ErrorKind::AlreadyExists,
+            BundleError::Path { .. } | BundleError::Rootfs(_) => ErrorKind::Invalid,
             BundleError::Mount { source, .. } | BundleError::Io { source, .. } => {
                 ErrorKind::of_io(source)
             }

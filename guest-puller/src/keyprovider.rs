@@ -26,9 +26,78 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-/// tonic bindings of `keyprovider.KeyProviderService` (the proto cdh-api serves over ttrpc).
+/// tonic bindings of `keyprovider.KeyProviderService` over cdh-api's messages (the ones it
+/// serves over ttrpc).
 pub mod grpc {
-    tonic::include_proto!("keyprovider");
+    use std::marker::PhantomData;
+
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    pub use cdh_api::protos::keyprovider::{
+        KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput,
+    };
+
+    /// tonic codec for rust-protobuf messages (tonic's own codec is for prost types).
+    pub struct ProtobufCodec<E, D>(PhantomData<(E, D)>);
+
+    impl<E, D> Default for ProtobufCodec<E, D> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    /// Encoding half of [`ProtobufCodec`].
+    pub struct ProtobufEncoder<E>(PhantomData<E>);
+    /// Decoding half of [`ProtobufCodec`].
+    pub struct ProtobufDecoder<D>(PhantomData<D>);
+
+    impl<E, D> Codec for ProtobufCodec<E, D>
+    where
+        E: protobuf::Message + Send + 'static,
+        D: protobuf::Message + Send + 'static,
+    {
+        type Encode = E;
+        type Decode = D;
+        type Encoder = ProtobufEncoder<E>;
+        type Decoder = ProtobufDecoder<D>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProtobufEncoder(PhantomData)
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProtobufDecoder(PhantomData)
+        }
+    }
+
+    impl<E: protobuf::Message> Encoder for ProtobufEncoder<E> {
+        type Item = E;
+        type Error = Status;
+
+        fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            item.write_to_writer(&mut dst.writer())
+                .map_err(|e| Status::internal(format!("encoding {}: {e}", E::NAME)))
+        }
+    }
+
+    impl<D: protobuf::Message> Decoder for ProtobufDecoder<D> {
+        type Item = D;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
+            let bytes = src.copy_to_bytes(src.remaining());
+            D::parse_from_bytes(&bytes)
+                .map(Some)
+                .map_err(|e| Status::invalid_argument(format!("decoding {}: {e}", D::NAME)))
+        }
+    }
+
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/keyprovider.KeyProviderService.rs"
+    ));
 }
 
 /// The provider name guestpull's documentation and tests use (`provider:guestpull:<kid>`).
@@ -700,7 +769,7 @@ impl GrpcKeyProvider {
         op: Operation,
     ) -> Result<tonic::Response<grpc::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
         let input = KeyProviderKeyWrapProtocolInput::from_json(
-            &req.get_ref().key_provider_key_wrap_protocol_input,
+            &req.get_ref().KeyProviderKeyWrapProtocolInput,
         )
         .map_err(|e| tonic::Status::new(e.grpc_code(), e.to_string()))?;
         if input.op != op {
@@ -712,7 +781,8 @@ impl GrpcKeyProvider {
         match self.0.handle(&input) {
             Ok(out) => Ok(tonic::Response::new(
                 grpc::KeyProviderKeyWrapProtocolOutput {
-                    key_provider_key_wrap_protocol_output: out.to_json(),
+                    KeyProviderKeyWrapProtocolOutput: out.to_json(),
+                    ..Default::default()
                 },
             )),
             Err(e) => {
@@ -1062,33 +1132,33 @@ mod tests {
         let plbco = br#"{"symkey":"AAAA"}"#;
         let out = client
             .wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                key_provider_key_wrap_protocol_input: go_wrap_request(KID, plbco),
+                KeyProviderKeyWrapProtocolInput: go_wrap_request(KID, plbco),
+                ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
         let out: KeyProviderKeyWrapProtocolOutput =
-            serde_json::from_slice(&out.key_provider_key_wrap_protocol_output).unwrap();
+            serde_json::from_slice(&out.KeyProviderKeyWrapProtocolOutput).unwrap();
         let ann = out.keywrapresults.unwrap().annotation;
         let req = serde_json::json!({"op": "keyunwrap",
             "keyunwrapparams": {"annotation": STANDARD.encode(ann.as_slice())}});
         let out = client
             .un_wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                key_provider_key_wrap_protocol_input: req.to_string().into_bytes(),
+                KeyProviderKeyWrapProtocolInput: req.to_string().into_bytes(),
+                ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
         let out: KeyProviderKeyWrapProtocolOutput =
-            serde_json::from_slice(&out.key_provider_key_wrap_protocol_output).unwrap();
+            serde_json::from_slice(&out.KeyProviderKeyWrapProtocolOutput).unwrap();
         assert_eq!(out.keyunwrapresults.unwrap().optsdata.as_slice(), plbco);
         // Unknown kid → NOT_FOUND naming it; op mismatch → INVALID_ARGUMENT.
         let st = client
             .wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                key_provider_key_wrap_protocol_input: go_wrap_request(
-                    "kbs:///default/key/none",
-                    plbco,
-                ),
+                KeyProviderKeyWrapProtocolInput: go_wrap_request("kbs:///default/key/none", plbco),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -1096,7 +1166,8 @@ mod tests {
         assert!(st.message().contains("kbs:///default/key/none"));
         let st = client
             .un_wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                key_provider_key_wrap_protocol_input: go_wrap_request(KID, plbco),
+                KeyProviderKeyWrapProtocolInput: go_wrap_request(KID, plbco),
+                ..Default::default()
             })
             .await
             .unwrap_err();

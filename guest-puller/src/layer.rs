@@ -45,6 +45,87 @@ pub enum LayerError {
         #[source]
         source: RegistryError,
     },
+    /// The image's layers would unpack to more than the work dir can take or the configured
+    /// per-image maximum allows.
+    #[error("layer {layer}: the image unpacks to more than {limit} bytes ({why})")]
+    TooLarge {
+        layer: String,
+        limit: u64,
+        why: &'static str,
+    },
+    /// The image has more layers than the overlay mount (or the configuration) allows.
+    #[error("image has {count} layers, more than the limit of {limit} ({why})")]
+    TooManyLayers {
+        count: usize,
+        limit: usize,
+        why: String,
+    },
+    /// The work dir ran out of space (or quota) while unpacking.
+    #[error("layer {layer}: no space left in the work dir: {source}")]
+    NoSpace {
+        layer: String,
+        #[source]
+        source: UnpackError,
+    },
+}
+
+/// How many uncompressed bytes one image may still unpack, shared by its layers.
+#[derive(Debug)]
+pub struct UnpackBudget {
+    left: AtomicU64,
+    limit: u64,
+    why: &'static str,
+}
+
+impl UnpackBudget {
+    /// A budget of `limit` bytes; `why` names the bound that set it, for the error.
+    pub fn new(limit: u64, why: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            left: AtomicU64::new(limit),
+            limit,
+            why,
+        })
+    }
+
+    /// The smaller of `max` (the configured per-image maximum, if any) and the space free
+    /// for unprivileged writers in `work_dir` now.
+    pub fn for_image(work_dir: &Path, max: Option<u64>) -> io::Result<Arc<Self>> {
+        let st = rustix::fs::statvfs(work_dir)?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        Ok(match max {
+            Some(m) if m <= free => Self::new(m, "[image] max_unpacked_image_size"),
+            _ => Self::new(free, "free space in the work dir"),
+        })
+    }
+
+    /// Takes `n` bytes; false once the budget is exhausted.
+    fn take(&self, n: u64) -> bool {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(n))
+            .is_ok()
+    }
+}
+
+/// Counts the decompressed tar stream against the image's [`UnpackBudget`]: a gzip bomb stops
+/// at the budget, not when the disk is full.
+struct Budgeted<R> {
+    inner: R,
+    budget: Arc<UnpackBudget>,
+    exceeded: Rc<RefCell<bool>>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if !self.budget.take(n as u64) {
+            *self.exceeded.borrow_mut() = true;
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("uncompressed size exceeds {} bytes", self.budget.limit),
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// What the pipeline needs to know about one layer.
@@ -59,14 +140,95 @@ pub struct LayerSpec {
     pub diff_id: String,
     /// Decryption key for encrypted layers.
     pub key: Option<LayerKey>,
+    /// The image's uncompressed-size budget this layer draws from.
+    pub budget: Arc<UnpackBudget>,
 }
 
-/// The layer store under `<work_dir>`: `layers/`, `staging/`, `bundles/`, `overlay/`.
+/// The layer store under `<work_dir>`: `layers/` and `staging/` (bundles live beside them,
+/// owned by [`crate::bundles::Bundles`]).
+///
+/// Staging: each store instance (process) unpacks below its own `staging/<id>/`, and holds an
+/// exclusive flock on `staging/<id>.lock` as long as it lives. A staging dir whose lock can be
+/// taken belongs to a dead process and is reclaimed, at open and at every layer fetch; one of
+/// a live process never is.
 pub struct LayerStore {
     root: PathBuf,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pins: Mutex<HashMap<String, usize>>,
     counter: AtomicU64,
+    staging: PathBuf,
+    _staging_lock: fs::File,
+}
+
+impl Drop for LayerStore {
+    fn drop(&mut self) {
+        // A clean exit leaves no staging behind; after a crash the next store reclaims it.
+        let _ = fs::remove_dir_all(&self.staging);
+        let _ = fs::remove_file(self.staging.with_extension("lock"));
+    }
+}
+
+/// A layer's staging dir: removed when dropped unless it was renamed into the store. It travels
+/// with the blocking unpack task, so a pull cancelled mid-layer (its future dropped) still
+/// removes it once the task has stopped writing.
+struct Staging {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn same_file(f: &fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Creates and locks this process's staging dir `staging/<id>`.
+fn claim_staging(base: &Path) -> io::Result<(PathBuf, fs::File)> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = format!(
+            "{}-{nanos}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let lock_path = base.join(format!("{id}.lock"));
+        let f = match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock_path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        // A reclaimer may have taken the fresh, not yet locked file for a dead one and
+        // unlinked it: then the lock guards nothing; start over.
+        if !same_file(&f, &lock_path) {
+            continue;
+        }
+        let dir = base.join(&id);
+        fs::create_dir(&dir)?;
+        return Ok((dir, f));
+    }
 }
 
 /// Directory name of a layer in the store.
@@ -108,25 +270,69 @@ impl Drop for Pin {
 }
 
 impl LayerStore {
-    /// Opens (creating) the store and discards leftovers of interrupted pulls.
+    /// Opens (creating) the store and discards leftovers of dead pulls.
     pub fn open(work_dir: &Path) -> io::Result<Arc<Self>> {
-        for d in ["layers", "staging", "bundles", "overlay"] {
+        for d in ["layers", "staging"] {
             fs::create_dir_all(work_dir.join(d))?;
         }
+        let (staging, lock) = claim_staging(&work_dir.join("staging"))?;
         let s = Arc::new(Self {
             root: work_dir.to_owned(),
             inflight: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            staging,
+            _staging_lock: lock,
         });
-        // Staging dirs of another live process must survive: only clear when nobody pulls.
-        if let Some(_l) = s.try_exclusive()? {
-            for e in fs::read_dir(work_dir.join("staging"))? {
-                let p = e?.path();
-                let _ = fs::remove_dir_all(&p);
+        s.reclaim_staging();
+        Ok(s)
+    }
+
+    /// Removes the staging dirs of dead processes (their lock is free) and stray dirs
+    /// without a lock; returns how many it removed. Never touches a live process's staging.
+    pub fn reclaim_staging(&self) -> usize {
+        let base = self.root.join("staging");
+        let Ok(entries) = fs::read_dir(&base) else {
+            return 0;
+        };
+        let ours = self.staging.file_name().map(|n| n.to_owned());
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".lock") {
+                if ours.as_deref().is_some_and(|o| o == id) {
+                    continue;
+                }
+                let lock_path = e.path();
+                let Ok(f) = fs::OpenOptions::new().write(true).open(&lock_path) else {
+                    continue;
+                };
+                if flock(&f, FlockOperation::NonBlockingLockExclusive).is_err()
+                    || !same_file(&f, &lock_path)
+                {
+                    continue;
+                }
+                let dir = base.join(id);
+                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_file(&lock_path);
+                info!(dir = %dir.display(), "reclaimed the staging dir of a dead pull");
+                removed += 1;
+            } else if ours.as_deref().is_some_and(|o| o.to_string_lossy() == name) {
+                continue;
+            } else if !base.join(format!("{name}.lock")).exists() {
+                // Locks are made before their dirs and removed after them, so a dir without
+                // one is left from a crash mid-reclaim or from an older layout.
+                let _ = fs::remove_dir_all(e.path());
+                removed += 1;
             }
         }
-        Ok(s)
+        removed
+    }
+
+    /// This store's own staging dir.
+    pub fn staging_dir(&self) -> &Path {
+        &self.staging
     }
 
     /// Root of the store (the configured work dir).
@@ -207,6 +413,9 @@ impl LayerStore {
         if path.is_dir() {
             return Ok((path, true));
         }
+        // Each fetch also reclaims what dead pulls left, off the async threads.
+        let s = self.clone();
+        drop(tokio::task::spawn_blocking(move || s.reclaim_staging()));
         let result = self.fetch_and_unpack(spec, fetch).await;
         // Drop the gate entry when nobody else waits on it.
         {
@@ -228,20 +437,20 @@ impl LayerStore {
         Fut: std::future::Future<Output = Result<(), RegistryError>>,
     {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let staging = self.root.join("staging").join(format!(
-            "{}.{}.{}",
-            layer_dir_name(&spec.digest),
-            std::process::id(),
-            n
-        ));
-        fs::create_dir(&staging)?;
+        let path = self
+            .staging
+            .join(format!("{}.{n}", layer_dir_name(&spec.digest)));
+        fs::create_dir(&path)?;
+        let staging = Staging { path, kept: false };
         let digest = spec.digest.clone();
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
-        let staging2 = staging.clone();
         let started = std::time::Instant::now();
-        let work = tokio::task::spawn_blocking(move || process_layer(rx, &spec, &staging2));
+        let work = tokio::task::spawn_blocking(move || {
+            let r = process_layer(rx, &spec, &staging.path);
+            (r, staging)
+        });
         let fetched = fetch(tx).await;
-        let processed = work
+        let (processed, mut staging) = work
             .await
             .map_err(|e| LayerError::Store(io::Error::other(e)))?;
         let outcome = match (processed, fetched) {
@@ -256,15 +465,15 @@ impl LayerStore {
         match outcome {
             Ok(stats) => {
                 let dest = self.layer_path(&digest);
-                match fs::rename(&staging, &dest) {
-                    Ok(()) => {}
+                match fs::rename(&staging.path, &dest) {
+                    Ok(()) => staging.kept = true,
                     // Another process finished the same layer first; theirs is equally verified.
                     Err(e) if dest.is_dir() => {
                         debug!("layer {digest} appeared concurrently ({e}); using it");
-                        remove_tree(&staging).await;
+                        remove_tree(staging).await;
                     }
                     Err(e) => {
-                        remove_tree(&staging).await;
+                        remove_tree(staging).await;
                         return Err(e.into());
                     }
                 }
@@ -273,23 +482,24 @@ impl LayerStore {
                 Ok(dest)
             }
             Err(e) => {
-                remove_tree(&staging).await;
+                remove_tree(staging).await;
                 Err(e)
             }
         }
     }
 
-    /// Removes layers no bundle record references and no pull has pinned. Skips (returns
-    /// empty) when another process holds the store lock.
-    pub fn gc(&self) -> io::Result<Vec<String>> {
+    /// Removes layers that `referenced` (the layers bundle records name, read under the store
+    /// lock) does not list and no pull has pinned. Skips (returns empty) when another process
+    /// holds the store lock.
+    pub fn gc(
+        &self,
+        referenced: impl FnOnce() -> io::Result<Vec<String>>,
+    ) -> io::Result<Vec<String>> {
         let Some(_l) = self.try_exclusive()? else {
             debug!("layer GC skipped: a pull is in progress");
             return Ok(Vec::new());
         };
-        let mut used: HashSet<String> = HashSet::new();
-        for rec in self.bundle_records()? {
-            used.extend(rec.layers.iter().map(|d| layer_dir_name(d)));
-        }
+        let used: HashSet<String> = referenced()?.iter().map(|d| layer_dir_name(d)).collect();
         let pinned: HashSet<String> = self
             .pins
             .lock()
@@ -312,59 +522,10 @@ impl LayerStore {
         }
         Ok(removed)
     }
-
-    /// All bundle records.
-    pub fn bundle_records(&self) -> io::Result<Vec<BundleRecord>> {
-        let mut out = Vec::new();
-        for e in fs::read_dir(self.root.join("bundles"))? {
-            let p = e?.path();
-            if p.extension().is_some_and(|x| x == "json") {
-                let data = fs::read(&p)?;
-                match serde_json::from_slice(&data) {
-                    Ok(r) => out.push(r),
-                    Err(err) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("bundle record {}: {err}", p.display()),
-                        ))
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Path of the record for `bundle`.
-    pub fn record_path(&self, bundle: &Path) -> PathBuf {
-        use sha2::Digest;
-        let h = hex::encode(sha2::Sha256::digest(bundle.as_os_str().as_encoded_bytes()));
-        self.root.join("bundles").join(format!("{h}.json"))
-    }
-
-    /// Per-bundle overlay upper/work parent dir.
-    pub fn overlay_dir(&self, bundle: &Path) -> PathBuf {
-        use sha2::Digest;
-        let h = hex::encode(sha2::Sha256::digest(bundle.as_os_str().as_encoded_bytes()));
-        self.root.join("overlay").join(&h[..32])
-    }
 }
 
-async fn remove_tree(p: &Path) {
-    let p = p.to_owned();
-    let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(p)).await;
-}
-
-/// Which layers a bundle uses, for refcounted GC.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct BundleRecord {
-    /// Bundle directory.
-    pub bundle: PathBuf,
-    /// Image reference as requested.
-    pub image: String,
-    /// Manifest digest.
-    pub manifest_digest: String,
-    /// Layer digests, bottom first.
-    pub layers: Vec<String>,
+async fn remove_tree(s: Staging) {
+    let _ = tokio::task::spawn_blocking(move || drop(s)).await;
 }
 
 /// First verification failure seen by any reader in the chain.
@@ -396,7 +557,7 @@ impl Read for ChannelReader {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
                     self.seen += b.len() as u64;
-                    if self.size > 0 && self.seen > self.size {
+                    if self.seen > self.size {
                         return Err(fail(
                             &self.failure,
                             format!("blob is larger than its descriptor size {}", self.size),
@@ -412,7 +573,7 @@ impl Read for ChannelReader {
                 }
                 None => {
                     if let Some(h) = self.hasher.take() {
-                        if self.size > 0 && self.seen != self.size {
+                        if self.seen != self.size {
                             return Err(fail(
                                 &self.failure,
                                 format!("blob truncated: got {} of {} bytes", self.seen, self.size),
@@ -530,6 +691,13 @@ impl Read for Shared {
     }
 }
 
+/// Whether `e` is ENOSPC or EDQUOT (the work dir is full).
+pub fn is_no_space(e: &io::Error) -> bool {
+    let no_space = [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT];
+    e.raw_os_error()
+        .is_some_and(|c| no_space.iter().any(|n| n.raw_os_error() == c))
+}
+
 /// Runs the blocking part of the pipeline for one layer into `staging`.
 pub fn process_layer(
     rx: mpsc::Receiver<io::Result<Bytes>>,
@@ -586,6 +754,12 @@ pub fn process_layer(
             zstd::stream::read::Decoder::new(plain).map_err(|e| integrity(format!("zstd: {e}")))?,
         ),
     };
+    let exceeded = Rc::new(RefCell::new(false));
+    let tar = Budgeted {
+        inner: tar,
+        budget: spec.budget.clone(),
+        exceeded: exceeded.clone(),
+    };
     let (tar, diff_ok) = hash_reader(tar, &spec.diff_id, "diff_id", &failure)
         .map_err(|e| integrity(e.to_string()))?;
     checks.push(diff_ok);
@@ -603,9 +777,22 @@ pub fn process_layer(
     if let Some(reason) = failure.borrow_mut().take() {
         return Err(integrity(reason));
     }
-    let stats = result.map_err(|source| LayerError::Unpack {
-        layer: layer.clone(),
-        source,
+    if *exceeded.borrow() {
+        return Err(LayerError::TooLarge {
+            layer,
+            limit: spec.budget.limit,
+            why: spec.budget.why,
+        });
+    }
+    let stats = result.map_err(|source| match &source {
+        UnpackError::Io { source: io, .. } if is_no_space(io) => LayerError::NoSpace {
+            layer: layer.clone(),
+            source,
+        },
+        _ => LayerError::Unpack {
+            layer: layer.clone(),
+            source,
+        },
     })?;
     if !checks.iter().all(|c| *c.borrow()) {
         return Err(integrity(

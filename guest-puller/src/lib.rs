@@ -3,6 +3,7 @@
 pub mod aa;
 pub mod api;
 pub mod bundle;
+pub mod bundles;
 pub mod cdh_config;
 pub mod config;
 pub mod decrypt;
@@ -16,5 +17,6 @@ pub mod policy;
 pub mod pull;
 pub mod registry;
 pub mod resource;
+pub mod rootfs;
 pub mod startup;
 pub mod unpack;

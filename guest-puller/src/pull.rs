@@ -8,9 +8,10 @@ use oci_client::Reference;
 use tracing::info;
 
 use crate::bundle::{self, BundleError, ImageConfig};
+use crate::bundles::{BundleLock, BundleRecord, Bundles};
 use crate::config::{Config, RegistryConfig};
 use crate::decrypt::{self, DecryptError, KeyUnwrapper};
-use crate::layer::{BundleRecord, LayerError, LayerSpec, LayerStore};
+use crate::layer::{LayerError, LayerSpec, LayerStore, UnpackBudget};
 use crate::lazy::{self, LazyError, NydusManifest};
 use crate::policy::{CosignSignature, PolicyError, PolicyEvaluator, SignatureSource};
 use crate::registry::{RegistryClient, RegistryError, ResolvedImage};
@@ -85,6 +86,7 @@ pub struct Puller {
     cfg: Config,
     registry: RegistryClient,
     store: Arc<LayerStore>,
+    bundles: Arc<Bundles>,
     unwrapper: KeyUnwrapper,
     fetcher: Arc<dyn ResourceFetcher>,
 }
@@ -147,9 +149,12 @@ impl Puller {
             &roots,
             crate::registry::NetLimits::from_config(&cfg.image),
         )?;
-        let store = LayerStore::open(&cfg.image.work_dir).map_err(|e| {
+        let work_dir_error = |e: std::io::Error| {
             PullError::Config(format!("work dir {}: {e}", cfg.image.work_dir.display()))
-        })?;
+        };
+        let store = LayerStore::open(&cfg.image.work_dir).map_err(work_dir_error)?;
+        let bundles =
+            Bundles::open(store.clone(), cfg.image.bundle_roots.clone()).map_err(work_dir_error)?;
         let unwrapper = KeyUnwrapper::new(
             fetcher.clone(),
             cfg.provider_names(),
@@ -160,6 +165,7 @@ impl Puller {
             cfg,
             registry,
             store,
+            bundles,
             unwrapper,
             fetcher,
         })
@@ -173,6 +179,11 @@ impl Puller {
     /// The layer store.
     pub fn store(&self) -> &Arc<LayerStore> {
         &self.store
+    }
+
+    /// The bundles this puller made.
+    pub fn bundles(&self) -> &Arc<Bundles> {
+        &self.bundles
     }
 
     async fn policy(&self) -> Result<Option<PolicyEvaluator>, PullError> {
@@ -199,13 +210,16 @@ impl Puller {
         image_ref: &str,
         bundle_dir: &Path,
     ) -> Result<PullResult, PullError> {
-        if !bundle_dir.is_absolute() {
-            return Err(PullError::InvalidArgument(format!(
-                "bundle path {} must be absolute",
-                bundle_dir.display()
-            )));
+        // Request checks first: a bad bundle path or reference fetches nothing.
+        let bundle_dir = &self.bundles.check_path(bundle_dir)?;
+        if image_ref.contains('\0') {
+            return Err(PullError::InvalidArgument(
+                "image reference contains a NUL byte".into(),
+            ));
         }
         let requested = RegistryClient::parse_reference(image_ref)?;
+        let lock = self.bundles.lock(bundle_dir).await;
+        Bundles::check_free(lock.dirs())?;
         let started = std::time::Instant::now();
         let policy = self.policy().await?;
         let img = self.registry.resolve(&requested).await?;
@@ -234,9 +248,10 @@ impl Puller {
                 ),
             }));
         }
+        self.check_layer_count(img.manifest.layers.len())?;
         if let Some(nydus) = lazy::detect(&img.manifest)? {
             return self
-                .pull_lazy(&requested, img, config, nydus, bundle_dir, started)
+                .pull_lazy(&requested, img, config, nydus, lock, started)
                 .await;
         }
         let digests: Vec<String> = img
@@ -245,6 +260,14 @@ impl Puller {
             .iter()
             .map(|l| l.digest.clone())
             .collect();
+        // The overlay's mount data must hold every layer path: refused before any download.
+        let lowers: Vec<PathBuf> = digests.iter().map(|d| self.store.layer_path(d)).collect();
+        bundle::check_overlay_fits(&lowers, &lock.dirs().overlay)?;
+        let budget = UnpackBudget::for_image(
+            &self.cfg.image.work_dir,
+            self.cfg.image.max_unpacked_image_size,
+        )
+        .map_err(LayerError::Store)?;
         let pin = self
             .store
             .pin(digests.clone())
@@ -267,12 +290,17 @@ impl Puller {
             } else {
                 None
             };
+            let size = u64::try_from(desc.size).map_err(|_| LayerError::Integrity {
+                layer: desc.digest.clone(),
+                reason: format!("negative size {} in the manifest", desc.size),
+            })?;
             let spec = LayerSpec {
                 digest: desc.digest.clone(),
-                size: u64::try_from(desc.size).unwrap_or(0),
+                size,
                 compression,
                 diff_id: diff_id.clone(),
                 key,
+                budget: budget.clone(),
             };
             items.push((desc.clone(), spec));
         }
@@ -283,30 +311,18 @@ impl Puller {
             .try_collect()
             .await?;
         let paths: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
-        let overlay_dir = self.store.overlay_dir(bundle_dir);
         let record = BundleRecord {
             bundle: bundle_dir.to_owned(),
             image: requested.whole(),
             manifest_digest: img.manifest_digest.clone(),
             layers: digests,
         };
-        let record_path = self.store.record_path(bundle_dir);
-        if record_path.exists() && bundle::is_mountpoint(&bundle_dir.join("rootfs")) {
-            return Err(PullError::Bundle(BundleError::Busy(bundle_dir.to_owned())));
-        }
-        let json = serde_json::to_vec(&record).map_err(|e| PullError::Config(e.to_string()))?;
-        std::fs::write(&record_path, json).map_err(LayerError::Store)?;
-        let (bdir, odir) = (bundle_dir.to_owned(), overlay_dir.clone());
-        let made = tokio::task::spawn_blocking(move || {
-            bundle::create_bundle(&bdir, &odir, &paths, &config)
-        })
-        .await
-        .map_err(|e| LayerError::Store(std::io::Error::other(e)))?;
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&record_path);
-            let _ = std::fs::remove_dir_all(&overlay_dir);
-            return Err(e.into());
-        }
+        self.bundles
+            .create(lock, record, move |dirs| {
+                bundle::create_bundle(&dirs.bundle, &dirs.overlay, &paths, &config)?;
+                Ok::<_, PullError>(None)
+            })
+            .await?;
         drop(pin);
         info!(image = %requested.whole(), digest = %img.manifest_digest,
               ms = started.elapsed().as_millis() as u64, "image pulled");
@@ -329,71 +345,46 @@ impl Puller {
         img: ResolvedImage,
         config: ImageConfig,
         nydus: NydusManifest,
-        bundle_dir: &Path,
+        lock: BundleLock,
         started: std::time::Instant,
     ) -> Result<PullResult, PullError> {
-        let record_path = self.store.record_path(bundle_dir);
-        if record_path.exists() && bundle::is_mountpoint(&bundle_dir.join("rootfs")) {
-            return Err(PullError::Bundle(BundleError::Busy(bundle_dir.to_owned())));
-        }
+        let bundle_dir = lock.dirs().bundle.clone();
         let boot =
             lazy::fetch_bootstrap(&self.registry, &img.source, &nydus, &self.unwrapper).await?;
         let src =
             lazy::source::blob_source(&self.registry, &img.source, self.cfg.image.max_retries);
-        let overlay_dir = self.store.overlay_dir(bundle_dir);
-        let state_dir = lazy_state_dir(&self.store, bundle_dir);
+        let mnt = lock.dirs().lazy.join("rootfs");
         let record = BundleRecord {
-            bundle: bundle_dir.to_owned(),
+            bundle: bundle_dir.clone(),
             image: requested.whole(),
             manifest_digest: img.manifest_digest.clone(),
             layers: Vec::new(),
         };
-        let json = serde_json::to_vec(&record).map_err(|e| PullError::Config(e.to_string()))?;
-        std::fs::write(&record_path, json).map_err(LayerError::Store)?;
         let eager = self.cfg.image.force_eager;
         let name = requested.whole();
-        let (bdir, odir, sdir) = (
-            bundle_dir.to_owned(),
-            overlay_dir.clone(),
-            state_dir.clone(),
-        );
-        let made = tokio::task::spawn_blocking(move || -> Result<PathBuf, PullError> {
-            let mnt = sdir.join("rootfs");
-            // A FUSE mount left by an earlier run of the puller has no server any more.
-            if bundle::is_mountpoint(&mnt) {
-                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
-            }
-            let _ = std::fs::remove_dir_all(&sdir);
-            let m = lazy::mount_bootstrap(boot, &sdir, &mnt, &src, &nydus, &name)?;
-            if eager {
-                // force_eager: every chunk is fetched and verified before the pull returns.
-                if let Err(e) = lazy::read_all(&mnt) {
-                    m.unmount();
-                    return Err(PullError::Lazy(LazyError::Bootstrap {
-                        digest: nydus.bootstrap.digest.clone(),
-                        reason: format!("fetching the whole nydus image: {e}"),
-                    }));
+        self.bundles
+            .create(lock, record, move |dirs| -> Result<_, PullError> {
+                let mnt = dirs.lazy.join("rootfs");
+                Bundles::remove_lazy_dir(&dirs.lazy);
+                let m = lazy::mount_bootstrap(boot, &dirs.lazy, &mnt, &src, &nydus, &name)?;
+                if eager {
+                    // force_eager: every chunk is fetched and verified before the pull returns.
+                    if let Err(e) = lazy::read_all(&mnt) {
+                        m.unmount();
+                        return Err(PullError::Lazy(LazyError::Bootstrap {
+                            digest: nydus.bootstrap.digest.clone(),
+                            reason: format!("fetching the whole nydus image: {e}"),
+                        }));
+                    }
                 }
-            }
-            if let Err(e) = bundle::create_bundle(&bdir, &odir, std::slice::from_ref(&mnt), &config)
-            {
-                m.unmount();
-                return Err(e.into());
-            }
-            lazy::register(&bdir, m);
-            Ok(mnt)
-        })
-        .await
-        .map_err(|e| LayerError::Store(std::io::Error::other(e)))?;
-        let mnt = match made {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = std::fs::remove_file(&record_path);
-                let _ = std::fs::remove_dir_all(&overlay_dir);
-                let _ = std::fs::remove_dir_all(&state_dir);
-                return Err(e);
-            }
-        };
+                let lower = std::slice::from_ref(&mnt);
+                if let Err(e) = bundle::create_bundle(&dirs.bundle, &dirs.overlay, lower, &config) {
+                    m.unmount();
+                    return Err(e.into());
+                }
+                Ok(Some(m))
+            })
+            .await?;
         if self.cfg.image.lazy_prefetch && !eager {
             lazy::prefetch_in_background(mnt);
         }
@@ -406,7 +397,7 @@ impl Puller {
             source: img.source.whole(),
             layers: Vec::new(),
             lazy: true,
-            bundle: bundle_dir.to_owned(),
+            bundle: bundle_dir,
         })
     }
 
@@ -432,57 +423,28 @@ impl Puller {
         })
     }
 
-    /// Unmounts and removes a bundle's rootfs, then garbage-collects unused layers.
-    pub async fn unmount_bundle(&self, bundle_dir: &Path) -> Result<(), PullError> {
-        unmount_bundle(&self.store, bundle_dir).await
-    }
-}
-
-/// Per-bundle state of a lazy image (FUSE mount point and chunk cache), outside the overlay
-/// dir so removing the overlay never walks into the FUSE mount.
-fn lazy_state_dir(store: &LayerStore, bundle_dir: &Path) -> PathBuf {
-    let overlay = store.overlay_dir(bundle_dir);
-    let name = overlay
-        .file_name()
-        .map(|n| n.to_owned())
-        .unwrap_or_default();
-    store.root().join("lazy").join(name)
-}
-
-/// Unmounts a bundle created by [`Puller::pull_image`] and collects layers nobody uses.
-pub async fn unmount_bundle(store: &Arc<LayerStore>, bundle_dir: &Path) -> Result<(), PullError> {
-    let overlay = store.overlay_dir(bundle_dir);
-    let record = store.record_path(bundle_dir);
-    let state = lazy_state_dir(store, bundle_dir);
-    let (b, o) = (bundle_dir.to_owned(), overlay);
-    tokio::task::spawn_blocking(move || -> Result<(), PullError> {
-        bundle::remove_bundle(&b, &o)?;
-        // The overlay is gone, so the lazy rootfs below it can go too.
-        lazy::release(&b);
-        if state.exists() {
-            let mnt = state.join("rootfs");
-            // A FUSE mount left by an earlier run of the puller has no server any more.
-            if bundle::is_mountpoint(&mnt) {
-                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
-            }
-            std::fs::remove_dir_all(&state).map_err(|e| BundleError::Io {
-                path: state.clone(),
-                source: e,
-            })?;
+    /// Refuses images with more layers than configured (at most overlayfs' lower-layer limit).
+    fn check_layer_count(&self, count: usize) -> Result<(), PullError> {
+        let limit = self.cfg.image.max_layers;
+        if count > limit {
+            return Err(PullError::Layer(LayerError::TooManyLayers {
+                count,
+                limit,
+                why: "[image] max_layers".into(),
+            }));
         }
         Ok(())
-    })
-    .await
-    .map_err(|e| LayerError::Store(std::io::Error::other(e)))??;
-    match std::fs::remove_file(&record) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(LayerError::Store(e).into()),
     }
-    let s = store.clone();
-    tokio::task::spawn_blocking(move || s.gc())
-        .await
-        .map_err(|e| LayerError::Store(std::io::Error::other(e)))?
-        .map_err(LayerError::Store)?;
-    Ok(())
+
+    /// Unmounts and removes a bundle's rootfs, then garbage-collects unused layers.
+    pub async fn unmount_bundle(&self, bundle_dir: &Path) -> Result<(), PullError> {
+        Ok(self.bundles.remove(bundle_dir).await?)
+    }
+}
+
+/// Unmounts a bundle created by [`Puller::pull_image`] (in this or an earlier process) and
+/// collects layers nobody uses.
+pub async fn unmount_bundle(store: &Arc<LayerStore>, bundle_dir: &Path) -> Result<(), PullError> {
+    let bundles = Bundles::open(store.clone(), Vec::new()).map_err(LayerError::Store)?;
+    Ok(bundles.remove(bundle_dir).await?)
 }

@@ -917,16 +917,16 @@ impl RegistryClient {
         source: &Reference,
         manifest_digest: &str,
     ) -> Result<Vec<(Vec<u8>, String)>, RegistryError> {
-        let Some((algo, hex)) = manifest_digest.split_once(':') else {
+        if !manifest_digest.contains(':') {
             return Err(RegistryError::Unsupported {
                 reference: source.whole(),
                 reason: format!("digest {manifest_digest:?}"),
             });
-        };
+        }
         let sig_ref = Reference::with_tag(
             source.registry().to_string(),
             source.repository().to_string(),
-            format!("{algo}-{hex}.sig"),
+            crate::policy::cosign_signature_tag(manifest_digest),
         );
         let body = match self.manifest_raw(&sig_ref).await {
             Ok((body, _)) => body,
@@ -940,13 +940,13 @@ impl RegistryClient {
             })?;
         let mut out = Vec::new();
         for layer in &m.layers {
-            if layer.media_type != "application/vnd.dev.cosign.simplesigning.v1+json" {
+            if layer.media_type != crate::policy::COSIGN_PAYLOAD_MEDIA_TYPE {
                 continue;
             }
             let Some(sig) = layer
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get("dev.cosignproject.cosign/signature"))
+                .and_then(|a| a.get(crate::policy::COSIGN_SIGNATURE_ANNOTATION))
             else {
                 continue;
             };

@@ -294,11 +294,13 @@ impl<'a> GuestPuller<'a> {
         fs::write(
             &config,
             format!(
-                "[image]\nwork_dir = \"{work}\"\nimage_security_policy_uri = \"{policy_uri}\"\n\
+                "[image]\nwork_dir = \"{work}\"\nbundle_roots = [\"{bundles}\"]\n\
+                 image_security_policy_uri = \"{policy_uri}\"\n\
                  [image.registry_config]\ninsecure_registries = [\"{reg}\"]\n\
                  [kbs]\nurl = \"{kbs_url}\"\n[keys]\njwe_private_keys = [{keys}]\n\
                  [server]\nsocket = \"{sock}\"\n",
                 work = dir.join("work").display(),
+                bundles = dir.join("bundles").display(),
                 reg = reg.host(),
                 keys = keys.join(", "),
                 sock = socket.display(),

@@ -172,9 +172,11 @@ fn puller_config(lab: &Lab, name: &str, reg: &Registry<'_>, kbs: &KbsProcess<'_>
     fs::write(
         &cfg,
         format!(
-            "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n\
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+             [image.registry_config]\ninsecure_registries = [\"{}\"]\n\
              [kbs]\nurl = \"{}\"\n",
             lab.join(&format!("{name}-work")).display(),
+            lab.path().display(),
             reg.host(),
             kbs.url()
         ),

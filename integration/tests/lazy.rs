@@ -93,8 +93,10 @@ fn push_both(lab: &Lab, reg: &Registry<'_>, name: &str, spec: &ImageSpec) -> Pus
 
 fn config(lab: &Lab, reg: &Registry<'_>, extra: &str) -> Config {
     Config::from_toml(&format!(
-        "[image]\nwork_dir = \"{}\"\n{extra}\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n",
+        "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n{extra}\n\
+         [image.registry_config]\ninsecure_registries = [\"{}\"]\n",
         lab.join("work").display(),
+        lab.path().display(),
         reg.host()
     ))
     .unwrap()
@@ -456,9 +458,11 @@ async fn encrypted_image(
 
 fn kbs_config(lab: &Lab, reg: &Registry<'_>, kbs: &integration::chain::KbsProcess<'_>) -> Config {
     Config::from_toml(&format!(
-        "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n\
+        "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+         [image.registry_config]\ninsecure_registries = [\"{}\"]\n\
          [kbs]\nurl = \"{}\"\n[keys]\njwe_private_keys = [\"kbs:///default/key/lazy-jwe\"]\n",
         lab.join("work").display(),
+        lab.path().display(),
         reg.host(),
         kbs.url()
     ))

@@ -67,8 +67,10 @@ async fn bench_lazy_vs_eager_first_read() {
         started.elapsed().as_secs_f64()
     );
     let cfg = Config::from_toml(&format!(
-        "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n",
+        "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+         [image.registry_config]\ninsecure_registries = [\"{}\"]\n",
         scratch.join("work").display(),
+        scratch.display(),
         reg.host()
     ))
     .unwrap();

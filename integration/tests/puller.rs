@@ -28,8 +28,10 @@ fn env<'a>(lab: &'a Lab, extra: &str) -> Env<'a> {
     fs::write(
         &cfg,
         format!(
-            "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n{extra}",
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+             [image.registry_config]\ninsecure_registries = [\"{}\"]\n{extra}",
             work.display(),
+            lab.path().display(),
             reg.host()
         ),
     )
@@ -62,12 +64,7 @@ impl Env<'_> {
     }
 
     fn store_is_empty(&self) -> bool {
-        let count = |d: &str| {
-            fs::read_dir(self.work.join(d))
-                .map(|r| r.count())
-                .unwrap_or(0)
-        };
-        count("layers") == 0 && count("staging") == 0
+        work_is_empty(&self.work)
     }
 
     /// `umoci unpack` of the same image, as the reference rootfs.
@@ -165,6 +162,18 @@ fn compress(data: &[u8], how: &str) -> Vec<u8> {
 
 /// Builds an image manifest from layer tars in `layout`; returns the manifest descriptor.
 fn image_in_layout(layout: &Path, layers: &[Vec<u8>], how: &str, arch: &str) -> serde_json::Value {
+    let run = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]});
+    image_with_config(layout, layers, how, arch, run)
+}
+
+/// [`image_in_layout`] with the image config's `config` section given.
+fn image_with_config(
+    layout: &Path,
+    layers: &[Vec<u8>],
+    how: &str,
+    arch: &str,
+    run: serde_json::Value,
+) -> serde_json::Value {
     fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     let mt = match how {
         "gzip" => "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -177,8 +186,7 @@ fn image_in_layout(layout: &Path, layers: &[Vec<u8>], how: &str, arch: &str) -> 
         diff_ids.push(format!("sha256:{}", sha_hex(l)));
         descs.push(put_blob(layout, mt, &compress(l, how)));
     }
-    let config = serde_json::json!({"architecture": arch, "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+    let config = serde_json::json!({"architecture": arch, "os": "linux", "config": run,
         "rootfs": {"type": "layers", "diff_ids": diff_ids}});
     let cdesc = put_blob(
         layout,
@@ -745,4 +753,206 @@ fn concurrent_pulls_through_the_server_fetch_each_layer_once() {
     }
     lab.stop("guest-puller");
     assert!(e.store_is_empty());
+}
+
+/// Pulls in process, so the test sees the error value and its ttrpc code, not CLI text.
+fn pull_in_process(
+    cfg: &Path,
+    image: &str,
+    bundle: &Path,
+) -> Result<guest_puller::pull::PullResult, guest_puller::pull::PullError> {
+    let cfg = guest_puller::config::Config::from_file(cfg).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fetcher =
+            std::sync::Arc::new(guest_puller::fetcher::KbsResourceFetcher::new(&cfg.kbs).unwrap());
+        let p = guest_puller::pull::Puller::new(cfg, fetcher).await.unwrap();
+        p.pull_image(image, bundle).await
+    })
+}
+
+fn code_of(e: &guest_puller::pull::PullError) -> ttrpc::Code {
+    guest_puller::api::server::pull_error_code(e)
+}
+
+/// No layer and nothing staged (a puller that exited removes its own staging dir).
+fn work_is_empty(work: &Path) -> bool {
+    let count = |d: &str| fs::read_dir(work.join(d)).map(|r| r.count()).unwrap_or(0);
+    count("layers") == 0 && count("staging") == 0
+}
+
+/// A gzip layer whose tar holds one file of `size` zero bytes: a few hundred KiB that unpack
+/// to `size` bytes.
+fn zero_bomb_layer(size: u64) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..5].copy_from_slice(b"zeros");
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| *b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let mut tar = h.to_vec();
+    tar.resize(512 + size.div_ceil(512) as usize * 512 + 1024, 0);
+    tar
+}
+
+#[test]
+fn gzip_bomb_stops_at_the_work_dirs_free_space_with_resource_exhausted() {
+    let lab = Lab::new("puller-bomb");
+    // The guest's work dir is a small tmpfs (guest RAM): 48 MiB here, the bomb unpacks to 512 MiB.
+    lab.tmpfs("work", "48m");
+    let e = env(&lab, "");
+    let layout = lab.join("layout");
+    let bomb = zero_bomb_layer(512 << 20);
+    let top = image_in_layout(&layout, std::slice::from_ref(&bomb), "gzip", "amd64");
+    drop(bomb);
+    write_index(&layout, "t", top.clone());
+    let image = push_layout(&e, &layout, "bomb/zeros:v1", &top);
+    let started = std::time::Instant::now();
+    let err = pull_in_process(&e.cfg, &image, &lab.join("b")).unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::RESOURCE_EXHAUSTED, "{err}");
+    assert!(
+        err.to_string().contains("free space in the work dir"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(e.store_is_empty(), "the bomb left data in the store");
+    assert!(!lab.join("b/config.json").exists());
+    // The tmpfs is free again: a real image pulls right after.
+    let img = push_test_image(&e.reg, "lab/after-bomb:v1", 1, &["/bin/sh"]);
+    pull_in_process(&e.cfg, &img.reference, &lab.join("b2")).unwrap();
+
+    // The configured per-image maximum applies below the free space.
+    let cfg = lab.join("small.toml");
+    let text = fs::read_to_string(&e.cfg).unwrap().replacen(
+        "[image]\n",
+        &format!("[image]\nmax_unpacked_image_size = {}\n", 4 << 20),
+        1,
+    );
+    fs::write(&cfg, text).unwrap();
+    let work2 = lab.join("work2");
+    fs::write(
+        &cfg,
+        fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(&e.work.display().to_string(), &work2.display().to_string()),
+    )
+    .unwrap();
+    let err = pull_in_process(&cfg, &image, &lab.join("b3")).unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::RESOURCE_EXHAUSTED, "{err}");
+    assert!(err.to_string().contains("max_unpacked_image_size"), "{err}");
+    assert!(work_is_empty(&work2));
+}
+
+#[test]
+fn too_many_layers_are_refused_before_any_layer_is_fetched() {
+    let lab = Lab::new("puller-layers");
+    let e = env(&lab, "");
+    let layers: Vec<Vec<u8>> = (0..60)
+        .map(|n| {
+            let d = lab.join(&format!("l{n}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join(format!("f{n}")), format!("{n}\n")).unwrap();
+            tar_dir(&d)
+        })
+        .collect();
+    let layout = lab.join("layout");
+    let top = image_in_layout(&layout, &layers, "gzip", "amd64");
+    write_index(&layout, "t", top.clone());
+    let image = push_layout(&e, &layout, "many/layers:v1", &top);
+    let manifest = integration::images::inspect(&e.reg, &image).manifest;
+    let digests: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    let fetched = |e: &Env| {
+        digests
+            .iter()
+            .map(|d| e.reg.blob_gets_of("many/layers", d))
+            .sum::<usize>()
+    };
+    // 60 layer paths do not fit the overlay's one-page mount options.
+    let err = pull_in_process(&e.cfg, &image, &lab.join("b")).unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::RESOURCE_EXHAUSTED, "{err}");
+    assert!(err.to_string().contains("60 layers"), "{err}");
+    assert!(err.to_string().contains("page"), "{err}");
+    assert_eq!(fetched(&e), 0, "layers were fetched before the refusal");
+    // A configured maximum below that is enforced the same way.
+    let cfg = lab.join("max.toml");
+    let text =
+        fs::read_to_string(&e.cfg)
+            .unwrap()
+            .replacen("[image]\n", "[image]\nmax_layers = 2\n", 1);
+    fs::write(&cfg, text).unwrap();
+    let three = push_test_image(&e.reg, "lab/three:v1", 3, &["/bin/sh"]);
+    let err = pull_in_process(&cfg, &three.reference, &lab.join("b2")).unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::RESOURCE_EXHAUSTED, "{err}");
+    assert!(err.to_string().contains("max_layers"), "{err}");
+    for d in &three.layer_digests {
+        assert_eq!(e.reg.blob_gets_of("lab/three", d), 0);
+    }
+    assert!(e.store_is_empty());
+}
+
+#[test]
+fn hostile_etc_passwd_in_an_image_fails_fast_and_leaves_no_bundle() {
+    let lab = Lab::new("puller-passwd");
+    let e = env(&lab, "");
+    let secret = lab.join("guest-secret");
+    fs::write(&secret, "app:x:4242:4242::/:/bin/sh\n").unwrap();
+    for (what, user) in [
+        ("symlink", "app"),
+        ("fifo", "1000"),
+        ("big", "app"),
+        ("dir", "app"),
+    ] {
+        let l = lab.join(&format!("passwd-{what}"));
+        fs::create_dir_all(l.join("etc")).unwrap();
+        let passwd = l.join("etc/passwd");
+        match what {
+            "symlink" => std::os::unix::fs::symlink(&secret, &passwd).unwrap(),
+            "fifo" => {
+                run_ok(Command::new("mkfifo").arg(&passwd));
+            }
+            "big" => fs::write(&passwd, vec![b'x'; 5 << 20]).unwrap(),
+            _ => fs::create_dir(&passwd).unwrap(),
+        };
+        let layout = lab.join(&format!("layout-{what}"));
+        let run = serde_json::json!({"Cmd": ["/bin/sh"], "User": user});
+        let top = image_with_config(&layout, &[tar_dir(&l)], "gzip", "amd64", run);
+        write_index(&layout, "t", top.clone());
+        let image = push_layout(&e, &layout, &format!("passwd/{what}:v1"), &top);
+        let bundle = lab.join(&format!("b-{what}"));
+        let started = std::time::Instant::now();
+        let err = pull_in_process(&e.cfg, &image, &bundle).unwrap_err();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{what}"
+        );
+        assert_eq!(
+            code_of(&err),
+            ttrpc::Code::INVALID_ARGUMENT,
+            "{what}: {err}"
+        );
+        assert!(err.to_string().contains("/etc/passwd"), "{what}: {err}");
+        assert!(!bundle.join("config.json").exists(), "{what}");
+        assert!(
+            fs::read_dir(bundle.join("rootfs"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+                == 0,
+            "{what}: the overlay is still mounted"
+        );
+    }
 }

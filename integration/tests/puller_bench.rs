@@ -167,8 +167,10 @@ fn bench_encrypted_gzip_image() {
     fs::write(
         &cfg,
         format!(
-            "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n[keys]\njwe_private_keys = [\"{}\"]\n",
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+             [image.registry_config]\ninsecure_registries = [\"{}\"]\n[keys]\njwe_private_keys = [\"{}\"]\n",
             at("work").display(),
+            scratch.display(),
             reg.host(),
             keys.join("k.pem").display()
         ),

@@ -57,22 +57,28 @@ impl api_ttrpc::ImagePullService for Service {
         _ctx: &ttrpc::r#async::TtrpcContext,
         req: api::ImagePullRequest,
     ) -> ttrpc::Result<api::ImagePullResponse> {
-        info!(image = %req.image_url, bundle = %req.bundle_path, "PullImage");
-        match self
-            .puller
-            .pull_image(&req.image_url, Path::new(&req.bundle_path))
-            .await
-        {
+        // Both fields travel as bytes (see api.proto): checked here, before anything is fetched.
+        let (Ok(image), Ok(bundle)) = (
+            std::str::from_utf8(&req.image_url),
+            std::str::from_utf8(&req.bundle_path),
+        ) else {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "PullImage: image_url and bundle_path must be UTF-8",
+            ));
+        };
+        info!(image = %image.escape_debug(), bundle = %bundle.escape_debug(), "PullImage");
+        match self.puller.pull_image(image, Path::new(bundle)).await {
             Ok(r) => {
                 let mut resp = api::ImagePullResponse::new();
                 resp.manifest_digest = r.manifest_digest;
                 Ok(resp)
             }
             Err(e) => {
-                error!(image = %req.image_url, "PullImage failed: {e}");
+                error!(image = %image.escape_debug(), "PullImage failed: {e}");
                 Err(status(
                     pull_error_code(&e),
-                    format!("pull {}: {e}", req.image_url),
+                    format!("pull {}: {e}", image.escape_debug()),
                 ))
             }
         }
@@ -208,6 +214,7 @@ mod tests {
     use aes_gcm::aead::{Aead, KeyInit};
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
+    use std::path::PathBuf;
     use zeroize::Zeroizing;
 
     struct OneKey;
@@ -223,9 +230,13 @@ mod tests {
     }
 
     async fn test_service(dir: &Path) -> Arc<Service> {
+        // The registry rule points at a closed port: a request that got as far as fetching
+        // would answer UNAVAILABLE, not INVALID_ARGUMENT.
         let cfg = crate::config::Config::from_toml(&format!(
-            "[image]\nwork_dir = \"{}\"",
-            dir.join("work").display()
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+             [image.registry_config]\ninsecure_registries = [\"127.0.0.1:1\"]",
+            dir.join("work").display(),
+            dir.join("run").display()
         ))
         .unwrap();
         let puller = Arc::new(Puller::new(cfg, Arc::new(OneKey)).await.unwrap());
@@ -262,6 +273,66 @@ mod tests {
                 ),
             }
         }
+        for s in &mut servers {
+            s.shutdown().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_bundle_paths_and_bytes_are_invalid_argument_before_any_fetch() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("cdh.sock");
+        let mut servers = start_all(
+            test_service(dir.path()).await,
+            &[ListenAddr::Unix(sock.clone())],
+        )
+        .await
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("run/link"))
+            .unwrap();
+        let run = dir.path().join("run");
+        let raw = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+        let image = "127.0.0.1:1/x/y:z";
+        let cases: Vec<(&str, PathBuf, &str)> = vec![
+            (image, dir.path().join("elsewhere/c"), "bundle root"),
+            (image, run.join("../elsewhere/c"), "`..`"),
+            (image, run.join("link/c"), "symlink"),
+            (image, dir.path().join("work/c"), "bundle root"),
+            (
+                image,
+                raw(&[run.as_os_str().as_bytes(), b"/\xff"].concat()),
+                "UTF-8",
+            ),
+            (
+                image,
+                raw(&[run.as_os_str().as_bytes(), b"/a\0b"].concat()),
+                "NUL",
+            ),
+            ("127.0.0.1:1/x/y:z\0", run.join("c"), "NUL"),
+        ];
+        let started = std::time::Instant::now();
+        for (img, bundle, says) in cases {
+            let err = cdh_api::client::pull_image(
+                &sock,
+                img,
+                &bundle,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap_err();
+            match err {
+                TtrpcError::RpcStatus(s) => {
+                    assert_eq!(s.code(), Code::INVALID_ARGUMENT, "{bundle:?}: {s:?}");
+                    assert!(s.message().contains(says), "{bundle:?}: {}", s.message());
+                }
+                other => panic!("{bundle:?}: expected INVALID_ARGUMENT, got {other:?}"),
+            }
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(!dir.path().join("elsewhere/c").exists());
         for s in &mut servers {
             s.shutdown().await.unwrap();
         }

@@ -44,6 +44,7 @@ fn spec(
         compression,
         diff_id,
         key,
+        budget: UnpackBudget::new(u64::MAX, "test"),
     }
 }
 
@@ -64,6 +65,16 @@ async fn run(
         .await
 }
 
+/// Pulls an uncompressed, unencrypted layer whose blob is `tar`.
+async fn run_plain(store: &Arc<LayerStore>, tar: &[u8]) -> Result<(PathBuf, bool), LayerError> {
+    run(
+        store,
+        spec(tar, Compression::None, sha(tar), None),
+        tar.to_vec(),
+    )
+    .await
+}
+
 fn assert_nothing_visible(store: &LayerStore) {
     assert_eq!(
         std::fs::read_dir(store.root().join("layers"))
@@ -71,12 +82,7 @@ fn assert_nothing_visible(store: &LayerStore) {
             .count(),
         0
     );
-    assert_eq!(
-        std::fs::read_dir(store.root().join("staging"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(store.staging_dir()).unwrap().count(), 0);
 }
 
 #[tokio::test]
@@ -277,28 +283,18 @@ async fn gc_keeps_referenced_and_pinned_layers() {
         .unwrap();
         digests.push(sha(&tar));
     }
-    let rec = BundleRecord {
-        bundle: "/b".into(),
-        image: "x".into(),
-        manifest_digest: "sha256:00".into(),
-        layers: vec![digests[0].clone()],
-    };
-    std::fs::write(
-        store.record_path(Path::new("/b")),
-        serde_json::to_vec(&rec).unwrap(),
-    )
-    .unwrap();
+    let referenced = vec![digests[0].clone()];
     let removed = {
         let s = store.clone();
         let _pin = store.pin(vec![digests[1].clone()]).await.unwrap();
         // The pin holds the shared store lock, so GC in this state must not run at all.
-        let r = tokio::task::spawn_blocking(move || s.gc())
+        let r = tokio::task::spawn_blocking(move || s.gc(|| panic!("GC ran under a pin")))
             .await
             .unwrap()
             .unwrap();
         assert!(r.is_empty());
         drop(_pin);
-        store.gc().unwrap()
+        store.gc(|| Ok(referenced)).unwrap()
     };
     let mut removed = removed;
     removed.sort();
@@ -308,4 +304,142 @@ async fn gc_keeps_referenced_and_pinned_layers() {
     assert!(store.has_layer(&digests[0]));
     assert!(!store.has_layer(&digests[1]));
     assert!(!store.has_layer(&digests[2]));
+}
+
+#[tokio::test]
+async fn a_pull_cancelled_mid_layer_leaves_no_staging() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::open(dir.path()).unwrap();
+    let tar = tar_with(&[("big", &vec![5u8; 1 << 20])]);
+    let s = spec(&tar, Compression::None, sha(&tar), None);
+    let sent = tar.clone();
+    // The caller's deadline drops the pull while the layer is half written (as ttrpc does
+    // when kata-agent's image_pull_timeout expires).
+    let pull = store.ensure_layer(s, |tx| async move {
+        for c in sent[..sent.len() / 2].chunks(64 * 1024) {
+            let _ = tx.send(Ok(Bytes::copy_from_slice(c))).await;
+        }
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    let cancelled = tokio::time::timeout(std::time::Duration::from_millis(300), pull).await;
+    assert!(
+        cancelled.is_err(),
+        "the pull should still have been running"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::read_dir(store.staging_dir()).unwrap().count() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "staging still holds {:?}",
+            std::fs::read_dir(store.staging_dir())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_nothing_visible(&store);
+    // The same layer pulls fine afterwards.
+    run_plain(&store, &tar).await.unwrap();
+}
+
+#[tokio::test]
+async fn staging_of_dead_pulls_is_reclaimed_and_live_staging_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::open(dir.path()).unwrap();
+    let base = dir.path().join("staging");
+    // A dead process: its lock file is there but nobody holds the flock.
+    std::fs::create_dir_all(base.join("1-2-3/sha256-aa.0")).unwrap();
+    std::fs::write(base.join("1-2-3/sha256-aa.0/f"), vec![0u8; 4096]).unwrap();
+    std::fs::write(base.join("1-2-3.lock"), b"").unwrap();
+    // A layout older than the locks.
+    std::fs::create_dir_all(base.join("sha256-bb.77.0")).unwrap();
+    // A live one: another store instance on the same work dir (as another process would be).
+    let live = LayerStore::open(dir.path()).unwrap();
+    std::fs::write(live.staging_dir().join("in-progress"), b"x").unwrap();
+    let tar = tar_with(&[("f", b"x")]);
+    run_plain(&store, &tar).await.unwrap();
+    // Reclaiming also runs in the background of every fetch; this waits for it.
+    store.reclaim_staging();
+    assert!(!base.join("1-2-3").exists() && !base.join("1-2-3.lock").exists());
+    assert!(!base.join("sha256-bb.77.0").exists());
+    assert!(live.staging_dir().join("in-progress").exists());
+    assert!(store.staging_dir().is_dir());
+    // A store that goes away cleanly removes its own staging and lock.
+    let gone = live.staging_dir().to_owned();
+    drop(live);
+    assert!(!gone.exists() && !gone.with_extension("lock").exists());
+    assert_eq!(store.reclaim_staging(), 0);
+}
+
+#[tokio::test]
+async fn an_image_unpacking_past_its_budget_stops_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::open(dir.path()).unwrap();
+    // 64 MiB of zeros gzip to ~64 KiB: a small bomb against a 1 MiB budget.
+    let tar = tar_with(&[("zeros", &vec![0u8; 64 << 20])]);
+    let blob = gzip(&tar);
+    assert!(blob.len() < 1 << 20);
+    let budget = UnpackBudget::new(1 << 20, "test budget");
+    let mut s = spec(&blob, Compression::Gzip, sha(&tar), None);
+    s.budget = budget.clone();
+    let e = run(&store, s, blob.clone()).await.unwrap_err();
+    match &e {
+        LayerError::TooLarge { limit, why, .. } => {
+            assert_eq!(*limit, 1 << 20);
+            assert_eq!(*why, "test budget");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_nothing_visible(&store);
+    // Two layers of one image share the budget: each fits alone, both do not.
+    let a = tar_with(&[("a", &vec![1u8; 600 << 10])]);
+    let b = tar_with(&[("b", &vec![2u8; 600 << 10])]);
+    let budget = UnpackBudget::new(1 << 20, "shared");
+    let mut sa = spec(&a, Compression::None, sha(&a), None);
+    sa.budget = budget.clone();
+    let mut sb = spec(&b, Compression::None, sha(&b), None);
+    sb.budget = budget;
+    run(&store, sa, a.clone()).await.unwrap();
+    assert!(matches!(
+        run(&store, sb, b.clone()).await,
+        Err(LayerError::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn more_bytes_than_the_manifest_size_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::open(dir.path()).unwrap();
+    let tar = tar_with(&[("a", &[7u8; 5000])]);
+    for size in [0u64, 100] {
+        let mut s = spec(&tar, Compression::None, sha(&tar), None);
+        s.size = size;
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counted = sent.clone();
+        let data = tar.clone();
+        // The registry keeps sending after the descriptor's size; the pull must stop at it.
+        let e = store
+            .ensure_layer(s, |tx| async move {
+                for c in data.chunks(100).cycle().take(10_000) {
+                    if tx.send(Ok(Bytes::copy_from_slice(c))).await.is_err() {
+                        return Err(crate::registry::RegistryError::ConsumerGone);
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, LayerError::Integrity { reason, .. } if reason.contains("larger than its descriptor size")),
+            "size {size}: {e:?}"
+        );
+        assert!(
+            sent.load(Ordering::SeqCst) < 100,
+            "size {size}: read on after the size"
+        );
+        assert_nothing_visible(&store);
+    }
 }

@@ -12,10 +12,8 @@ pub mod logged;
 pub mod mount;
 pub mod source;
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex};
 
 use bytes::Bytes;
 use oci_client::Reference;
@@ -67,39 +65,6 @@ pub enum LazyError {
         /// The error.
         source: std::io::Error,
     },
-}
-
-/// Live lazy mounts by bundle directory, so bundle removal (from any entry point) can find
-/// and stop the FUSE server of a lazily pulled rootfs.
-static MOUNTS: LazyLock<Mutex<HashMap<PathBuf, RafsMount>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-
-/// Records the FUSE mount backing `bundle`'s rootfs.
-pub fn register(bundle: &Path, m: RafsMount) {
-    let old = MOUNTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(bundle.to_owned(), m);
-    if let Some(old) = old {
-        old.unmount();
-    }
-}
-
-/// Stops the FUSE mount backing `bundle`'s rootfs, if it has one (blocking). Call after the
-/// overlay above it is gone.
-pub fn release(bundle: &Path) -> bool {
-    let m = MOUNTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(bundle);
-    match m {
-        Some(m) => {
-            info!(bundle = %bundle.display(), mountpoint = %m.mountpoint().display(), "lazy rootfs unmounted");
-            m.unmount();
-            true
-        }
-        None => false,
-    }
 }
 
 /// Fetches the bootstrap layer, verifies its digest, decrypts it when it is ocicrypt-encrypted
@@ -189,35 +154,13 @@ pub async fn fetch_bootstrap(
 }
 
 /// Reads every regular file below `root` once, so all chunks are fetched, verified and cached
-/// (the eager mode and the background prefetch of lazy images). Returns the bytes read.
+/// (the eager mode and the background prefetch of lazy images). Returns the bytes read. The
+/// tree is the image's, so it is walked through [`crate::rootfs`]: no symlink is followed and
+/// no FIFO or device is opened.
 pub fn read_all(root: &Path) -> std::io::Result<u64> {
-    let mut total = 0u64;
-    let mut stack = vec![root.to_owned()];
-    let mut buf = vec![0u8; 1 << 20];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                stack.push(entry.path());
-            } else if ft.is_file() {
-                let mut f = std::fs::File::open(entry.path())?;
-                loop {
-                    match f.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => total += n as u64,
-                        Err(e) => {
-                            return Err(std::io::Error::new(
-                                e.kind(),
-                                format!("{}: {e}", entry.path().display()),
-                            ))
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(total)
+    crate::rootfs::Rootfs::open(root)
+        .map_err(std::io::Error::other)?
+        .read_all_files()
 }
 
 /// Starts a background thread fetching the whole image below `root`.

@@ -1,0 +1,585 @@
+//! The owner of every bundle the puller creates: where bundles may live, their records
+//! (which layers each uses, for GC), their overlay upper/work dirs, the state dirs and FUSE
+//! mounts of lazily pulled images, and one lock per bundle.
+//!
+//! Layout under the work dir: `bundles/<sha256(bundle)>.json` (records, written to a temp file
+//! and renamed, so a crash never leaves a torn record), `overlay/<hash>/{upper,work}`,
+//! `lazy/<hash>/{rootfs,cache}`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use rustix::mount::{unmount, UnmountFlags};
+use tracing::{info, warn};
+
+use crate::bundle::{self, BundleError};
+use crate::layer::LayerStore;
+use crate::lazy::RafsMount;
+
+/// Default directory bundles must live below (kata-agent puts bundles at `/run/kata-containers/<cid>`).
+pub const DEFAULT_BUNDLE_ROOT: &str = "/run/kata-containers";
+
+/// Which layers a bundle uses, for refcounted GC.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BundleRecord {
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Image reference as requested.
+    pub image: String,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+}
+
+/// The per-bundle directories the puller owns.
+#[derive(Debug, Clone)]
+pub struct BundleDirs {
+    /// The bundle directory (rootfs at `bundle/rootfs`, spec at `bundle/config.json`).
+    pub bundle: PathBuf,
+    /// Parent of the overlay's `upper` and `work` dirs.
+    pub overlay: PathBuf,
+    /// State of a lazily pulled image (FUSE mount point and chunk cache), outside the
+    /// overlay dir so removing the overlay never walks into the FUSE mount.
+    pub lazy: PathBuf,
+    /// The bundle's record.
+    pub record: PathBuf,
+}
+
+/// Held while a bundle is pulled into or removed; one holder per bundle at a time.
+pub struct BundleLock {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    dirs: BundleDirs,
+}
+
+impl BundleLock {
+    /// The directories of the locked bundle.
+    pub fn dirs(&self) -> &BundleDirs {
+        &self.dirs
+    }
+}
+
+/// Owns bundles: path policy, records, overlay and lazy dirs, lazy mounts, per-bundle locks.
+pub struct Bundles {
+    store: Arc<LayerStore>,
+    roots: Vec<PathBuf>,
+    locks: Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>,
+    mounts: Mutex<HashMap<PathBuf, RafsMount>>,
+}
+
+fn hash_of(bundle: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bundle.as_os_str().as_bytes()))
+}
+
+fn path_error(path: &Path, reason: impl Into<String>) -> BundleError {
+    BundleError::Path {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn remove_file_if_present(p: &Path) -> io::Result<()> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn remove_dir_if_present(p: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A lexically clean absolute path: no `.`/`..` components, no empty or repeated separators
+/// that would make two spellings of one bundle.
+fn lexically_clean(p: &Path) -> bool {
+    let bytes = p.as_os_str().as_bytes();
+    bytes.starts_with(b"/")
+        && bytes[1..]
+            .split(|b| *b == b'/')
+            .all(|c| !c.is_empty() && c != b"." && c != b"..")
+}
+
+impl Bundles {
+    /// Creates the owner over `store`'s work dir; bundles must live strictly below one of
+    /// `roots` (none: any path passes the root check, as for `guest-puller unmount`).
+    pub fn open(store: Arc<LayerStore>, roots: Vec<PathBuf>) -> io::Result<Arc<Self>> {
+        for d in ["bundles", "overlay", "lazy"] {
+            fs::create_dir_all(store.root().join(d))?;
+        }
+        // Temp records of a crash between write and rename are never read; drop them.
+        for e in fs::read_dir(store.root().join("bundles"))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "tmp") {
+                let _ = fs::remove_file(&p);
+            }
+        }
+        Ok(Arc::new(Self {
+            store,
+            roots,
+            locks: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The layer store the bundles' layers live in.
+    pub fn store(&self) -> &Arc<LayerStore> {
+        &self.store
+    }
+
+    /// The directories the puller keeps for `bundle`.
+    pub fn dirs(&self, bundle: &Path) -> BundleDirs {
+        let h = hash_of(bundle);
+        let root = self.store.root();
+        BundleDirs {
+            bundle: bundle.to_owned(),
+            overlay: root.join("overlay").join(&h[..32]),
+            lazy: root.join("lazy").join(&h[..32]),
+            record: root.join("bundles").join(format!("{h}.json")),
+        }
+    }
+
+    /// Checks a requested bundle path before anything is fetched: UTF-8 without NUL, absolute
+    /// and lexically clean, strictly below a configured root, no symlink on the way, and
+    /// neither the work dir nor inside or above it.
+    pub fn check_path(&self, bundle: &Path) -> Result<PathBuf, BundleError> {
+        let bytes = bundle.as_os_str().as_bytes();
+        if bytes.contains(&0) {
+            return Err(path_error(bundle, "contains a NUL byte"));
+        }
+        if bundle.to_str().is_none() {
+            return Err(path_error(bundle, "is not UTF-8"));
+        }
+        if !lexically_clean(bundle) {
+            return Err(path_error(
+                bundle,
+                "must be absolute, without `.`, `..` or empty components",
+            ));
+        }
+        let root = if self.roots.is_empty() {
+            Path::new("/")
+        } else {
+            self.roots
+                .iter()
+                .find(|r| bundle.starts_with(r) && bundle != r.as_path())
+                .ok_or_else(|| {
+                    let roots: Vec<String> =
+                        self.roots.iter().map(|r| r.display().to_string()).collect();
+                    path_error(
+                        bundle,
+                        format!(
+                            "is not below a bundle root ({}; [image] bundle_roots)",
+                            roots.join(", ")
+                        ),
+                    )
+                })?
+        };
+        let work = self.store.root();
+        if bundle.starts_with(work) || work.starts_with(bundle) {
+            return Err(path_error(
+                bundle,
+                format!("overlaps the work dir {}", work.display()),
+            ));
+        }
+        // Every existing component below the root must be a real directory: a symlink would
+        // let whoever made it point the bundle (and the config.json we write) anywhere.
+        let mut at = root.to_path_buf();
+        for c in bundle.strip_prefix(root).unwrap_or(bundle).components() {
+            let Component::Normal(name) = c else { continue };
+            at.push(name);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(path_error(bundle, format!("{} is a symlink", at.display())));
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(path_error(
+                        bundle,
+                        format!("{} is not a directory", at.display()),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => {
+                    return Err(BundleError::Io {
+                        path: at.clone(),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(bundle.to_owned())
+    }
+
+    /// Takes the bundle's lock (waits while another pull or removal of it runs).
+    pub async fn lock(&self, bundle: &Path) -> BundleLock {
+        let m = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.retain(|_, w| w.strong_count() > 0);
+            match locks.get(bundle).and_then(Weak::upgrade) {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(bundle.to_owned(), Arc::downgrade(&m));
+                    m
+                }
+            }
+        };
+        BundleLock {
+            _guard: m.lock_owned().await,
+            dirs: self.dirs(bundle),
+        }
+    }
+
+    /// All bundle records.
+    pub fn records(&self) -> io::Result<Vec<BundleRecord>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.store.root().join("bundles"))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let data = fs::read(&p)?;
+                let rec = serde_json::from_slice(&data).map_err(|err| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bundle record {}: {err}", p.display()),
+                    )
+                })?;
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_record(dirs: &BundleDirs, record: &BundleRecord) -> io::Result<()> {
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        let tmp = dirs.record.with_extension("tmp");
+        let mut f = fs::File::create(&tmp)?;
+        let written = f.write_all(&json).and_then(|()| f.sync_all());
+        drop(f);
+        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &dirs.record)) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Refuses a bundle the puller cannot pull into: one with a mounted rootfs (`Busy`), or
+    /// one holding a `config.json` or a non-empty `rootfs` the puller did not make.
+    pub fn check_free(dirs: &BundleDirs) -> Result<(), BundleError> {
+        let rootfs = dirs.bundle.join("rootfs");
+        let ours = dirs.record.exists();
+        if bundle::is_mountpoint(&rootfs) {
+            return Err(BundleError::Busy(dirs.bundle.clone()));
+        }
+        if ours {
+            return Ok(());
+        }
+        let config = dirs.bundle.join("config.json");
+        if fs::symlink_metadata(&config).is_ok() {
+            return Err(BundleError::Foreign(config));
+        }
+        match fs::symlink_metadata(&rootfs) {
+            Ok(m) if !m.is_dir() => Err(BundleError::Foreign(rootfs)),
+            Ok(_) => match fs::read_dir(&rootfs).map(|mut it| it.next().is_some()) {
+                Ok(true) => Err(BundleError::Foreign(rootfs)),
+                Ok(false) => Ok(()),
+                Err(e) => Err(BundleError::Io {
+                    path: rootfs,
+                    source: e,
+                }),
+            },
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The tail every pull shares: refuses a busy or foreign bundle, writes the record, runs
+    /// `make` (which mounts the rootfs and writes `config.json`, returning the lazy mount if
+    /// there is one) and keeps the mount; on failure nothing of the bundle is left behind.
+    /// Runs on a blocking thread to the end even if the caller stops waiting, so a cancelled
+    /// pull never leaves half a bundle.
+    pub async fn create<E>(
+        self: &Arc<Self>,
+        lock: BundleLock,
+        record: BundleRecord,
+        make: impl FnOnce(&BundleDirs) -> Result<Option<RafsMount>, E> + Send + 'static,
+    ) -> Result<(), E>
+    where
+        E: From<BundleError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let dirs = lock.dirs.clone();
+            Self::check_free(&dirs)?;
+            Self::write_record(&dirs, &record).map_err(|e| BundleError::Io {
+                path: dirs.record.clone(),
+                source: e,
+            })?;
+            match make(&dirs) {
+                Ok(mount) => {
+                    if let Some(m) = mount {
+                        this.keep_mount(&dirs.bundle, m);
+                    }
+                    drop(lock);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = remove_file_if_present(&dirs.record);
+                    let _ = remove_dir_if_present(&dirs.overlay);
+                    Self::remove_lazy_dir(&dirs.lazy);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| {
+            E::from(BundleError::Io {
+                path: PathBuf::from("bundle creation task"),
+                source: io::Error::other(e),
+            })
+        })?
+    }
+
+    fn keep_mount(&self, bundle: &Path, m: RafsMount) {
+        let old = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bundle.to_owned(), m);
+        if let Some(old) = old {
+            old.unmount();
+        }
+    }
+
+    /// Stops the FUSE server of `bundle`'s lazy rootfs, if this process has one (blocking).
+    fn release_mount(&self, bundle: &Path) {
+        let m = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(bundle);
+        if let Some(m) = m {
+            info!(bundle = %bundle.display(), mountpoint = %m.mountpoint().display(), "lazy rootfs unmounted");
+            m.unmount();
+        }
+    }
+
+    /// Clears a lazy state dir, detaching a FUSE mount an earlier run of the puller left there
+    /// (it has no server any more).
+    pub fn remove_lazy_dir(dir: &Path) {
+        let mnt = dir.join("rootfs");
+        if bundle::is_mountpoint(&mnt) {
+            let _ = unmount(&mnt, UnmountFlags::DETACH);
+        }
+        if let Err(e) = remove_dir_if_present(dir) {
+            warn!(dir = %dir.display(), "removing lazy state: {e}");
+        }
+    }
+
+    /// Unmounts and removes a bundle's rootfs, `config.json`, overlay and lazy state and
+    /// record, then garbage-collects layers no bundle uses.
+    pub async fn remove(self: &Arc<Self>, bundle: &Path) -> Result<(), BundleError> {
+        let lock = self.lock(bundle).await;
+        let this = self.clone();
+        let joined = tokio::task::spawn_blocking(move || -> Result<(), BundleError> {
+            let dirs = lock.dirs.clone();
+            bundle::remove_bundle(&dirs.bundle, &dirs.overlay)?;
+            // The overlay is gone, so the lazy rootfs below it can go too.
+            this.release_mount(&dirs.bundle);
+            let mnt = dirs.lazy.join("rootfs");
+            if bundle::is_mountpoint(&mnt) {
+                let _ = unmount(&mnt, UnmountFlags::DETACH);
+            }
+            remove_dir_if_present(&dirs.lazy).map_err(|source| BundleError::Io {
+                path: dirs.lazy.clone(),
+                source,
+            })?;
+            remove_file_if_present(&dirs.record).map_err(|source| BundleError::Io {
+                path: dirs.record.clone(),
+                source,
+            })?;
+            drop(lock);
+            this.gc().map_err(|source| BundleError::Io {
+                path: this.store.root().join("layers"),
+                source,
+            })?;
+            Ok(())
+        })
+        .await;
+        joined.map_err(|e| BundleError::Io {
+            path: bundle.to_owned(),
+            source: io::Error::other(e),
+        })?
+    }
+
+    /// Removes layers no bundle record references and no pull has pinned.
+    pub fn gc(&self) -> io::Result<Vec<String>> {
+        self.store
+            .gc(|| Ok(self.records()?.into_iter().flat_map(|r| r.layers).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(roots: &[&str]) -> (tempfile::TempDir, Arc<Bundles>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LayerStore::open(&dir.path().join("work")).unwrap();
+        let roots = roots.iter().map(|r| dir.path().join(r)).collect();
+        (dir, Bundles::open(store, roots).unwrap())
+    }
+
+    #[test]
+    fn bundle_paths_are_confined() {
+        let (dir, b) = setup(&["run"]);
+        let d = dir.path();
+        fs::create_dir_all(d.join("run/ok")).unwrap();
+        fs::create_dir_all(d.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere"), d.join("run/link")).unwrap();
+        fs::write(d.join("run/file"), "x").unwrap();
+        assert_eq!(b.check_path(&d.join("run/ok")).unwrap(), d.join("run/ok"));
+        // Not yet existing components are fine: the puller creates them.
+        assert!(b.check_path(&d.join("run/ok/new/deeper")).is_ok());
+        let bad: Vec<(PathBuf, &str)> = vec![
+            (d.join("elsewhere/c1"), "not below a bundle root"),
+            (d.join("run"), "not below a bundle root"),
+            (d.join("run/../elsewhere"), "`..`"),
+            (d.join("run/./ok"), "`..`"),
+            (PathBuf::from(format!("{}/run//ok", d.display())), "empty"),
+            (PathBuf::from("run/ok"), "absolute"),
+            (d.join("run/link"), "is a symlink"),
+            (d.join("run/link/c1"), "is a symlink"),
+            (d.join("run/file/c1"), "not a directory"),
+            (
+                PathBuf::from(std::ffi::OsStr::from_bytes(
+                    format!("{}/run/a\0b", d.display()).as_bytes(),
+                )),
+                "NUL",
+            ),
+            (
+                PathBuf::from(std::ffi::OsStr::from_bytes(
+                    &[format!("{}/run/", d.display()).as_bytes(), b"\xff"].concat(),
+                )),
+                "UTF-8",
+            ),
+        ];
+        for (p, why) in bad {
+            let e = b.check_path(&p).unwrap_err();
+            assert!(matches!(e, BundleError::Path { .. }), "{p:?}: {e:?}");
+            assert!(e.to_string().contains(why), "{p:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_work_dir_is_never_a_bundle() {
+        let (dir, b) = setup(&[""]);
+        for p in ["work", "work/layers/x", ""] {
+            let p = dir.path().join(p);
+            let p = PathBuf::from(p.to_str().unwrap().trim_end_matches('/'));
+            let e = b.check_path(&p).unwrap_err();
+            assert!(
+                e.to_string().contains("work dir") || e.to_string().contains("bundle root"),
+                "{p:?}: {e}"
+            );
+        }
+    }
+
+    fn record(bundle: &Path) -> BundleRecord {
+        BundleRecord {
+            bundle: bundle.to_owned(),
+            image: "img".into(),
+            manifest_digest: "sha256:00".into(),
+            layers: vec!["sha256:aa".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn foreign_bundles_are_refused_and_failures_leave_nothing() {
+        let (dir, b) = setup(&["run"]);
+        let bundle = dir.path().join("run/c1");
+        fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        fs::write(bundle.join("config.json"), "{\"theirs\":1}").unwrap();
+        let lock = b.lock(&bundle).await;
+        let e = b
+            .create(lock, record(&bundle), |_| -> Result<_, BundleError> {
+                panic!("must not run for a foreign bundle")
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BundleError::Foreign(_)), "{e:?}");
+        assert_eq!(
+            fs::read_to_string(bundle.join("config.json")).unwrap(),
+            "{\"theirs\":1}"
+        );
+        fs::remove_file(bundle.join("config.json")).unwrap();
+        fs::write(bundle.join("rootfs/theirs"), "x").unwrap();
+        let e = b
+            .create(
+                b.lock(&bundle).await,
+                record(&bundle),
+                |_| -> Result<_, BundleError> { panic!("must not run for a foreign rootfs") },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BundleError::Foreign(_)), "{e:?}");
+        fs::remove_file(bundle.join("rootfs/theirs")).unwrap();
+        // A failing make leaves no record, overlay or lazy dir.
+        let dirs = b.dirs(&bundle);
+        let e = b
+            .create(b.lock(&bundle).await, record(&bundle), |d| {
+                fs::create_dir_all(d.overlay.join("upper")).unwrap();
+                fs::create_dir_all(d.lazy.join("cache")).unwrap();
+                assert!(d.record.exists());
+                Err(BundleError::Config("boom".into()))
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BundleError::Config(_)));
+        assert!(!dirs.record.exists() && !dirs.overlay.exists() && !dirs.lazy.exists());
+        // A successful one keeps a complete record, and the bundle is then ours.
+        b.create(b.lock(&bundle).await, record(&bundle), |d| {
+            fs::write(d.bundle.join("config.json"), "{}").unwrap();
+            Ok::<_, BundleError>(None)
+        })
+        .await
+        .unwrap();
+        assert_eq!(b.records().unwrap()[0].bundle, bundle);
+        let names: Vec<_> = fs::read_dir(dir.path().join("work/bundles"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        b.create(b.lock(&bundle).await, record(&bundle), |_| {
+            Ok::<_, BundleError>(None)
+        })
+        .await
+        .unwrap();
+        b.remove(&bundle).await.unwrap();
+        assert!(b.records().unwrap().is_empty());
+        assert!(!bundle.join("config.json").exists());
+    }
+
+    #[tokio::test]
+    async fn one_holder_per_bundle() {
+        let (dir, b) = setup(&["run"]);
+        let bundle = dir.path().join("run/c1");
+        let first = b.lock(&bundle).await;
+        let b2 = b.clone();
+        let bundle2 = bundle.clone();
+        let waiter = tokio::spawn(async move {
+            let _l = b2.lock(&bundle2).await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        // Another bundle is not blocked.
+        drop(b.lock(&dir.path().join("run/c2")).await);
+        drop(first);
+        waiter.await.unwrap();
+    }
+}
