@@ -123,10 +123,11 @@ fn puller_config(lab: &Lab, reg: &HostileServer, image_extra: &str) -> PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "[image]\nwork_dir = \"{}\"\nmax_retries = 2\nregistry_request_timeout_secs = 2\n\
-             registry_stall_timeout_secs = 2\n{image_extra}\n\
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\nmax_retries = 2\n\
+             registry_request_timeout_secs = 2\nregistry_stall_timeout_secs = 2\n{image_extra}\n\
              [image.registry_config]\ninsecure_registries = [\"{}\"]\n",
             lab.join("work").display(),
+            lab.path().display(),
             reg.host()
         ),
     )
@@ -577,10 +578,12 @@ fn a_jwe_key_revoked_in_the_kbs_stops_decrypting_new_images() {
     rt.block_on(async {
         let kbs = TestKbs::start(TestKbsConfig::new(&kdir)).await.unwrap();
         let cfg = guest_puller::config::Config::from_toml(&format!(
-            "[image]\nwork_dir = \"{}\"\n[image.registry_config]\ninsecure_registries = [\"{}\"]\n\
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+             [image.registry_config]\ninsecure_registries = [\"{}\"]\n\
              [kbs]\nurl = \"{}\"\n[keys]\njwe_private_keys = [\"kbs:///default/key/jwe\"]\n\
              jwe_key_cache_secs = 2\n",
             lab.join("work").display(),
+            lab.path().display(),
             reg.host(),
             kbs.url()
         ))

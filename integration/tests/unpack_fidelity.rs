@@ -38,8 +38,10 @@ impl<'a> Puller<'a> {
         let reg = Registry::start(lab);
         let cfg = lab.join("puller.toml");
         let toml = format!(
-            "[image]\nwork_dir = {:?}\n[image.registry_config]\ninsecure_registries = [{:?}]\n",
+            "[image]\nwork_dir = {:?}\nbundle_roots = [{:?}]\n\
+             [image.registry_config]\ninsecure_registries = [{:?}]\n",
             lab.join("work").display().to_string(),
+            lab.path().display().to_string(),
             reg.host()
         );
         fs::write(&cfg, toml).unwrap();
