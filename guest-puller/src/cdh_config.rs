@@ -149,6 +149,9 @@ impl Config {
         if img.sigstore_config_uri.is_none() {
             img.sigstore_config_uri = img.sigstore_config.as_deref().map(data_uri);
         }
+        if let Some(p) = &img.image_pull_proxy {
+            crate::proxy::PullProxy::from_config(p).map_err(ConfigError::Invalid)?;
+        }
         if let Some(l) = &self.log {
             tracing_subscriber::EnvFilter::try_new(&l.level)
                 .map_err(|e| ConfigError::Invalid(format!("[log] level {:?}: {e}", l.level)))?;
@@ -167,10 +170,6 @@ impl Config {
             (
                 self.skip_sealed_secret_verification.is_some(),
                 "skip_sealed_secret_verification (no sealed-secret service)",
-            ),
-            (
-                img.image_pull_proxy.is_some(),
-                "[image.image_pull_proxy] (registries are reached directly)",
             ),
             (
                 search.is_some_and(|s| s.iter().map(String::as_str).ne(["docker.io"])),

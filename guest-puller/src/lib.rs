@@ -14,6 +14,7 @@ pub mod keyprovider;
 pub mod layer;
 pub mod lazy;
 pub mod policy;
+pub mod proxy;
 pub mod pull;
 pub mod registry;
 pub mod resource;

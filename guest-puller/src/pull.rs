@@ -148,6 +148,13 @@ impl Puller {
             auth.as_deref().map(|a| a.as_slice()),
             &roots,
             crate::registry::NetLimits::from_config(&cfg.image),
+            cfg.image
+                .image_pull_proxy
+                .as_ref()
+                .map(crate::proxy::PullProxy::from_config)
+                .transpose()
+                .map_err(PullError::Config)?
+                .unwrap_or_default(),
         )?;
         let work_dir_error = |e: std::io::Error| {
             PullError::Config(format!("work dir {}: {e}", cfg.image.work_dir.display()))

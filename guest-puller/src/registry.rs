@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 
 use crate::config::{ImageConfig, RegistryConfig};
 use crate::error::ErrorKind;
+use crate::proxy::PullProxy;
 use kbs_client::error::error_chain;
 
 /// Largest manifest or image config we accept.
@@ -245,6 +246,7 @@ pub struct RegistryClient {
     plain_http: Vec<String>,
     retries: u32,
     limits: NetLimits,
+    proxy: PullProxy,
 }
 
 /// An HTTP error answer of the registry (status and the start of its body).
@@ -324,6 +326,7 @@ impl RegistryClient {
         auth_json: Option<&[u8]>,
         extra_roots_pem: &[Vec<u8>],
         limits: NetLimits,
+        proxy: PullProxy,
     ) -> Result<Self, RegistryError> {
         let mut creds = BTreeMap::new();
         if let Some(raw) = auth_json {
@@ -379,6 +382,9 @@ impl RegistryClient {
             platform_resolver: None,
             connect_timeout: Some(connect),
             read_timeout: Some(limits.stall_timeout),
+            https_proxy: proxy.config().https_proxy.clone(),
+            http_proxy: proxy.config().http_proxy.clone(),
+            no_proxy: proxy.config().no_proxy.clone(),
             ..Default::default()
         };
         let mut http = reqwest::Client::builder()
@@ -386,6 +392,13 @@ impl RegistryClient {
             .read_timeout(limits.stall_timeout)
             .redirect(reqwest::redirect::Policy::limited(5))
             .user_agent(concat!("guestpull/", env!("CARGO_PKG_VERSION")));
+        if proxy.is_set() {
+            let p = proxy.clone();
+            http = http.proxy(reqwest::Proxy::custom(move |u| {
+                p.for_target(u.scheme(), u.host_str().unwrap_or(""))
+                    .cloned()
+            }));
+        }
         for pem in extra_roots_pem {
             let roots = reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| RegistryError::Credentials(format!("extra root certificate: {e}")))?;
@@ -404,6 +417,7 @@ impl RegistryClient {
             plain_http: plain,
             retries: limits.retries.max(1),
             limits,
+            proxy,
         })
     }
 
@@ -443,6 +457,11 @@ impl RegistryClient {
     /// Whether `host` is reached over plain HTTP (insecure registries and insecure rules/mirrors).
     pub fn is_plain_http(&self, host: &str) -> bool {
         self.plain_http.iter().any(|h| h == host)
+    }
+
+    /// The `[image.image_pull_proxy]` proxy for `host` over `scheme`, if one applies.
+    pub fn proxy_for(&self, scheme: &str, host: &str) -> Option<&url::Url> {
+        self.proxy.for_target(scheme, host)
     }
 
     /// Candidate sources for `r`: mirrors first, then the (possibly remapped) location.
@@ -1039,6 +1058,7 @@ mod tests {
             Some(auth.to_string().as_bytes()),
             &[],
             NetLimits::default(),
+            PullProxy::default(),
         )
         .unwrap();
         let user = |s: &str| match c.auth_for(&s.parse().unwrap()) {
@@ -1074,7 +1094,8 @@ mod tests {
             ],
             ..Default::default()
         };
-        let c = RegistryClient::new(rules, None, &[], NetLimits::default()).unwrap();
+        let c = RegistryClient::new(rules, None, &[], NetLimits::default(), PullProxy::default())
+            .unwrap();
         let cands = c.candidates(&"busybox:1.36".parse().unwrap()).unwrap();
         assert_eq!(cands[0].whole(), "127.0.0.1:5000/hub/busybox:1.36");
         assert_eq!(cands[1].whole(), "docker.io/library/busybox:1.36");

@@ -10,6 +10,7 @@ pub mod hostile;
 pub mod images;
 pub mod kbs;
 pub mod lab;
+pub mod proxy;
 pub mod registry;
 pub mod snapshotter_env;
 pub mod vm;

@@ -608,3 +608,32 @@ async fn lazy_prefetch_fetches_the_rest_in_the_background() {
     assert_every_file_reads_back(&b.join("rootfs"), &nydus::flatten(&spec.layers));
     p.unmount_bundle(&b).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_chunk_reads_go_through_the_image_pull_proxy() {
+    require_fuse();
+    let lab = Lab::new("lazy-proxy");
+    let reg = Registry::start(&lab);
+    let proxy = integration::proxy::ForwardProxy::start();
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 64)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "proxied", &spec);
+    let blob = img.nydus_manifest.layer_digests[0].clone();
+    let extra = format!(
+        "[image.image_pull_proxy]\nhttp_proxy = \"{}\"\n",
+        proxy.url()
+    );
+    let p = puller(config(&lab, &reg, &extra)).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.nydus, &b).await.unwrap();
+    let text = fs::read_to_string(b.join("rootfs/payload/l2/small.txt")).unwrap();
+    assert_eq!(text, "small file in layer 2\n");
+    // The blob is read by chunk ranges only (bootstrap aside), so a blob GET is a chunk read.
+    let seen = proxy.requests();
+    assert!(
+        seen.iter().any(|r| r.contains(&format!("/blobs/{blob}"))),
+        "the chunk read did not go through the proxy: {seen:?}"
+    );
+    p.unmount_bundle(&b).await.unwrap();
+}

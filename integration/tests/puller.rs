@@ -956,3 +956,75 @@ fn hostile_etc_passwd_in_an_image_fails_fast_and_leaves_no_bundle() {
         );
     }
 }
+
+#[test]
+fn image_pull_proxy_carries_every_registry_request_unless_no_proxy_matches() {
+    let lab = Lab::new("puller-proxy");
+    let proxy = integration::proxy::ForwardProxy::start();
+    let e = env(
+        &lab,
+        &format!(
+            "[image.image_pull_proxy]\nhttp_proxy = \"{}\"\n",
+            proxy.url()
+        ),
+    );
+    let img = push_test_image(&e.reg, "lab/proxied:v1", 2, &["/bin/sh"]);
+    e.pull_ok(&img.reference, &lab.join("b1"));
+    assert!(lab.join("b1/rootfs/bin/sh").exists());
+    let seen = proxy.requests();
+    let via = |part: &str| seen.iter().any(|r| r.contains(part));
+    assert!(
+        via(&format!("/v2/{}/manifests/", img.repo)),
+        "manifest not fetched through the proxy: {seen:?}"
+    );
+    assert!(
+        via(&img.config_digest),
+        "config not through the proxy: {seen:?}"
+    );
+    for d in &img.layer_digests {
+        assert!(via(d), "layer {d} not through the proxy: {seen:?}");
+    }
+
+    // A host matching no_proxy is reached directly.
+    let direct = lab.join("direct.toml");
+    let text = fs::read_to_string(&e.cfg).unwrap().replace(
+        &e.work.display().to_string(),
+        &lab.join("work2").display().to_string(),
+    );
+    fs::write(
+        &direct,
+        format!("{text}no_proxy = \"localhost, 127.0.0.0/8\"\n"),
+    )
+    .unwrap();
+    let before = proxy.requests().len();
+    let out = e.pull_with(&direct, &img.reference, &lab.join("b2"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        proxy.requests().len(),
+        before,
+        "no_proxy host went through the proxy"
+    );
+
+    // A dead proxy fails the pull as unavailable; the registry is never tried directly.
+    let dead = lab.join("dead.toml");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let text = fs::read_to_string(&e.cfg)
+        .unwrap()
+        .replace(
+            &e.work.display().to_string(),
+            &lab.join("work3").display().to_string(),
+        )
+        .replace(&proxy.url(), &closed_url)
+        .replacen("[image]\n", "[image]\nmax_retries = 1\n", 1);
+    fs::write(&dead, text).unwrap();
+    let err = pull_in_process(&dead, &img.reference, &lab.join("b3")).unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::UNAVAILABLE, "{err}");
+    assert!(work_is_empty(&lab.join("work3")));
+    assert!(!lab.join("b3/config.json").exists());
+}

@@ -32,6 +32,8 @@ pub struct BlobSource {
     pub auth: Option<String>,
     /// Attempts per range request.
     pub retry_limit: u8,
+    /// The `[image.image_pull_proxy]` proxy for this registry, if one applies.
+    pub proxy: Option<String>,
 }
 
 /// Builds the nydus configuration for one mount: registry backend, file cache in
@@ -55,6 +57,10 @@ pub fn nydus_config(
                 "timeout": 30,
                 "connect_timeout": 10,
                 "retry_limit": src.retry_limit,
+                // nydus sends every request through `url` (a plain forward proxy for its
+                // client); without fallback, a proxy that fails is an error, never a direct
+                // connection the configuration ruled out.
+                "proxy": { "url": src.proxy.clone().unwrap_or_default(), "fallback": false },
             }
         },
         "cache": {

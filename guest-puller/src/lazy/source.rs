@@ -12,12 +12,14 @@ use crate::registry::RegistryClient;
 /// scheme, host, repository and base64 `user:password`.
 pub fn blob_source(registry: &RegistryClient, source: &Reference, retries: u32) -> BlobSource {
     let host = source.resolve_registry().to_string();
+    let scheme = if registry.is_plain_http(source.registry()) || registry.is_plain_http(&host) {
+        "http"
+    } else {
+        "https"
+    };
     BlobSource {
-        scheme: if registry.is_plain_http(source.registry()) || registry.is_plain_http(&host) {
-            "http".into()
-        } else {
-            "https".into()
-        },
+        scheme: scheme.into(),
+        proxy: registry.proxy_for(scheme, &host).map(|u| u.to_string()),
         host,
         repo: source.repository().to_string(),
         auth: registry
@@ -49,7 +51,7 @@ mod tests {
             retries: 3,
             ..Default::default()
         };
-        RegistryClient::new(rules, auth_json, &[], limits).unwrap()
+        RegistryClient::new(rules, auth_json, &[], limits, Default::default()).unwrap()
     }
 
     #[test]
