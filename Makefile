@@ -20,9 +20,12 @@ build:
 demo: deps build
 	"$${CARGO_TARGET_DIR:-target}/debug/demo"
 
-## Every unit and integration test (the end-to-end suites need root and run against containerd 1.6, 1.7 and 2.1).
+## Every unit and integration test (the end-to-end suites need root and run against containerd 1.6, 1.7 and 2.1),
+## then guest-puller's unit tests once more in its default (minimal guest) feature set, which the
+## workspace build never compiles: the integration crate turns on `lazy` and `gpg`.
 test: deps build
 	$(CARGO) test --workspace --no-fail-fast
+	$(CARGO) test -p guest-puller --lib
 
 lint:
 	$(CARGO) fmt --all -- --check

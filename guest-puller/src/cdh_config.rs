@@ -152,10 +152,6 @@ impl Config {
         if let Some(p) = &img.image_pull_proxy {
             crate::proxy::PullProxy::from_config(p).map_err(ConfigError::Invalid)?;
         }
-        if let Some(l) = &self.log {
-            tracing_subscriber::EnvFilter::try_new(&l.level)
-                .map_err(|e| ConfigError::Invalid(format!("[log] level {:?}: {e}", l.level)))?;
-        }
         Ok(())
     }
 

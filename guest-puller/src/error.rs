@@ -126,9 +126,7 @@ impl KeyProviderError {
             KeyProviderError::BadRequest(_) => ErrorKind::Invalid,
             KeyProviderError::UnknownKey { .. } => ErrorKind::NotFound,
             KeyProviderError::Unwrap { .. } => ErrorKind::Denied,
-            KeyProviderError::KekFile { .. } | KeyProviderError::Register { .. } => {
-                ErrorKind::Internal
-            }
+            KeyProviderError::KekFile { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -14,7 +14,6 @@ use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use aes_gcm::aead::rand_core::RngCore;
@@ -23,82 +22,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use kbs_client::ResourceUri;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tracing::{info, warn};
+use tracing::info;
 use zeroize::Zeroizing;
-
-/// tonic bindings of `keyprovider.KeyProviderService` over cdh-api's messages (the ones it
-/// serves over ttrpc).
-pub mod grpc {
-    use std::marker::PhantomData;
-
-    use bytes::{Buf, BufMut};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    pub use cdh_api::protos::keyprovider::{
-        KeyProviderKeyWrapProtocolInput, KeyProviderKeyWrapProtocolOutput,
-    };
-
-    /// tonic codec for rust-protobuf messages (tonic's own codec is for prost types).
-    pub struct ProtobufCodec<E, D>(PhantomData<(E, D)>);
-
-    impl<E, D> Default for ProtobufCodec<E, D> {
-        fn default() -> Self {
-            Self(PhantomData)
-        }
-    }
-
-    /// Encoding half of [`ProtobufCodec`].
-    pub struct ProtobufEncoder<E>(PhantomData<E>);
-    /// Decoding half of [`ProtobufCodec`].
-    pub struct ProtobufDecoder<D>(PhantomData<D>);
-
-    impl<E, D> Codec for ProtobufCodec<E, D>
-    where
-        E: protobuf::Message + Send + 'static,
-        D: protobuf::Message + Send + 'static,
-    {
-        type Encode = E;
-        type Decode = D;
-        type Encoder = ProtobufEncoder<E>;
-        type Decoder = ProtobufDecoder<D>;
-
-        fn encoder(&mut self) -> Self::Encoder {
-            ProtobufEncoder(PhantomData)
-        }
-
-        fn decoder(&mut self) -> Self::Decoder {
-            ProtobufDecoder(PhantomData)
-        }
-    }
-
-    impl<E: protobuf::Message> Encoder for ProtobufEncoder<E> {
-        type Item = E;
-        type Error = Status;
-
-        fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            item.write_to_writer(&mut dst.writer())
-                .map_err(|e| Status::internal(format!("encoding {}: {e}", E::NAME)))
-        }
-    }
-
-    impl<D: protobuf::Message> Decoder for ProtobufDecoder<D> {
-        type Item = D;
-        type Error = Status;
-
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
-            let bytes = src.copy_to_bytes(src.remaining());
-            D::parse_from_bytes(&bytes)
-                .map(Some)
-                .map_err(|e| Status::invalid_argument(format!("decoding {}: {e}", D::NAME)))
-        }
-    }
-
-    include!(concat!(
-        env!("OUT_DIR"),
-        "/keyprovider.KeyProviderService.rs"
-    ));
-}
 
 /// The provider name guestpull's documentation and tests use (`provider:guestpull:<kid>`).
 pub const DEFAULT_PROVIDER: &str = "guestpull";
@@ -124,20 +49,6 @@ pub enum KeyProviderError {
     /// A KEK file could not be read or written.
     #[error("{path}: {reason}")]
     KekFile { path: PathBuf, reason: String },
-    /// Registering a KEK with the KBS failed.
-    #[error("registering {kid} with the KBS at {url}: {reason}")]
-    Register {
-        kid: String,
-        url: String,
-        reason: String,
-    },
-}
-
-impl KeyProviderError {
-    /// The gRPC status code callers (ocicrypt) get for this error.
-    pub fn grpc_code(&self) -> tonic::Code {
-        crate::api::server::codes(self.kind()).1
-    }
 }
 
 fn bad(msg: impl Into<String>) -> KeyProviderError {
@@ -759,121 +670,6 @@ impl KeyProvider {
     }
 }
 
-/// `keyprovider.KeyProviderService` over gRPC (ocicrypt's `{"grpc":"host:port"}`).
-pub struct GrpcKeyProvider(pub Arc<KeyProvider>);
-
-impl GrpcKeyProvider {
-    fn call(
-        &self,
-        req: tonic::Request<grpc::KeyProviderKeyWrapProtocolInput>,
-        op: Operation,
-    ) -> Result<tonic::Response<grpc::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
-        let input = KeyProviderKeyWrapProtocolInput::from_json(
-            &req.get_ref().KeyProviderKeyWrapProtocolInput,
-        )
-        .map_err(|e| tonic::Status::new(e.grpc_code(), e.to_string()))?;
-        if input.op != op {
-            return Err(tonic::Status::invalid_argument(format!(
-                "this RPC handles op {op:?}, the request says {:?}",
-                input.op
-            )));
-        }
-        match self.0.handle(&input) {
-            Ok(out) => Ok(tonic::Response::new(
-                grpc::KeyProviderKeyWrapProtocolOutput {
-                    KeyProviderKeyWrapProtocolOutput: out.to_json(),
-                    ..Default::default()
-                },
-            )),
-            Err(e) => {
-                warn!("{op:?} failed: {e}");
-                Err(tonic::Status::new(e.grpc_code(), e.to_string()))
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl grpc::key_provider_service_server::KeyProviderService for GrpcKeyProvider {
-    async fn wrap_key(
-        &self,
-        req: tonic::Request<grpc::KeyProviderKeyWrapProtocolInput>,
-    ) -> Result<tonic::Response<grpc::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
-        self.call(req, Operation::Keywrap)
-    }
-
-    async fn un_wrap_key(
-        &self,
-        req: tonic::Request<grpc::KeyProviderKeyWrapProtocolInput>,
-    ) -> Result<tonic::Response<grpc::KeyProviderKeyWrapProtocolOutput>, tonic::Status> {
-        self.call(req, Operation::Keyunwrap)
-    }
-}
-
-/// Serves `provider` over gRPC on `listener` until `shutdown` resolves.
-pub async fn serve_grpc(
-    provider: Arc<KeyProvider>,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tonic::transport::Server::builder()
-        .add_service(
-            grpc::key_provider_service_server::KeyProviderServiceServer::new(GrpcKeyProvider(
-                provider,
-            )),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-}
-
-/// Uploads `kek` as KBS resource `kid` through the admin endpoint
-/// `POST /kbs/v0/resource/<repo>/<type>/<tag>`. Trustee requires an admin bearer token (a JWT
-/// signed with the KBS admin key); the test KBS accepts the upload without one.
-pub async fn register_kek(
-    kbs_url: &str,
-    kid: &ResourceUri,
-    kek: &Kek,
-    admin_token: Option<&str>,
-    ca_pem: Option<&[u8]>,
-) -> Result<(), KeyProviderError> {
-    let fail = |reason: String| KeyProviderError::Register {
-        kid: kid.to_string(),
-        url: kbs_url.to_string(),
-        reason,
-    };
-    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
-    if let Some(pem) = ca_pem {
-        let cert = reqwest::Certificate::from_pem(pem).map_err(|e| fail(format!("CA: {e}")))?;
-        builder = builder.add_root_certificate(cert);
-    }
-    let client = builder.build().map_err(|e| fail(e.to_string()))?;
-    let url = format!(
-        "{}/kbs/v0/resource/{}",
-        kbs_url.trim_end_matches('/'),
-        kid.path()
-    );
-    let mut req = client
-        .post(&url)
-        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-        .body(kek.as_bytes().to_vec());
-    if let Some(t) = admin_token {
-        req = req.bearer_auth(t.trim());
-    }
-    let resp = req.send().await.map_err(|e| fail(e.to_string()))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let body = resp.text().await.unwrap_or_default();
-    let hint = if status == reqwest::StatusCode::UNAUTHORIZED && admin_token.is_none() {
-        " (the KBS wants an admin token: --admin-token-file)"
-    } else {
-        ""
-    };
-    Err(fail(format!("HTTP {status}: {}{hint}", body.trim())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -881,6 +677,7 @@ mod tests {
     use crate::decrypt::{KeyUnwrapper, PROVIDER_PREFIX, PUBOPTS_ANNOTATION};
     use crate::resource::{ResourceError, ResourceFetcher};
     use std::io::Read;
+    use std::sync::Arc;
 
     /// The guest's view of the KBS: one KEK at one URI.
     struct OneResource(String, Vec<u8>);
@@ -1106,73 +903,5 @@ mod tests {
                 .as_bytes(),
             kek.as_bytes()
         );
-    }
-
-    #[tokio::test]
-    async fn grpc_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let kek = Kek::generate();
-        std::fs::create_dir_all(dir.path().join("default/key")).unwrap();
-        kek.write_new(&dir.path().join("default/key/app")).unwrap();
-        let kp = Arc::new(KeyProvider::new(
-            DEFAULT_PROVIDER,
-            Box::new(KeysDir::new(dir.path())),
-        ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_grpc(kp, listener, async {
-            let _ = rx.await;
-        }));
-        let mut client = grpc::key_provider_service_client::KeyProviderServiceClient::connect(
-            format!("http://{addr}"),
-        )
-        .await
-        .unwrap();
-        let plbco = br#"{"symkey":"AAAA"}"#;
-        let out = client
-            .wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                KeyProviderKeyWrapProtocolInput: go_wrap_request(KID, plbco),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let out: KeyProviderKeyWrapProtocolOutput =
-            serde_json::from_slice(&out.KeyProviderKeyWrapProtocolOutput).unwrap();
-        let ann = out.keywrapresults.unwrap().annotation;
-        let req = serde_json::json!({"op": "keyunwrap",
-            "keyunwrapparams": {"annotation": STANDARD.encode(ann.as_slice())}});
-        let out = client
-            .un_wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                KeyProviderKeyWrapProtocolInput: req.to_string().into_bytes(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let out: KeyProviderKeyWrapProtocolOutput =
-            serde_json::from_slice(&out.KeyProviderKeyWrapProtocolOutput).unwrap();
-        assert_eq!(out.keyunwrapresults.unwrap().optsdata.as_slice(), plbco);
-        // Unknown kid → NOT_FOUND naming it; op mismatch → INVALID_ARGUMENT.
-        let st = client
-            .wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                KeyProviderKeyWrapProtocolInput: go_wrap_request("kbs:///default/key/none", plbco),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(st.code(), tonic::Code::NotFound);
-        assert!(st.message().contains("kbs:///default/key/none"));
-        let st = client
-            .un_wrap_key(grpc::KeyProviderKeyWrapProtocolInput {
-                KeyProviderKeyWrapProtocolInput: go_wrap_request(KID, plbco),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(st.code(), tonic::Code::InvalidArgument);
-        tx.send(()).unwrap();
-        server.await.unwrap().unwrap();
     }
 }

@@ -103,14 +103,21 @@ fn cdh_default_config() -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-fn init_logging(cfg: Option<&Config>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GUEST_PULLER_LOG")
-        .ok()
-        .or_else(|| {
-            cfg.and_then(Config::log_filter)
-                .and_then(|l| tracing_subscriber::EnvFilter::try_new(l).ok())
-        })
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+/// The log filter: `GUEST_PULLER_LOG` first, then the config's `[log] level` (an error when it
+/// is not a valid filter, naming the key), then `info`.
+fn log_filter(cfg: Option<&Config>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("GUEST_PULLER_LOG") {
+        return Ok(f);
+    }
+    match cfg.and_then(Config::log_filter) {
+        Some(level) => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("[log] level {level:?} is not a log filter")),
+        None => Ok(tracing_subscriber::EnvFilter::new("info")),
+    }
+}
+
+fn init_logging(cfg: Option<&Config>) -> anyhow::Result<()> {
+    let filter = log_filter(cfg)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -124,6 +131,7 @@ fn init_logging(cfg: Option<&Config>) {
             keys.join("; ")
         );
     }
+    Ok(())
 }
 
 async fn puller(mut cfg: Config) -> anyhow::Result<Puller> {
@@ -171,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
             Some(p) => Config::from_file(p)?,
             None => cdh_default_config()?,
         };
-        init_logging(Some(&cfg));
+        init_logging(Some(&cfg))?;
         let addrs = cfg.server.addresses();
         return serve(cfg, addrs).await;
     }
@@ -182,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::ClientPull { .. } => None,
     };
-    init_logging(cfg.as_ref());
+    init_logging(cfg.as_ref())?;
     let cfg = cfg.unwrap_or_default();
     match cli.cmd {
         Cmd::Pull { image, bundle, .. } => {
@@ -276,5 +284,16 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_bad_log_level_is_an_error_naming_the_key() {
+        // GUEST_PULLER_LOG would take precedence; the test environment does not set it.
+        assert!(std::env::var_os("GUEST_PULLER_LOG").is_none());
+        let cfg = Config::from_toml("[log]\nlevel = \"loud=[\"\n").unwrap();
+        let e = format!("{:#}", log_filter(Some(&cfg)).unwrap_err());
+        assert!(e.contains("[log] level"), "{e}");
+        let cfg = Config::from_toml("[log]\nlevel = \"debug\"\n").unwrap();
+        assert!(log_filter(Some(&cfg)).is_ok());
     }
 }

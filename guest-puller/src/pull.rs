@@ -84,7 +84,7 @@ pub struct PullResult {
 /// Pulls images into bundles; cheap to share (`Arc`) across concurrent pulls.
 pub struct Puller {
     cfg: Config,
-    registry: RegistryClient,
+    registry: Arc<RegistryClient>,
     store: Arc<LayerStore>,
     bundles: Arc<Bundles>,
     unwrapper: KeyUnwrapper,
@@ -170,7 +170,7 @@ impl Puller {
         .with_key_lifetime(std::time::Duration::from_secs(cfg.keys.jwe_key_cache_secs));
         Ok(Self {
             cfg,
-            registry,
+            registry: Arc::new(registry),
             store,
             bundles,
             unwrapper,
@@ -344,8 +344,28 @@ impl Puller {
         })
     }
 
+    /// Refuses a nydus image: this build has no lazy pull (the `lazy` feature is off), and a
+    /// nydus image has no layers an eager pull could unpack.
+    #[cfg(not(feature = "lazy"))]
+    async fn pull_lazy(
+        &self,
+        requested: &Reference,
+        _img: ResolvedImage,
+        _config: ImageConfig,
+        _nydus: NydusManifest,
+        _lock: BundleLock,
+        _started: std::time::Instant,
+    ) -> Result<PullResult, PullError> {
+        Err(PullError::Lazy(LazyError::Format(format!(
+            "{} is a nydus (lazy-pull) image, and this guest-puller was built without the \
+             `lazy` feature",
+            requested.whole()
+        ))))
+    }
+
     /// Mounts a nydus image: verified bootstrap, FUSE-served RAFS with chunks fetched on
     /// demand, the bundle's overlay on top.
+    #[cfg(feature = "lazy")]
     async fn pull_lazy(
         &self,
         requested: &Reference,
@@ -358,8 +378,13 @@ impl Puller {
         let bundle_dir = lock.dirs().bundle.clone();
         let boot =
             lazy::fetch_bootstrap(&self.registry, &img.source, &nydus, &self.unwrapper).await?;
-        let src =
-            lazy::source::blob_source(&self.registry, &img.source, self.cfg.image.max_retries);
+        let blobs =
+            lazy::BlobServer::start(self.registry.clone(), img.source.clone(), &nydus.blobs)
+                .await
+                .map_err(|source| LazyError::Io {
+                    path: "lazy blob server on 127.0.0.1".into(),
+                    source,
+                })?;
         let mnt = lock.dirs().lazy.join("rootfs");
         let record = BundleRecord {
             bundle: bundle_dir.clone(),
@@ -373,7 +398,7 @@ impl Puller {
             .create(lock, record, move |dirs| -> Result<_, PullError> {
                 let mnt = dirs.lazy.join("rootfs");
                 Bundles::remove_lazy_dir(&dirs.lazy);
-                let m = lazy::mount_bootstrap(boot, &dirs.lazy, &mnt, &src, &nydus, &name)?;
+                let m = lazy::mount_bootstrap(boot, &dirs.lazy, &mnt, blobs, &nydus, &name)?;
                 if eager {
                     // force_eager: every chunk is fetched and verified before the pull returns.
                     if let Err(e) = lazy::read_all(&mnt) {

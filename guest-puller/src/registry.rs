@@ -246,7 +246,6 @@ pub struct RegistryClient {
     plain_http: Vec<String>,
     retries: u32,
     limits: NetLimits,
-    proxy: PullProxy,
 }
 
 /// An HTTP error answer of the registry (status and the start of its body).
@@ -417,7 +416,6 @@ impl RegistryClient {
             plain_http: plain,
             retries: limits.retries.max(1),
             limits,
-            proxy,
         })
     }
 
@@ -457,11 +455,6 @@ impl RegistryClient {
     /// Whether `host` is reached over plain HTTP (insecure registries and insecure rules/mirrors).
     pub fn is_plain_http(&self, host: &str) -> bool {
         self.plain_http.iter().any(|h| h == host)
-    }
-
-    /// The `[image.image_pull_proxy]` proxy for `host` over `scheme`, if one applies.
-    pub fn proxy_for(&self, scheme: &str, host: &str) -> Option<&url::Url> {
-        self.proxy.for_target(scheme, host)
     }
 
     /// Candidate sources for `r`: mirrors first, then the (possibly remapped) location.
@@ -930,6 +923,98 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Reads `len` bytes of a blob at `offset` (a lazy image's chunk range), retrying like a
+    /// layer download. A registry that ignores the Range header is read up to the range and
+    /// cut off. The bytes are not verified here: the caller checks them against the chunk
+    /// digests of the signed bootstrap.
+    pub async fn blob_range(
+        &self,
+        r: &Reference,
+        desc: &OciDescriptor,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let reference = || format!("{}@{}", r.repository(), desc.digest);
+        let size = u64::try_from(desc.size).unwrap_or(0);
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(RegistryError::Unsupported {
+                reference: reference(),
+                reason: format!("range {offset}+{len} is outside the blob's {size} bytes"),
+            });
+        }
+        let auth = self.auth_for(r);
+        self.client
+            .store_auth_if_needed(r.resolve_registry(), &auth)
+            .await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let reason = match self.range_once(r, desc, offset, len).await {
+                Ok(b) => return Ok(b),
+                Err(StreamFail::Io(_, reason)) => reason,
+                Err(StreamFail::Fatal(e)) => return Err(e),
+                Err(StreamFail::Consumer) => return Err(RegistryError::ConsumerGone),
+            };
+            if attempt >= self.retries {
+                return Err(RegistryError::Request {
+                    reference: reference(),
+                    kind: ErrorKind::Unavailable,
+                    source: format!("{reason} (range {offset}+{len}, after {attempt} attempts)")
+                        .into(),
+                });
+            }
+            warn!(digest = %desc.digest, offset, len, attempt, "blob range failed, retrying: {reason}");
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    async fn range_once(
+        &self,
+        r: &Reference,
+        desc: &OciDescriptor,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, StreamFail> {
+        let stall = self.limits.stall_timeout;
+        let open = self
+            .client
+            .pull_blob_stream_partial(r, desc, offset, Some(len));
+        let Ok(open) = tokio::time::timeout(stall, open).await else {
+            return Err(StreamFail::Io(0, format!("no answer for {stall:?}")));
+        };
+        let (mut stream, mut skip) = match open {
+            Ok(BlobResponse::Full(s)) => (s, offset),
+            Ok(BlobResponse::Partial(s)) => (s, 0),
+            Err(e) if retryable(&e) => return Err(StreamFail::Io(0, e.to_string())),
+            Err(e) => {
+                return Err(StreamFail::Fatal(RegistryError::Request {
+                    reference: format!("{}@{}", r.repository(), desc.digest),
+                    kind: oci_kind(&e),
+                    source: Box::new(e),
+                }))
+            }
+        };
+        // `len` is bounded by the caller (a chunk batch), so the buffer is too.
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        while (out.len() as u64) < len {
+            let Ok(item) = tokio::time::timeout(stall, stream.next()).await else {
+                return Err(StreamFail::Io(0, format!("no data for {stall:?}")));
+            };
+            let Some(item) = item else {
+                return Err(StreamFail::Io(0, "connection closed early".into()));
+            };
+            let mut chunk = item.map_err(|e| StreamFail::Io(0, e.to_string()))?;
+            if skip > 0 {
+                let n = skip.min(chunk.len() as u64);
+                chunk = chunk.slice(n as usize..);
+                skip -= n;
+            }
+            let want = (len - out.len() as u64).min(chunk.len() as u64) as usize;
+            out.extend_from_slice(&chunk[..want]);
+        }
+        Ok(out.freeze())
+    }
+
     /// cosign signatures of `manifest_digest`: (payload, base64 signature) per signature layer.
     pub async fn cosign_signatures(
         &self,
@@ -1044,6 +1129,25 @@ fn select_platform(entries: &[oci_client::manifest::ImageIndexEntry]) -> Option<
 mod tests {
     use super::*;
     use crate::config::{RegistryMirror, RegistryRule};
+
+    #[test]
+    fn credentials_by_repository_then_namespace_then_registry() {
+        let json = br#"{"auths":{"reg.example":{"auth":"dTpw"},
+            "reg.example/team/app":{"username":"a","password":"b"}}}"#;
+        let c = RegistryClient::new(
+            RegistryConfig::default(),
+            Some(json),
+            &[],
+            NetLimits::default(),
+            PullProxy::default(),
+        )
+        .unwrap();
+        let creds = |r: &str| c.basic_credentials(&r.parse().unwrap());
+        assert_eq!(creds("reg.example/team/app:1"), Some(("a", "b")));
+        assert_eq!(creds("reg.example/team/app/sub:1"), Some(("a", "b")));
+        assert_eq!(creds("reg.example/other:1"), Some(("u", "p")));
+        assert_eq!(creds("elsewhere.example/x:1"), None);
+    }
 
     #[test]
     fn auth_lookup_order_and_docker_aliases() {

@@ -56,6 +56,44 @@ impl<'a> Registry<'a> {
         reg
     }
 
+    /// A second `docker-registry` serving this one's storage over HTTPS with `cert`/`key` (PEM
+    /// files), so a test can push over HTTP and pull over TLS from a private CA.
+    pub fn start_tls_view(
+        &self,
+        name: &str,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Registry<'a> {
+        let port = free_port();
+        let dir = self.lab.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("config.yml");
+        fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
+                self.data.display(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&cfg);
+        self.lab.spawn(name, cmd);
+        wait_for(
+            "the TLS registry to accept connections",
+            Duration::from_secs(20),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        Registry {
+            lab: self.lab,
+            name: name.to_string(),
+            port,
+            data: self.data.clone(),
+        }
+    }
+
     /// `127.0.0.1:<port>`, the registry host part of image references.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -281,6 +281,64 @@ async fn small_read_fetches_only_its_chunks() {
     p.unmount_bundle(&b).await.unwrap();
 }
 
+/// Chunk reads travel through the puller's own registry client, so a registry behind a private
+/// CA works lazily with `extra_root_certificates`, as it does eagerly (nydus' own backend
+/// knew nothing of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_chunks_from_a_private_ca_registry_use_extra_root_certificates() {
+    require_fuse();
+    let lab = Lab::new("lazy-tls");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 8)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "tls", &spec);
+    let pki = lab.join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let (ca, _) = integration::kbs::test_pki(&pki, "127.0.0.1");
+    let tls = reg.start_tls_view("registry-tls", &pki.join("leaf.pem"), &pki.join("leaf.key"));
+    let image = img.nydus.replacen(&reg.host(), &tls.host(), 1);
+    let ca = String::from_utf8(ca).unwrap();
+    // The TLS registry is not insecure: only the CA makes it trusted.
+    let cfg = Config::from_toml(&format!(
+        "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\nmax_retries = 1\n\
+         extra_root_certificates = [{ca:?}]\n",
+        lab.join("work").display(),
+        lab.path().display(),
+    ))
+    .unwrap();
+    let p = puller(cfg).await;
+    let b = lab.join("bundle");
+    p.pull_image(&image, &b).await.unwrap();
+    assert_eq!(
+        fs::read_to_string(b.join("rootfs/payload/l3/small.txt")).unwrap(),
+        "small file in layer 3\n"
+    );
+    let blob = &img.nydus_manifest.layer_digests[0];
+    assert!(
+        tls.blob_gets_of(&repo_of(&img.nydus), blob) >= 1,
+        "the chunk came from the TLS registry:\n{}",
+        tls.log()
+    );
+    p.unmount_bundle(&b).await.unwrap();
+    // Without the CA the same pull is refused at the first fetch.
+    let cfg = Config::from_toml(&format!(
+        "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\nmax_retries = 1\n",
+        lab.join("work2").display(),
+        lab.path().display(),
+    ))
+    .unwrap();
+    let e = puller(cfg)
+        .await
+        .pull_image(&image, &lab.join("bundle2"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").to_lowercase().contains("certificate"),
+        "{e:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_chunks_fail_with_eio_and_never_return_bad_bytes() {
     require_fuse();

@@ -21,28 +21,28 @@ fn status(code: Code, msg: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
 }
 
-/// The one table from error kinds to status codes: (ttrpc, gRPC). Every server of the
-/// puller answers through it; nothing else decides a status code.
-pub fn codes(kind: ErrorKind) -> (Code, tonic::Code) {
-    use tonic::Code as G;
+/// The one table from error kinds to status codes. Every server of the puller answers
+/// through it; nothing else decides a status code. ttrpc's codes are google.rpc's, so gRPC
+/// servers (the owner-side keyprovider) take the same number.
+pub fn codes(kind: ErrorKind) -> Code {
     match kind {
-        ErrorKind::Invalid => (Code::INVALID_ARGUMENT, G::InvalidArgument),
-        ErrorKind::NotFound => (Code::NOT_FOUND, G::NotFound),
-        ErrorKind::AlreadyExists => (Code::ALREADY_EXISTS, G::AlreadyExists),
-        ErrorKind::Denied => (Code::PERMISSION_DENIED, G::PermissionDenied),
-        ErrorKind::Precondition => (Code::FAILED_PRECONDITION, G::FailedPrecondition),
-        ErrorKind::Unsupported => (Code::UNIMPLEMENTED, G::Unimplemented),
-        ErrorKind::Integrity => (Code::DATA_LOSS, G::DataLoss),
-        ErrorKind::Unavailable => (Code::UNAVAILABLE, G::Unavailable),
-        ErrorKind::TimedOut => (Code::DEADLINE_EXCEEDED, G::DeadlineExceeded),
-        ErrorKind::ResourceExhausted => (Code::RESOURCE_EXHAUSTED, G::ResourceExhausted),
-        ErrorKind::Internal => (Code::INTERNAL, G::Internal),
+        ErrorKind::Invalid => Code::INVALID_ARGUMENT,
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+        ErrorKind::Denied => Code::PERMISSION_DENIED,
+        ErrorKind::Precondition => Code::FAILED_PRECONDITION,
+        ErrorKind::Unsupported => Code::UNIMPLEMENTED,
+        ErrorKind::Integrity => Code::DATA_LOSS,
+        ErrorKind::Unavailable => Code::UNAVAILABLE,
+        ErrorKind::TimedOut => Code::DEADLINE_EXCEEDED,
+        ErrorKind::ResourceExhausted => Code::RESOURCE_EXHAUSTED,
+        ErrorKind::Internal => Code::INTERNAL,
     }
 }
 
 /// ttrpc status code a pull error maps to.
 pub fn pull_error_code(e: &PullError) -> Code {
-    codes(e.kind()).0
+    codes(e.kind())
 }
 
 /// Serves both services over one [`Puller`].
@@ -107,7 +107,7 @@ impl Service {
             .unwrapper()
             .unwrap_annotation_packet(annotation.as_slice())
             .await
-            .map_err(|e| status(codes(e.kind()).0, format!("UnWrapKey: {e}")))?;
+            .map_err(|e| status(codes(e.kind()), format!("UnWrapKey: {e}")))?;
         // Array form, as CDH emits it (ocicrypt-rs callers expect it; Go accepts both).
         let out = KeyProviderKeyWrapProtocolOutput {
             keywrapresults: None,

@@ -205,7 +205,6 @@ fn values_guest_puller_cannot_honour_are_refused() {
             "both set",
         ),
         ("socket = \"127.0.0.1:50000\"\n", "absolute"),
-        ("[log]\nlevel = \"loud=[\"\n", "[log] level"),
     ] {
         let e = Config::from_toml(text).unwrap_err().to_string();
         assert!(e.contains(why), "{text}: {e}");

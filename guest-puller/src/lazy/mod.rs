@@ -8,9 +8,12 @@
 //! Every blob the bootstrap names must be a layer of the manifest.
 
 pub mod image;
+#[cfg(feature = "lazy")]
 pub mod logged;
+#[cfg(feature = "lazy")]
 pub mod mount;
-pub mod source;
+#[cfg(feature = "lazy")]
+pub mod transport;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,28 @@ use crate::decrypt::{self, KeyUnwrapper};
 use crate::registry::{Hasher, RegistryClient, RegistryError};
 
 pub use image::{detect, NydusManifest};
-pub use mount::{BlobSource, RafsMount};
+#[cfg(feature = "lazy")]
+pub use mount::RafsMount;
+#[cfg(feature = "lazy")]
+pub use transport::BlobServer;
+
+/// A lazy mount, in a build without the `lazy` feature: none can exist, so the bundle owner's
+/// mount table stays empty and nydus images are refused before anything is fetched.
+#[cfg(not(feature = "lazy"))]
+pub enum RafsMount {}
+
+#[cfg(not(feature = "lazy"))]
+impl RafsMount {
+    /// Unreachable: no mount value exists.
+    pub fn mountpoint(&self) -> &Path {
+        match *self {}
+    }
+
+    /// Unreachable: no mount value exists.
+    pub fn unmount(self) {
+        match self {}
+    }
+}
 
 /// Why a lazy pull failed.
 #[derive(Debug, thiserror::Error)]
@@ -181,11 +205,12 @@ pub fn prefetch_in_background(root: PathBuf) {
 }
 
 /// Mounts a verified bootstrap for `bundle` at `mountpoint` (blocking).
+#[cfg(feature = "lazy")]
 pub fn mount_bootstrap(
     bootstrap: Vec<u8>,
     state_dir: &Path,
     mountpoint: &Path,
-    src: &BlobSource,
+    blobs: BlobServer,
     nydus: &NydusManifest,
     image: &str,
 ) -> Result<RafsMount, LazyError> {
@@ -202,8 +227,15 @@ pub fn mount_bootstrap(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rafs".into());
-    let cfg = mount::nydus_config(&id, src, &cache, false)?;
-    let res = RafsMount::mount(&boot_path, cfg, mountpoint, &image::blob_ids(nydus), image);
+    let cfg = mount::nydus_config(&id, &blobs, &cache, false)?;
+    let res = RafsMount::mount(
+        &boot_path,
+        cfg,
+        mountpoint,
+        &image::blob_ids(nydus),
+        image,
+        blobs,
+    );
     // nydus keeps the bootstrap mapped; unlinking it leaves no copy of chunk keys on disk.
     let _ = std::fs::remove_file(&boot_path);
     res

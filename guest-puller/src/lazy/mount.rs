@@ -17,30 +17,15 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use super::logged::LoggedRafs;
+use super::transport::BlobServer;
 use super::LazyError;
 
-/// Where and how a lazy image's blobs are fetched.
-#[derive(Debug, Clone)]
-pub struct BlobSource {
-    /// `http` or `https`.
-    pub scheme: String,
-    /// Registry host\[:port\].
-    pub host: String,
-    /// Repository path, e.g. `library/busybox`.
-    pub repo: String,
-    /// Base64 `user:password` for the registry, if any.
-    pub auth: Option<String>,
-    /// Attempts per range request.
-    pub retry_limit: u8,
-    /// The `[image.image_pull_proxy]` proxy for this registry, if one applies.
-    pub proxy: Option<String>,
-}
-
-/// Builds the nydus configuration for one mount: registry backend, file cache in
-/// `cache_dir` with chunk validation on, RAFS direct mode.
+/// Builds the nydus configuration for one mount: nydus' http-proxy backend reading from the
+/// mount's [`BlobServer`] (our registry client behind it), file cache in `cache_dir` with
+/// chunk validation on, RAFS direct mode.
 pub fn nydus_config(
     id: &str,
-    src: &BlobSource,
+    blobs: &BlobServer,
     cache_dir: &Path,
     prefetch: bool,
 ) -> Result<Arc<ConfigV2>, LazyError> {
@@ -48,19 +33,16 @@ pub fn nydus_config(
         "version": 2,
         "id": id,
         "backend": {
-            "type": "registry",
-            "registry": {
-                "scheme": src.scheme,
-                "host": src.host,
-                "repo": src.repo,
-                "auth": src.auth,
-                "timeout": 30,
-                "connect_timeout": 10,
-                "retry_limit": src.retry_limit,
-                // nydus sends every request through `url` (a plain forward proxy for its
-                // client); without fallback, a proxy that fails is an error, never a direct
-                // connection the configuration ruled out.
-                "proxy": { "url": src.proxy.clone().unwrap_or_default(), "fallback": false },
+            "type": "http-proxy",
+            "http-proxy": {
+                "addr": blobs.url(),
+                "path": blobs.path(),
+                // Our side has the registry deadlines and retries; nydus' hop is loopback.
+                // Its client honours HTTP_PROXY from the environment: the puller's proxy is
+                // `image_pull_proxy`, and the environment must not name one.
+                "timeout": 60,
+                "connect_timeout": 5,
+                "retry_limit": 0,
             }
         },
         "cache": {
@@ -105,11 +87,13 @@ pub fn check_cipher_features(encrypted: bool, features: BlobFeatures) -> Result<
     Ok(())
 }
 
-/// A mounted RAFS filesystem and the threads serving it.
+/// A mounted RAFS filesystem, the threads serving it and the blob server its chunks come
+/// from (dropped after the threads have stopped).
 pub struct RafsMount {
     mountpoint: PathBuf,
     session: FuseSession,
     threads: Vec<JoinHandle<()>>,
+    _blobs: BlobServer,
 }
 
 /// FUSE server threads per mount: reads block on the registry, so more than one keeps a
@@ -125,6 +109,7 @@ impl RafsMount {
         mountpoint: &Path,
         blob_ids: &std::collections::BTreeMap<String, u64>,
         image: &str,
+        blobs: BlobServer,
     ) -> Result<Self, LazyError> {
         // Every blob the bootstrap refers to must be a layer of the (signed) manifest, so no
         // chunk can come from content the signature does not cover.
@@ -187,6 +172,7 @@ impl RafsMount {
                         mountpoint: mountpoint.to_owned(),
                         session,
                         threads,
+                        _blobs: blobs,
                     };
                     m.stop();
                     return Err(LazyError::Fuse(format!("channel: {e}")));
@@ -222,6 +208,7 @@ impl RafsMount {
             mountpoint: mountpoint.to_owned(),
             session,
             threads,
+            _blobs: blobs,
         })
     }
 

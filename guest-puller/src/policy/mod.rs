@@ -21,8 +21,16 @@
 //! the evaluator's lifetime (public keys only; they are not secrets).
 
 mod config;
+#[cfg(feature = "cosign")]
 mod cosign;
+#[cfg(feature = "gpg")]
 mod gpg;
+#[cfg(not(all(feature = "gpg", feature = "cosign")))]
+mod not_built;
+#[cfg(not(feature = "cosign"))]
+use not_built as cosign;
+#[cfg(not(feature = "gpg"))]
+use not_built as gpg;
 mod lookaside;
 mod payload;
 mod reference;
@@ -171,6 +179,7 @@ impl PolicyEvaluator {
         fetcher: Arc<dyn ResourceFetcher>,
     ) -> Result<Self, PolicyError> {
         let policy = config::parse_policy(policy).map_err(PolicyError::InvalidPolicy)?;
+        check_capabilities(&policy)?;
         validate_inline_keys(&policy)?;
         let lookaside = match lookaside {
             Some(y) => lookaside::Lookaside::parse(y).map_err(PolicyError::InvalidLookaside)?,
@@ -461,6 +470,36 @@ fn describe_all(keys: &[KeySource]) -> String {
         .map(KeySource::describe)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The refusal for a requirement whose signature scheme this build leaves out.
+fn not_built(requirement: &str, feature: &str) -> String {
+    format!(
+        "{requirement} requirements need a guest-puller built with the `{feature}` feature \
+         (this build leaves it out)"
+    )
+}
+
+/// A policy whose requirements this build cannot check is refused when it is loaded, not when
+/// the first image meets the requirement.
+fn check_capabilities(policy: &Policy) -> Result<(), PolicyError> {
+    let all = policy
+        .default
+        .iter()
+        .chain(policy.docker.values().flatten());
+    for req in all {
+        let missing = match req {
+            Requirement::SignedBy { .. } if !cfg!(feature = "gpg") => Some(("signedBy", "gpg")),
+            Requirement::SigstoreSigned { .. } if !cfg!(feature = "cosign") => {
+                Some(("sigstoreSigned", "cosign"))
+            }
+            _ => None,
+        };
+        if let Some((requirement, feature)) = missing {
+            return Err(PolicyError::InvalidPolicy(not_built(requirement, feature)));
+        }
+    }
+    Ok(())
 }
 
 /// Inline keys are part of the policy: a bad one makes the policy invalid up front.

@@ -2,6 +2,13 @@
 //! signatures made by `openssl` (same wire format as `cosign sign --key`: DER ECDSA over the
 //! raw payload, base64), served from files, a local HTTP lookaside and an in-memory registry.
 
+// Builds without a signature scheme (the `gpg`/`cosign` features) skip its tests and leave
+// their helpers unused.
+#![cfg_attr(
+    not(all(feature = "gpg", feature = "cosign")),
+    allow(dead_code, unused_imports)
+)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -292,6 +299,7 @@ fn rejection(e: PolicyError) -> String {
     e.to_string()
 }
 
+#[cfg(feature = "gpg")]
 #[tokio::test]
 async fn simple_signing_file_lookaside_accepts_and_rejects() {
     let signer = Gpg::new("rsa2048");
@@ -405,6 +413,7 @@ async fn simple_signing_file_lookaside_accepts_and_rejects() {
     assert!(e.contains("scope default"), "{e}");
 }
 
+#[cfg(feature = "gpg")]
 #[tokio::test]
 async fn simple_signing_key_sources_and_subkeys() {
     let signer = Gpg::with_signing_subkey();
@@ -575,6 +584,7 @@ async fn serve(files: HashMap<String, Vec<u8>>) -> String {
     format!("http://{addr}")
 }
 
+#[cfg(feature = "gpg")]
 #[tokio::test]
 async fn simple_signing_http_lookaside() {
     let signer = Gpg::new("ed25519");
@@ -627,6 +637,7 @@ fn sigstore_policy(key_field: &str, identity: &str) -> String {
 
 const MATCH_REPO: &str = r#","signedIdentity":{"type":"matchRepository"}"#;
 
+#[cfg(feature = "cosign")]
 #[tokio::test]
 async fn cosign_signatures_all_key_types() {
     let image = reference("127.0.0.1:5000/lab/app:v1");
@@ -648,6 +659,7 @@ async fn cosign_signatures_all_key_types() {
     }
 }
 
+#[cfg(feature = "cosign")]
 #[tokio::test]
 async fn cosign_accepts_and_rejects_with_reasons() {
     let key = OpensslKey::new("p256");
@@ -795,6 +807,7 @@ async fn cosign_accepts_and_rejects_with_reasons() {
     ));
 }
 
+#[cfg(feature = "cosign")]
 #[tokio::test]
 async fn index_signatures_are_accepted_with_list_digest() {
     let key = OpensslKey::new("p256");
@@ -846,4 +859,29 @@ async fn every_requirement_must_pass() {
     ev.check(&reference("elsewhere.io/x:1"), DIGEST, &reg)
         .await
         .unwrap();
+}
+
+#[cfg(not(feature = "gpg"))]
+#[test]
+fn without_the_gpg_feature_signed_by_is_refused_when_the_policy_loads() {
+    let policy = r#"{"default":[{"type":"signedBy","keyType":"GPGKeys","keyPath":"/k.gpg"}]}"#;
+    let Err(e) =
+        PolicyEvaluator::from_json(policy.as_bytes(), None, Arc::new(TestFetcher::default()))
+    else {
+        panic!("the policy loaded");
+    };
+    assert!(matches!(e, PolicyError::InvalidPolicy(_)), "{e}");
+    assert!(e.to_string().contains("`gpg` feature"), "{e}");
+}
+
+#[cfg(not(feature = "cosign"))]
+#[test]
+fn without_the_cosign_feature_sigstore_signed_is_refused_when_the_policy_loads() {
+    let policy = r#"{"default":[{"type":"sigstoreSigned","keyPath":"/k.pub"}]}"#;
+    let Err(e) =
+        PolicyEvaluator::from_json(policy.as_bytes(), None, Arc::new(TestFetcher::default()))
+    else {
+        panic!("the policy loaded");
+    };
+    assert!(e.to_string().contains("`cosign` feature"), "{e}");
 }

@@ -7,9 +7,9 @@ fn main() {
         tonic_build::manual::Method::builder()
             .name(name)
             .route_name(route)
-            .input_type("crate::keyprovider::grpc::KeyProviderKeyWrapProtocolInput")
-            .output_type("crate::keyprovider::grpc::KeyProviderKeyWrapProtocolOutput")
-            .codec_path("crate::keyprovider::grpc::ProtobufCodec")
+            .input_type("crate::grpc::KeyProviderKeyWrapProtocolInput")
+            .output_type("crate::grpc::KeyProviderKeyWrapProtocolOutput")
+            .codec_path("crate::grpc::ProtobufCodec")
             .build()
     };
     let service = tonic_build::manual::Service::builder()

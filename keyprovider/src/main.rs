@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use guest_puller::keyprovider::{
-    parse_kid, register_kek, serve_grpc, Kek, KekFile, KeyProvider, KeysDir, DEFAULT_PROVIDER,
-};
+use guest_puller::keyprovider::{parse_kid, Kek, KekFile, KeyProvider, KeysDir, DEFAULT_PROVIDER};
+use guestpull_keyprovider::{register_kek, serve_grpc};
 
 #[derive(Parser)]
 #[command(
