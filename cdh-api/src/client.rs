@@ -141,13 +141,37 @@ pub async fn pull_image_at(
     req.image_url = image.as_bytes().to_vec();
     // Sent as is: the server, not the client, decides whether a path is acceptable.
     req.bundle_path = std::os::unix::ffi::OsStrExt::as_bytes(bundle.as_os_str()).to_vec();
-    let resp = client
-        .pull_image(
-            ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64),
-            &req,
-        )
-        .await?;
+    let resp = client.pull_image(ctx(timeout), &req).await?;
     Ok(resp.manifest_digest)
+}
+
+fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64)
+}
+
+/// Calls `SealedSecretService.UnsealSecret{secret}` at `endpoint`, as kata-agent does for an
+/// environment value starting with `sealed.`; returns the plaintext.
+pub async fn unseal_secret_at(
+    endpoint: &Endpoint,
+    secret: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ttrpc::Error> {
+    let client = api_ttrpc::SealedSecretServiceClient::new(connect(endpoint).await?);
+    let mut req = api::UnsealSecretInput::new();
+    req.secret = secret.to_vec();
+    Ok(client.unseal_secret(ctx(timeout), &req).await?.plaintext)
+}
+
+/// Calls `GetResourceService.GetResource{ResourcePath}` at `endpoint`; returns the resource.
+pub async fn get_resource_at(
+    endpoint: &Endpoint,
+    uri: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, ttrpc::Error> {
+    let client = api_ttrpc::GetResourceServiceClient::new(connect(endpoint).await?);
+    let mut req = api::GetResourceRequest::new();
+    req.ResourcePath = uri.as_bytes().to_vec();
+    Ok(client.get_resource(ctx(timeout), &req).await?.Resource)
 }
 
 #[cfg(test)]

@@ -164,10 +164,6 @@ impl Config {
             .and_then(|r| r.unqualified_search_registries.as_ref());
         [
             (
-                self.skip_sealed_secret_verification.is_some(),
-                "skip_sealed_secret_verification (no sealed-secret service)",
-            ),
-            (
                 search.is_some_and(|s| s.iter().map(String::as_str).ne(["docker.io"])),
                 "[image.registry_config] unqualified-search-registries (short names resolve on docker.io)",
             ),

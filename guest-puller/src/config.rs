@@ -55,7 +55,7 @@ pub struct Config {
     pub aa: AaConfig,
     /// CDH `[[credentials]]`: KBS resources written to files at start.
     pub credentials: Vec<Credential>,
-    /// CDH: skips the JWS check of sealed secrets (no sealed-secret service here: ignored).
+    /// CDH: skips the JWS check of sealed secrets (development only).
     pub skip_sealed_secret_verification: Option<bool>,
     /// CDH `[log]`: the log level when `GUEST_PULLER_LOG` is unset.
     pub log: Option<LogConfig>,

@@ -19,5 +19,6 @@ pub mod pull;
 pub mod registry;
 pub mod resource;
 pub mod rootfs;
+pub mod sealed;
 pub mod startup;
 pub mod unpack;

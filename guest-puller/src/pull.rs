@@ -178,6 +178,16 @@ impl Puller {
         })
     }
 
+    /// The configuration the puller runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Where the puller fetches resources (the KBS, files, inline data).
+    pub fn fetcher(&self) -> &Arc<dyn ResourceFetcher> {
+        &self.fetcher
+    }
+
     /// The key unwrapper (also used by the KeyProviderService).
     pub fn unwrapper(&self) -> &KeyUnwrapper {
         &self.unwrapper

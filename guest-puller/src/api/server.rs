@@ -1,4 +1,5 @@
-//! ttrpc server: `api.ImagePullService/PullImage` and `keyprovider.KeyProviderService/UnWrapKey`
+//! ttrpc server: `api.ImagePullService/PullImage`, `api.SealedSecretService/UnsealSecret`,
+//! `api.GetResourceService/GetResource` and `keyprovider.KeyProviderService/UnWrapKey`
 //! on unix sockets (as the CDH serves them to kata-agent and ocicrypt keyprovider callers) and on
 //! vsock ports (how a host reaches them in a VM without networking, like kata-agent's channel).
 
@@ -16,6 +17,7 @@ use crate::keyprovider::{
     Operation, WireBytes,
 };
 use crate::pull::{PullError, Puller};
+use crate::sealed::{kbs_uri, Unsealer};
 
 fn status(code: Code, msg: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
@@ -45,9 +47,78 @@ pub fn pull_error_code(e: &PullError) -> Code {
     codes(e.kind())
 }
 
-/// Serves both services over one [`Puller`].
+/// Serves every service over one [`Puller`].
 pub struct Service {
     puller: Arc<Puller>,
+    unsealer: Unsealer,
+}
+
+impl Service {
+    /// The services of `puller`, with sealed secrets checked as its configuration says.
+    pub fn new(puller: Arc<Puller>) -> Self {
+        let skip = puller
+            .config()
+            .skip_sealed_secret_verification
+            .unwrap_or(false);
+        if skip {
+            tracing::warn!("skip_sealed_secret_verification: sealed secrets are NOT verified");
+        }
+        let unsealer = Unsealer::new(puller.fetcher().clone(), skip);
+        Self { puller, unsealer }
+    }
+}
+
+#[async_trait::async_trait]
+impl api_ttrpc::SealedSecretService for Service {
+    async fn unseal_secret(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        req: api::UnsealSecretInput,
+    ) -> ttrpc::Result<api::UnsealSecretOutput> {
+        match self.unsealer.unseal(&req.secret).await {
+            Ok(plaintext) => {
+                info!("UnsealSecret: unsealed");
+                let mut out = api::UnsealSecretOutput::new();
+                // The reply owns a copy; ours is zeroized on drop.
+                out.plaintext = plaintext.to_vec();
+                Ok(out)
+            }
+            Err(e) => {
+                error!("UnsealSecret failed: {e}");
+                Err(status(codes(e.kind()), format!("UnsealSecret: {e}")))
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl api_ttrpc::GetResourceService for Service {
+    async fn get_resource(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        req: api::GetResourceRequest,
+    ) -> ttrpc::Result<api::GetResourceResponse> {
+        let Ok(uri) = std::str::from_utf8(&req.ResourcePath) else {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "GetResource: ResourcePath must be UTF-8",
+            ));
+        };
+        // As CDH: KBS resources only; the fetcher would also read files and inline data.
+        kbs_uri(uri).map_err(|e| status(codes(e.kind()), format!("GetResource: {e}")))?;
+        info!(uri = %uri, "GetResource");
+        match self.puller.fetcher().fetch(uri).await {
+            Ok(data) => {
+                let mut out = api::GetResourceResponse::new();
+                out.Resource = data.to_vec();
+                Ok(out)
+            }
+            Err(e) => {
+                error!(uri = %uri, "GetResource failed: {e}");
+                Err(status(codes(e.kind()), format!("GetResource: {e}")))
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -177,6 +248,8 @@ async fn start_all(
             .bind(&addr.ttrpc_uri())
             .map_err(|e| ttrpc::Error::Others(format!("binding {addr}: {e}")))?
             .register_service(api_ttrpc::create_image_pull_service(svc.clone()))
+            .register_service(api_ttrpc::create_sealed_secret_service(svc.clone()))
+            .register_service(api_ttrpc::create_get_resource_service(svc.clone()))
             .register_service(keyprovider_ttrpc::create_key_provider_service(svc.clone()));
         server.start().await?;
         info!(address = %addr, "guest-puller ttrpc server listening");
@@ -187,7 +260,7 @@ async fn start_all(
 
 /// Runs the server on every address in `addrs` until SIGTERM/SIGINT.
 pub async fn serve(puller: Arc<Puller>, addrs: &[ListenAddr]) -> Result<(), ttrpc::Error> {
-    let svc = Arc::new(Service { puller });
+    let svc = Arc::new(Service::new(puller));
     let mut servers = start_all(svc, addrs).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
@@ -240,7 +313,7 @@ mod tests {
         ))
         .unwrap();
         let puller = Arc::new(Puller::new(cfg, Arc::new(OneKey)).await.unwrap());
-        Arc::new(Service { puller })
+        Arc::new(Service::new(puller))
     }
 
     #[tokio::test]
@@ -339,6 +412,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sealed_secrets_and_resources_answer_with_their_error_kinds() {
+        use cdh_api::client::{get_resource_at, unseal_secret_at, Endpoint};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("cdh.sock");
+        let mut servers = start_all(
+            test_service(dir.path()).await,
+            &[ListenAddr::Unix(sock.clone())],
+        )
+        .await
+        .unwrap();
+        let ep = Endpoint::Unix(sock);
+        let t = std::time::Duration::from_secs(10);
+        let code = |e: TtrpcError| match e {
+            TtrpcError::RpcStatus(s) => (s.code(), s.message().to_string()),
+            other => panic!("expected a status, got {other:?}"),
+        };
+        assert_eq!(
+            get_resource_at(&ep, "kbs:///default/key/k1", t)
+                .await
+                .unwrap(),
+            vec![9u8; 32]
+        );
+        let (c, m) = code(
+            get_resource_at(&ep, "kbs:///default/key/k2", t)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(c, Code::PERMISSION_DENIED, "{m}");
+        // Local files and inline data are the puller's own config sources, not the agent's.
+        for uri in ["file:///etc/shadow", "data:,x", "/etc/passwd"] {
+            let (c, m) = code(get_resource_at(&ep, uri, t).await.unwrap_err());
+            assert_eq!(c, Code::INVALID_ARGUMENT, "{uri}: {m}");
+        }
+        let (c, m) = code(unseal_secret_at(&ep, b"sealed.a.b", t).await.unwrap_err());
+        assert_eq!(c, Code::INVALID_ARGUMENT, "{m}");
+        assert!(m.starts_with("UnsealSecret:"), "{m}");
+        for s in &mut servers {
+            s.shutdown().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn bind_failures_name_the_address() {
         let dir = tempfile::tempdir().unwrap();
         let svc = test_service(dir.path()).await;
@@ -363,7 +478,7 @@ mod tests {
         ))
         .unwrap();
         let puller = Arc::new(Puller::new(cfg, Arc::new(OneKey)).await.unwrap());
-        let svc = Service { puller };
+        let svc = Service::new(puller);
         let plbco = br#"{"symkey":"AA==","digest":"","cipheroptions":{}}"#;
         let iv = [3u8; 12];
         let ct = aes_gcm::Aes256Gcm::new_from_slice(&[9u8; 32])

@@ -104,6 +104,7 @@ fn every_documented_cdh_key_parses_and_maps() {
     assert_eq!(rc.registry[1].location, "registry.internal/app");
     assert!(rc.registry[1].mirror[0].insecure);
     assert_eq!(c.log_filter(), Some("debug"));
+    assert_eq!(c.skip_sealed_secret_verification, Some(false));
     let proxy = c.image.image_pull_proxy.as_ref().unwrap();
     assert_eq!(proxy.https_proxy.as_deref(), Some("http://proxy.test:3128"));
     assert_eq!(
@@ -113,7 +114,6 @@ fn every_documented_cdh_key_parses_and_maps() {
     assert_eq!(
         c.unimplemented_keys(),
         vec![
-            "skip_sealed_secret_verification (no sealed-secret service)",
             "[image.registry_config] unqualified-search-registries (short names resolve on docker.io)",
             "[image] image_security_policy (image_security_policy_uri takes priority, as in CDH)",
             "[image] sigstore_config (sigstore_config_uri takes priority, as in CDH)",

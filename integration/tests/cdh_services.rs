@@ -1,0 +1,141 @@
+//! The CDH services kata-agent uses besides image pull, served by `guest-puller serve` against the
+//! test KBS over the ttrpc socket: `SealedSecretService.UnsealSecret` (a sealed secret made the
+//! way CDH's `secret seal` makes it, its ES256 key and the secret itself in the KBS) and
+//! `GetResourceService.GetResource`.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use cdh_api::client::{get_resource_at, unseal_secret_at, Endpoint};
+use integration::chain::KbsProcess;
+use integration::lab::wait_for;
+use integration::{bin_path, Lab};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use ttrpc::Code;
+
+const SIGNING_KID: &str = "kbs:///default/sealed-secret/signing";
+const SECRET_URI: &str = "kbs:///default/secret/db-password";
+const PLAINTEXT: &[u8] = b"correct horse battery staple";
+const T: Duration = Duration::from_secs(30);
+
+fn public_jwk(key: &SigningKey) -> Vec<u8> {
+    let p = key.verifying_key().to_encoded_point(false);
+    serde_json::json!({"kty": "EC", "crv": "P-256",
+        "x": URL_SAFE_NO_PAD.encode(p.x().unwrap()),
+        "y": URL_SAFE_NO_PAD.encode(p.y().unwrap())})
+    .to_string()
+    .into_bytes()
+}
+
+/// `sealed.<header>.<payload>.<ES256 r||s>`, the layout of CDH's `secret seal … vault`.
+fn seal(key: &SigningKey, name: &str) -> Vec<u8> {
+    let header = serde_json::json!({"alg": "ES256", "kid": SIGNING_KID});
+    let payload = serde_json::json!({"version": "0.1.0", "type": "vault", "name": name,
+        "provider": "kbs", "provider_settings": {}, "annotations": {}});
+    let h = URL_SAFE_NO_PAD.encode(header.to_string());
+    let p = URL_SAFE_NO_PAD.encode(payload.to_string());
+    let sig: Signature = key.sign(format!("{h}.{p}").as_bytes());
+    format!("sealed.{h}.{p}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes())).into_bytes()
+}
+
+fn serve(lab: &Lab, kbs: &KbsProcess<'_>) -> PathBuf {
+    let cfg = lab.join("guest-puller.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n[kbs]\nurl = \"{}\"\n",
+            lab.join("work").display(),
+            lab.path().display(),
+            kbs.url()
+        ),
+    )
+    .unwrap();
+    let sock = lab.join("cdh.sock");
+    let mut cmd = Command::new(bin_path("guest-puller"));
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .arg("--socket")
+        .arg(&sock);
+    lab.spawn("guest-puller", cmd);
+    wait_for("the guest-puller socket", Duration::from_secs(20), || {
+        sock.exists()
+    });
+    sock
+}
+
+fn code(e: ttrpc::Error) -> (Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+        other => panic!("expected a ttrpc status, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sealed_secrets_unseal_from_the_kbs_and_forgeries_are_denied() {
+    Lab::require_root();
+    let lab = Lab::new("cdh-sealed");
+    let kbs = KbsProcess::start(&lab);
+    let key = SigningKey::random(&mut rand_core::OsRng);
+    kbs.put("default/sealed-secret/signing", &public_jwk(&key));
+    kbs.put("default/secret/db-password", PLAINTEXT);
+    let ep = Endpoint::Unix(serve(&lab, &kbs));
+
+    let plain = unseal_secret_at(&ep, &seal(&key, SECRET_URI), T)
+        .await
+        .unwrap();
+    assert_eq!(plain, PLAINTEXT);
+
+    let forger = SigningKey::random(&mut rand_core::OsRng);
+    let (c, m) = code(
+        unseal_secret_at(&ep, &seal(&forger, SECRET_URI), T)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c, Code::PERMISSION_DENIED, "{m}");
+    assert!(m.contains(SIGNING_KID), "{m}");
+
+    let (c, m) = code(
+        unseal_secret_at(&ep, &seal(&key, "kbs:///default/secret/absent"), T)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c, Code::NOT_FOUND, "{m}");
+
+    // The plaintext travels only in the reply: never in the guest-puller's or the KBS' log.
+    let needle = String::from_utf8_lossy(PLAINTEXT).to_string();
+    assert!(!lab.log("guest-puller").contains(&needle));
+    assert!(!kbs.log().contains(&needle));
+}
+
+#[tokio::test]
+async fn get_resource_serves_kbs_resources_only_and_keeps_kbs_decisions() {
+    Lab::require_root();
+    let lab = Lab::new("cdh-resource");
+    let kbs = KbsProcess::start(&lab);
+    kbs.put("default/cert/ca", b"-----BEGIN CERTIFICATE-----\n");
+    let ep = Endpoint::Unix(serve(&lab, &kbs));
+    assert_eq!(
+        get_resource_at(&ep, "kbs:///default/cert/ca", T)
+            .await
+            .unwrap(),
+        b"-----BEGIN CERTIFICATE-----\n"
+    );
+    let (c, m) = code(
+        get_resource_at(&ep, "file:///etc/shadow", T)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c, Code::INVALID_ARGUMENT, "{m}");
+    kbs.set_policy("mode = \"deny-all\"\n");
+    let (c, m) = code(
+        get_resource_at(&ep, "kbs:///default/cert/ca", T)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c, Code::PERMISSION_DENIED, "{m}");
+}
