@@ -21,11 +21,16 @@ use crate::volume::{KataVirtualVolume, VOLUME_TYPE_IMAGE_GUEST_PULL};
 pub const CONFIG_ENV: &str = "GUESTPULL_LOCAL_GUEST_CONFIG";
 /// Config file read when the environment variable is unset.
 pub const DEFAULT_CONFIG: &str = "/etc/guestpull/local-guest.toml";
-/// OCI annotations that name the image, in the order the Kata runtimes consult them.
-const IMAGE_ANNOTATIONS: [&str; 2] = [
-    "io.kubernetes.cri.image-name",
-    "io.kubernetes.cri-o.ImageName",
-];
+/// containerd's CRI container-type annotation (`sandbox` or `container`).
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI-O's container-type annotation.
+const CRIO_CONTAINER_TYPE: &str = "io.kubernetes.cri-o.ContainerType";
+/// The image of a containerd CRI container.
+const CRI_IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+/// The image of a CRI-O container.
+const CRIO_IMAGE_NAME: &str = "io.kubernetes.cri-o.ImageName";
+/// containerd's annotation naming a pod's sandbox (pause) image.
+const CRI_SANDBOX_IMAGE_NAME: &str = "io.kubernetes.cri.podsandbox.image-name";
 
 /// Local-guest settings (TOML).
 #[derive(Debug, Clone, Deserialize)]
@@ -68,29 +73,47 @@ impl LocalGuestConfig {
     }
 }
 
-/// The image to pull for the container whose rootfs is `target`: the container's OCI annotations
-/// first (as the Kata runtimes do; containerd runs the helper in the bundle whose `config.json`
-/// sits beside `rootfs`), then the volume's `source` unless it is the snapshotter's placeholder.
+/// The image to pull for the container whose rootfs is `target`, decided as the Kata Go shim
+/// decides it (`handleImageGuestPullBlockVolume`): from the container's OCI annotations
+/// (containerd runs the helper in the bundle whose `config.json` sits beside `rootfs`), the
+/// CRI-O name for CRI-O containers and `io.kubernetes.cri.image-name` otherwise; no annotation is
+/// an error, never a fallback to the snapshot's label. A pod sandbox is the one difference:
+/// Kata runs the guest image's own pause bundle, which the local guest does not have, so it pulls
+/// the sandbox image containerd names (`io.kubernetes.cri.podsandbox.image-name`, else the
+/// volume's `source`).
 pub fn image_reference(target: &Path, volume: &KataVirtualVolume) -> Result<String, HelperError> {
-    if let Some(spec) = target.parent().map(|b| b.join("config.json")) {
-        if let Ok(text) = std::fs::read_to_string(&spec) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                for key in IMAGE_ANNOTATIONS {
-                    if let Some(s) = v["annotations"][key].as_str().filter(|s| !s.is_empty()) {
-                        return Ok(s.to_string());
-                    }
-                }
-            }
+    let spec = target.parent().map(|b| b.join("config.json"));
+    let annotations = spec
+        .as_deref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| v["annotations"].clone())
+        .unwrap_or_default();
+    let get = |key: &str| annotations[key].as_str().filter(|s| !s.is_empty());
+    let crio = get(CRIO_CONTAINER_TYPE).is_some() && get(CRI_CONTAINER_TYPE).is_none();
+    let container_type = get(CRI_CONTAINER_TYPE).or(get(CRIO_CONTAINER_TYPE));
+    if container_type == Some("sandbox") {
+        if let Some(s) = get(CRI_SANDBOX_IMAGE_NAME) {
+            return Ok(s.to_string());
+        }
+        if !volume.source.is_empty() && volume.source != crate::config::DEFAULT_UNKNOWN_IMAGE_SOURCE
+        {
+            return Ok(volume.source.clone());
         }
     }
-    if !volume.source.is_empty() && volume.source != crate::config::DEFAULT_UNKNOWN_IMAGE_SOURCE {
-        return Ok(volume.source.clone());
-    }
-    Err(HelperError::Usage(format!(
-        "local guest: no image reference for {}: set the annotation {} (ctr run --annotation) or pull with CRI labels",
-        target.display(),
-        IMAGE_ANNOTATIONS[0]
-    )))
+    let key = if crio {
+        CRIO_IMAGE_NAME
+    } else {
+        CRI_IMAGE_NAME
+    };
+    get(key).map(str::to_string).ok_or_else(|| {
+        HelperError::Usage(format!(
+            "local guest: no image name for {}: the Kata runtime takes it from the annotation \
+             {key}, which the container does not carry (CRI sets it; with ctr run pass \
+             --annotation {key}=<image>)",
+            target.display()
+        ))
+    })
 }
 
 /// Whether `volume` asks for an in-guest pull.
@@ -176,32 +199,55 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    #[test]
-    fn image_from_annotation_then_volume_source() {
+    fn bundle(annotations: serde_json::Value) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("rootfs");
-        let vol = KataVirtualVolume::guest_pull("reg/a:1", BTreeMap::new());
-        assert_eq!(image_reference(&target, &vol).unwrap(), "reg/a:1");
         std::fs::write(
             dir.path().join("config.json"),
-            r#"{"annotations":{"io.kubernetes.cri.image-name":"reg/b:2"}}"#,
+            serde_json::json!({ "annotations": annotations }).to_string(),
         )
         .unwrap();
-        assert_eq!(image_reference(&target, &vol).unwrap(), "reg/b:2");
+        let target = dir.path().join("rootfs");
+        (dir, target)
     }
 
     #[test]
-    fn placeholder_source_is_not_an_image() {
+    fn containers_need_the_image_name_annotation_as_on_kata() {
+        let vol = KataVirtualVolume::guest_pull("reg/label:1", BTreeMap::new());
+        let (_d, t) = bundle(serde_json::json!({CRI_IMAGE_NAME: "reg/b:2",
+            CRI_CONTAINER_TYPE: "container"}));
+        assert_eq!(image_reference(&t, &vol).unwrap(), "reg/b:2");
+        // No container type (ctr run, nerdctl): still the CRI annotation, as the Go shim does.
+        let (_d, t) = bundle(serde_json::json!({CRI_IMAGE_NAME: "reg/c:3"}));
+        assert_eq!(image_reference(&t, &vol).unwrap(), "reg/c:3");
+        let (_d, t) = bundle(serde_json::json!({CRIO_CONTAINER_TYPE: "container",
+            CRIO_IMAGE_NAME: "reg/d:4", CRI_IMAGE_NAME: "reg/wrong:0"}));
+        assert_eq!(image_reference(&t, &vol).unwrap(), "reg/d:4");
+        // The snapshot label is not a source: Kata would fail this container.
+        for ann in [
+            serde_json::json!({}),
+            serde_json::json!({CRI_CONTAINER_TYPE: "container"}),
+        ] {
+            let (_d, t) = bundle(ann);
+            let e = image_reference(&t, &vol).unwrap_err().to_string();
+            assert!(e.contains(CRI_IMAGE_NAME), "{e}");
+        }
         let dir = tempfile::tempdir().unwrap();
-        let vol = KataVirtualVolume::guest_pull(
+        assert!(image_reference(&dir.path().join("rootfs"), &vol).is_err());
+    }
+
+    #[test]
+    fn sandboxes_pull_the_pod_sandbox_image() {
+        let vol = KataVirtualVolume::guest_pull("reg/pause:3", BTreeMap::new());
+        let (_d, t) = bundle(serde_json::json!({CRI_CONTAINER_TYPE: "sandbox",
+            CRI_SANDBOX_IMAGE_NAME: "reg/pause:3.10"}));
+        assert_eq!(image_reference(&t, &vol).unwrap(), "reg/pause:3.10");
+        let (_d, t) = bundle(serde_json::json!({CRI_CONTAINER_TYPE: "sandbox"}));
+        assert_eq!(image_reference(&t, &vol).unwrap(), "reg/pause:3");
+        let unknown = KataVirtualVolume::guest_pull(
             crate::config::DEFAULT_UNKNOWN_IMAGE_SOURCE,
             BTreeMap::new(),
         );
-        let err = image_reference(&dir.path().join("rootfs"), &vol).unwrap_err();
-        assert!(
-            err.to_string().contains("io.kubernetes.cri.image-name"),
-            "{err}"
-        );
+        assert!(image_reference(&t, &unknown).is_err());
     }
 
     #[test]
