@@ -510,23 +510,10 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::*;
     use super::*;
-    use crate::resource::ResourceError;
     use aes_gcm::aead::{Aead, KeyInit};
     use std::collections::HashMap;
 
-    struct MapFetcher(HashMap<String, Vec<u8>>);
-    #[async_trait::async_trait]
-    impl ResourceFetcher for MapFetcher {
-        async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError> {
-            self.0
-                .get(uri)
-                .map(|v| Zeroizing::new(v.clone()))
-                .ok_or_else(|| ResourceError::NotFound {
-                    uri: uri.into(),
-                    reason: "absent".into(),
-                })
-        }
-    }
+    use crate::resource::testutil::MapFetcher;
 
     #[test]
     fn ctr_counter_is_full_128_bit_big_endian() {

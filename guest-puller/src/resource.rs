@@ -46,3 +46,27 @@ pub trait ResourceFetcher: Send + Sync {
     /// Returns the raw bytes of the resource at `uri`.
     async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError>;
 }
+
+/// Test doubles shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Resources from a map; anything else is NOT_FOUND.
+    #[derive(Default)]
+    pub(crate) struct MapFetcher(pub HashMap<String, Vec<u8>>);
+
+    #[async_trait::async_trait]
+    impl ResourceFetcher for MapFetcher {
+        async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError> {
+            self.0
+                .get(uri)
+                .map(|v| Zeroizing::new(v.clone()))
+                .ok_or_else(|| ResourceError::NotFound {
+                    uri: uri.into(),
+                    reason: "absent".into(),
+                })
+        }
+    }
+}

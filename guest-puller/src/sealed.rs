@@ -288,23 +288,8 @@ mod tests {
     use super::*;
     use p256::ecdsa::signature::Signer;
     use p256::ecdsa::SigningKey;
-    use std::collections::HashMap;
 
-    #[derive(Default)]
-    struct Kbs(HashMap<String, Vec<u8>>);
-
-    #[async_trait::async_trait]
-    impl ResourceFetcher for Kbs {
-        async fn fetch(&self, uri: &str) -> Result<Zeroizing<Vec<u8>>, ResourceError> {
-            self.0
-                .get(uri)
-                .map(|v| Zeroizing::new(v.clone()))
-                .ok_or_else(|| ResourceError::NotFound {
-                    uri: uri.into(),
-                    reason: "absent".into(),
-                })
-        }
-    }
+    use crate::resource::testutil::MapFetcher as Kbs;
 
     fn jwk(key: &SigningKey) -> Vec<u8> {
         let p = key.verifying_key().to_encoded_point(false);

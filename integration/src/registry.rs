@@ -9,6 +9,25 @@ use std::time::Duration;
 
 use crate::lab::{free_port, wait_for, Lab};
 
+/// Starts `docker-registry serve` as lab daemon `name` on storage `data` with the `http:` section
+/// `http` (its indented body), access log on.
+fn spawn(lab: &Lab, name: &str, data: &std::path::Path, http: &str) {
+    let dir = lab.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.yml");
+    fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  cache:\n    blobdescriptor: inmemory\nhttp:\n{http}",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("docker-registry");
+    cmd.arg("serve").arg(&cfg);
+    lab.spawn(name, cmd);
+}
+
 /// A running private registry.
 pub struct Registry<'a> {
     lab: &'a Lab,
@@ -27,21 +46,16 @@ impl<'a> Registry<'a> {
     pub fn start_named(lab: &'a Lab, name: &str) -> Registry<'a> {
         Lab::require_cmd("docker-registry", "docker-registry");
         let port = free_port();
-        let dir = lab.join(name);
-        let data = dir.join("data");
+        let data = lab.join(name).join("data");
         fs::create_dir_all(&data).unwrap();
-        let cfg = dir.join("config.yml");
-        fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  headers:\n    X-Content-Type-Options: [nosniff]\n",
-                data.display()
+        spawn(
+            lab,
+            name,
+            &data,
+            &format!(
+                "  addr: 127.0.0.1:{port}\n  headers:\n    X-Content-Type-Options: [nosniff]\n"
             ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&cfg);
-        lab.spawn(name, cmd);
+        );
         let reg = Registry {
             lab,
             name: name.to_string(),
@@ -65,22 +79,16 @@ impl<'a> Registry<'a> {
         key: &std::path::Path,
     ) -> Registry<'a> {
         let port = free_port();
-        let dir = self.lab.join(name);
-        fs::create_dir_all(&dir).unwrap();
-        let cfg = dir.join("config.yml");
-        fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
-                self.data.display(),
+        spawn(
+            self.lab,
+            name,
+            &self.data,
+            &format!(
+                "  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
                 cert.display(),
                 key.display()
             ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&cfg);
-        self.lab.spawn(name, cmd);
+        );
         wait_for(
             "the TLS registry to accept connections",
             Duration::from_secs(20),
