@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol, SizedStream};
 use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
@@ -852,6 +852,44 @@ impl RegistryClient {
         }
     }
 
+    /// Opens a blob at `offset` (`len` bytes, or to its end): the stream and how many leading
+    /// bytes to drop because the registry ignored the Range header. A whole-blob request when
+    /// `offset` is 0 and no length is asked, so oci-client verifies its digest.
+    async fn open_blob(
+        &self,
+        r: &Reference,
+        desc: &OciDescriptor,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<(SizedStream, u64), StreamFail> {
+        let stall = self.limits.stall_timeout;
+        let open = async {
+            if offset == 0 && len.is_none() {
+                self.client
+                    .pull_blob_stream(r, desc)
+                    .await
+                    .map(BlobResponse::Full)
+            } else {
+                self.client
+                    .pull_blob_stream_partial(r, desc, offset, len)
+                    .await
+            }
+        };
+        let Ok(open) = tokio::time::timeout(stall, open).await else {
+            return Err(StreamFail::Io(offset, format!("no answer for {stall:?}")));
+        };
+        match open {
+            Ok(BlobResponse::Full(s)) => Ok((s, offset)),
+            Ok(BlobResponse::Partial(s)) => Ok((s, 0)),
+            Err(e) if retryable(&e) => Err(StreamFail::Io(offset, e.to_string())),
+            Err(e) => Err(StreamFail::Fatal(RegistryError::Request {
+                reference: format!("{}@{}", r.repository(), desc.digest),
+                kind: oci_kind(&e),
+                source: Box::new(e),
+            })),
+        }
+    }
+
     async fn stream_once(
         &self,
         r: &Reference,
@@ -861,33 +899,7 @@ impl RegistryClient {
         tx: &mpsc::Sender<io::Result<Bytes>>,
     ) -> Result<(), StreamFail> {
         let stall = self.limits.stall_timeout;
-        let open = async {
-            if offset == 0 {
-                self.client
-                    .pull_blob_stream(r, desc)
-                    .await
-                    .map(BlobResponse::Full)
-            } else {
-                self.client
-                    .pull_blob_stream_partial(r, desc, offset, None)
-                    .await
-            }
-        };
-        let Ok(open) = tokio::time::timeout(stall, open).await else {
-            return Err(StreamFail::Io(offset, format!("no answer for {stall:?}")));
-        };
-        let (mut stream, mut skip) = match open {
-            Ok(BlobResponse::Full(s)) => (s, offset),
-            Ok(BlobResponse::Partial(s)) => (s, 0),
-            Err(e) if retryable(&e) => return Err(StreamFail::Io(offset, e.to_string())),
-            Err(e) => {
-                return Err(StreamFail::Fatal(RegistryError::Request {
-                    reference: format!("{}@{}", r.repository(), desc.digest),
-                    kind: oci_kind(&e),
-                    source: Box::new(e),
-                }))
-            }
-        };
+        let (mut stream, mut skip) = self.open_blob(r, desc, offset, None).await?;
         let mut pos = offset;
         loop {
             let Ok(item) = tokio::time::timeout(stall, stream.next()).await else {
@@ -976,24 +988,7 @@ impl RegistryClient {
         len: u64,
     ) -> Result<Bytes, StreamFail> {
         let stall = self.limits.stall_timeout;
-        let open = self
-            .client
-            .pull_blob_stream_partial(r, desc, offset, Some(len));
-        let Ok(open) = tokio::time::timeout(stall, open).await else {
-            return Err(StreamFail::Io(0, format!("no answer for {stall:?}")));
-        };
-        let (mut stream, mut skip) = match open {
-            Ok(BlobResponse::Full(s)) => (s, offset),
-            Ok(BlobResponse::Partial(s)) => (s, 0),
-            Err(e) if retryable(&e) => return Err(StreamFail::Io(0, e.to_string())),
-            Err(e) => {
-                return Err(StreamFail::Fatal(RegistryError::Request {
-                    reference: format!("{}@{}", r.repository(), desc.digest),
-                    kind: oci_kind(&e),
-                    source: Box::new(e),
-                }))
-            }
-        };
+        let (mut stream, mut skip) = self.open_blob(r, desc, offset, Some(len)).await?;
         // `len` is bounded by the caller (a chunk batch), so the buffer is too.
         let mut out = bytes::BytesMut::with_capacity(len as usize);
         while (out.len() as u64) < len {
