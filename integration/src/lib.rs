@@ -8,10 +8,12 @@ pub mod chain;
 pub mod containerd;
 pub mod hostile;
 pub mod images;
+pub mod kata_agent;
 pub mod kbs;
 pub mod lab;
 pub mod proxy;
 pub mod registry;
+pub mod sealed;
 pub mod snapshotter_env;
 pub mod vm;
 

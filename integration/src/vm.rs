@@ -30,6 +30,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
+    "virtio_blk",
     "virtio_console",
     "failover",
     "net_failover",
@@ -38,6 +39,24 @@ pub const GUEST_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "overlay",
+    // Trusted storage (CDH SecureMount: LUKS2 with dm-integrity, ext4).
+    "dm-mod",
+    "dm-bufio",
+    "dm-crypt",
+    "xor",
+    "async_tx",
+    "async_xor",
+    "dm-integrity",
+    "xts",
+    "authenc",
+    "af_alg",
+    "algif_skcipher",
+    "algif_hash",
+    "crc16",
+    "mbcache",
+    "jbd2",
+    "crc32c_generic",
+    "ext4",
 ];
 
 /// The guest vsock port the guest-puller's ttrpc server listens on (kata-agent uses 1024).
@@ -62,11 +81,6 @@ pub const OCICRYPT_CONFIG: &str = "/etc/ocicrypt_config.json";
 /// configuration.
 pub const CDH_ENV: &str =
     "PATH=/bin:/sbin/:/usr/bin/:/usr/sbin/ OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json";
-/// Where the test hands the initdata TOML to the guest (outside the rootfs the pod sees, as
-/// Kata's initdata block device is).
-const INITDATA_IN: &str = "/initdata.toml";
-/// The awk program the guest init extracts initdata entries with.
-const INITDATA_AWK: &str = include_str!("vm/initdata.awk");
 /// The guest's address on QEMU's user network.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Name of the virtio-serial port carrying the test's command shell.
@@ -219,7 +233,7 @@ pub fn static_guest_puller() -> PathBuf {
     bin
 }
 
-fn static_target_dir() -> PathBuf {
+pub(crate) fn static_target_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
         return PathBuf::from(d).join("guest-static");
     }
@@ -254,18 +268,30 @@ pub enum GuestLaunch {
     /// `guest-puller serve --config` [`GUEST_CONFIG`] with this TOML; its `[server]` must listen
     /// on vsock.
     Serve(String),
-    /// As kata-agent does: lays out this initdata TOML under [`INITDATA_DIR`] like its
-    /// `initdata.rs` (see [`kata_initdata_layout`]), writes `ocicrypt_config` to
-    /// [`OCICRYPT_CONFIG`], then runs its launch plan's CDH step: [`CDH_BIN`] with
-    /// `-c <INITDATA_DIR>/cdh.toml` when that file exists, in [`CDH_ENV`], after removing a stale
-    /// [`CDH_SOCKET`], waiting for the socket with 1 s polls.
-    KataPlan {
-        /// The initdata TOML; `[data]` values must be `'''` literal strings closed on their own line.
+    /// The real kata-agent as PID 1: the init loads the modules, brings up the network and
+    /// the test's command port, then execs the agent, as a Kata initrd starts it. The agent
+    /// reads the initdata from a virtio-blk disk in the Kata runtime's layout and launches
+    /// the attestation-agent and the CDH (both guest-puller) from its built-in plan. The
+    /// guest-puller's work dir is the agent's `/run` tmpfs (no separate mount), as in Kata.
+    KataAgent {
+        /// The statically linked kata-agent ([`crate::kata_agent::static_kata_agent`]).
+        agent: PathBuf,
+        /// The pod's initdata TOML, attached as the Kata runtime attaches it.
         initdata: String,
         /// The ocicrypt keyprovider configuration of the guest image.
         ocicrypt_config: String,
+        /// The agent's kernel command line options (`agent.*`, cgroup selection).
+        cmdline: String,
+        /// Size of an empty virtio-blk disk for trusted image storage (0: none); the guest
+        /// sees it as `/dev/vdb`, after the initdata disk.
+        trusted_store_mib: u32,
     },
 }
+
+/// Where the guest image holds kata-agent.
+pub const KATA_AGENT_BIN: &str = "/usr/bin/kata-agent";
+/// The attestation-agent binary of kata-agent's launch plan: a symlink to [`GUEST_PULLER_BIN`].
+pub const AA_BIN: &str = "/usr/local/bin/attestation-agent";
 
 /// The files kata-agent's `initialize_initdata` writes for `initdata` (name, content): the
 /// document verbatim as `initdata.toml`, and the `aa.toml` / `cdh.toml` entries of `[data]`.
@@ -368,10 +394,8 @@ impl<'a> Vm<'a> {
             .arg(&assets.kernel)
             .arg("-initrd")
             .arg(&initrd)
-            .args([
-                "-append",
-                "console=ttyS0 panic=-1 quiet loglevel=4 random.trust_cpu=on",
-            ])
+            .arg("-append")
+            .arg(kernel_cmdline(&spec.launch))
             .arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
             .args(["-numa", "node,memdev=mem"])
@@ -391,6 +415,34 @@ impl<'a> Vm<'a> {
             .arg("-netdev")
             .arg(&net)
             .args(["-device", "virtio-net-pci,netdev=n0"]);
+        if let GuestLaunch::KataAgent { initdata, .. } = &spec.launch {
+            // Read-only virtio-blk, as the Kata runtime attaches the initdata image.
+            let disk = dir.join("initdata.img");
+            fs::write(&disk, crate::kata_agent::initdata_disk(initdata)).unwrap();
+            qemu.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=initdata,format=raw,readonly=on",
+                    disk.display()
+                ))
+                .args(["-device", "virtio-blk-pci,drive=initdata"]);
+        }
+        if let GuestLaunch::KataAgent {
+            trusted_store_mib, ..
+        } = &spec.launch
+        {
+            if *trusted_store_mib > 0 {
+                // Sparse: the host side only ever holds what the guest writes (ciphertext).
+                let disk = dir.join("trusted-store.img");
+                let f = fs::File::create(&disk).unwrap();
+                f.set_len(u64::from(*trusted_store_mib) << 20).unwrap();
+                qemu.arg("-drive")
+                    .arg(format!(
+                        "file={},if=none,id=trusted,format=raw,cache=unsafe",
+                        disk.display()
+                    ))
+                    .args(["-device", "virtio-blk-pci,drive=trusted"]);
+            }
+        }
         fs::write(dir.join("qemu.cmdline"), format!("{qemu:?}\n")).unwrap();
         lab.spawn("qemu", qemu);
         let vm = Vm {
@@ -432,6 +484,11 @@ impl<'a> Vm<'a> {
             self.lab.log("qemu"),
             self.lab.log("vhost-device-vsock")
         );
+    }
+
+    /// The host side of the guest's hybrid vsock (`CONNECT <port>` on this unix socket).
+    pub fn hybrid_vsock(&self) -> PathBuf {
+        self.dir.join("vm.vsock")
     }
 
     /// The guest-puller's ttrpc endpoint as the host reaches it (hybrid vsock).
@@ -649,25 +706,45 @@ fn build_initramfs(dir: &Path, assets: &VmAssets, spec: &VmSpec) -> PathBuf {
     }
     fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
     fs::copy(roots, root.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
-    // The guest image recipe: the binary, the CDH name kata-agent launches, and a short name.
+    // The guest image recipe: the binary, the CDH and AA names kata-agent launches, and a
+    // short name.
     std::os::unix::fs::symlink("guest-puller", root.join(CDH_BIN.trim_start_matches('/'))).unwrap();
+    std::os::unix::fs::symlink("guest-puller", root.join(AA_BIN.trim_start_matches('/'))).unwrap();
     std::os::unix::fs::symlink(GUEST_PULLER_BIN, root.join("bin/guest-puller")).unwrap();
     match &spec.launch {
         GuestLaunch::Serve(config) => {
             fs::write(root.join(GUEST_CONFIG.trim_start_matches('/')), config).unwrap()
         }
-        GuestLaunch::KataPlan {
+        GuestLaunch::KataAgent {
+            agent,
             initdata,
             ocicrypt_config,
+            ..
         } => {
             kata_initdata_layout(initdata);
-            fs::write(root.join(INITDATA_IN.trim_start_matches('/')), initdata).unwrap();
-            fs::write(root.join("etc/initdata.awk"), INITDATA_AWK).unwrap();
+            fs::create_dir_all(root.join("usr/bin")).unwrap();
+            run_ok(
+                Command::new("strip")
+                    .arg("-o")
+                    .arg(root.join(KATA_AGENT_BIN.trim_start_matches('/')))
+                    .arg(agent),
+            );
             fs::write(
                 root.join(OCICRYPT_CONFIG.trim_start_matches('/')),
                 ocicrypt_config,
             )
             .unwrap();
+            // kata-agent reads the hostname (else "localhost") and resolv.conf only if present.
+            fs::write(root.join("etc/hostname"), "guestpull-vm\n").unwrap();
+            // What CDH's SecureMount runs: Debian's cryptsetup and mke2fs with their libraries
+            // (the CDH finds them on the agent's PATH; `mkfs.ext4` must keep its name).
+            for bin in ["/usr/sbin/cryptsetup", "/usr/sbin/mke2fs"] {
+                copy_with_libraries(&root, Path::new(bin));
+            }
+            std::os::unix::fs::symlink("mke2fs", root.join("usr/sbin/mkfs.ext4")).unwrap();
+            if Path::new("/etc/mke2fs.conf").is_file() {
+                fs::copy("/etc/mke2fs.conf", root.join("etc/mke2fs.conf")).unwrap();
+            }
         }
     }
     let init = root.join("init");
@@ -682,11 +759,76 @@ fn build_initramfs(dir: &Path, assets: &VmAssets, spec: &VmSpec) -> PathBuf {
     out
 }
 
+/// Copies the dynamically linked `bin` and every library `ldd` lists (the loader included) to
+/// the same paths under `root`; panics naming the package when `bin` is missing.
+fn copy_with_libraries(root: &Path, bin: &Path) {
+    if !bin.is_file() {
+        panic!(
+            "{} missing: install the Debian packages cryptsetup-bin and e2fsprogs (make deps does)",
+            bin.display()
+        );
+    }
+    let out = Command::new("ldd").arg(bin).output().expect("ldd");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut files = vec![bin.to_path_buf()];
+    for line in text.lines() {
+        // "libx.so.1 => /lib/.../libx.so.1 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for f in files {
+        let dst = root.join(f.strip_prefix("/").unwrap());
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        if !dst.exists() {
+            fs::copy(&f, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", f.display()));
+        }
+    }
+}
+
 fn init_script(spec: &VmSpec) -> String {
+    let agent = matches!(spec.launch, GuestLaunch::KataAgent { .. });
+    // kata-agent as init mounts a tmpfs on /run unless one is there: mount it first so the
+    // test's files under /run stay visible. The guest-puller's work dir has its own size-limited
+    // tmpfs only when no agent wipes /run/kata-containers (CreateSandbox does).
+    let storage = if agent {
+        "mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run\nmkdir -p /run/kata-containers"
+            .to_string()
+    } else {
+        format!(
+            "# The guest-puller's work dir is a size-limited tmpfs.\nmkdir -p {work}\nmount -t tmpfs -o size={tmpfs}m,mode=0700 tmpfs {work}",
+            work = GUEST_WORK_DIR,
+            tmpfs = spec.work_tmpfs_mib
+        )
+    };
+    let sampled = if agent { "/run" } else { GUEST_WORK_DIR };
+    let (shell_start, shell_end, tail) = if agent {
+        (
+            "(",
+            ") < /dev/null > /dev/null 2>&1 &",
+            format!(
+                "log \"ready (command port $port), exec {KATA_AGENT_BIN}\"\nexec {KATA_AGENT_BIN}\n"
+            ),
+        )
+    } else {
+        ("", "", String::new())
+    };
+    let ready = if agent {
+        String::new()
+    } else {
+        "log \"ready (command port $port)\"".to_string()
+    };
     format!(
         r#"#!/bin/busybox sh
 # guestpull VM test init (generated by integration/src/vm.rs): what a Kata guest's early boot
-# does for the guest-puller, in busybox.
+# does, in busybox.
 /bin/busybox --install -s /bin
 export PATH=/bin
 log() {{ echo "GUESTPULL-VM: $*"; }}
@@ -698,9 +840,7 @@ for m in {modules}; do
 done
 ip link set lo up
 ip link set eth0 up && ip addr add {ip}/24 dev eth0 || log "eth0 setup failed"
-# The guest-puller's work dir is a size-limited tmpfs, as kata-agent mounts it.
-mkdir -p {work}
-mount -t tmpfs -o size={tmpfs}m,mode=0700 tmpfs {work}
+{storage}
 mkdir -p /run/vmstat /run/kata-containers /run/confidential-containers
 awk '/^MemAvailable:/{{print $2}}' /proc/meminfo > /run/vmstat/avail-boot
 cp /run/vmstat/avail-boot /run/vmstat/avail-min
@@ -709,15 +849,14 @@ echo 0 > /run/vmstat/tmpfs-peak
 (
     peak=0; low=$(cat /run/vmstat/avail-boot)
     while :; do
-        u=$(df -k {work} | awk 'NR==2{{print $3}}')
+        u=$(df -k {sampled} | awk 'NR==2{{print $3}}')
         a=$(awk '/^MemAvailable:/{{print $2}}' /proc/meminfo)
         [ "$u" -gt "$peak" ] && {{ peak=$u; echo $peak > /run/vmstat/tmpfs-peak; }}
         [ "$a" -lt "$low" ] && {{ low=$a; echo $low > /run/vmstat/avail-min; }}
         usleep 50000
     done
-) &
+) < /dev/null > /dev/null 2>&1 &
 {launch}
-log "guest-puller pid $(cat /run/guest-puller.pid), uptime $(cut -d' ' -f1 /proc/uptime)s"
 port=""
 for i in $(seq 1 100); do
     for p in /sys/class/virtio-ports/vport*; do
@@ -727,8 +866,9 @@ for i in $(seq 1 100); do
     sleep 0.1
 done
 [ -n "$port" ] || log "command port {cmd_port} not found"
-log "ready (command port $port)"
+{ready}
 # Line-based command shell for the test: one `sh -c` per line, output then an exit-code marker.
+{shell_start}
 while :; do
     exec 3<>$port
     while IFS= read -r line <&3; do
@@ -740,44 +880,35 @@ while :; do
     exec 3>&-
     sleep 0.2
 done
-"#,
+{shell_end}
+{tail}"#,
         modules = GUEST_MODULES.join(" "),
         ip = GUEST_IP,
-        work = GUEST_WORK_DIR,
-        tmpfs = spec.work_tmpfs_mib,
         launch = launch_script(&spec.launch),
         cmd_port = CMD_PORT_NAME,
         rc_marker = RC_MARKER,
     )
 }
 
+/// The kernel command line: the console, and for kata-agent its options.
+fn kernel_cmdline(launch: &GuestLaunch) -> String {
+    let mut c = String::from("console=ttyS0 panic=-1 quiet loglevel=4 random.trust_cpu=on");
+    if let GuestLaunch::KataAgent { cmdline, .. } = launch {
+        c.push(' ');
+        c.push_str(cmdline);
+    }
+    c
+}
+
 fn launch_script(launch: &GuestLaunch) -> String {
     match launch {
         GuestLaunch::Serve(_) => format!(
             "GUEST_PULLER_LOG=info {GUEST_PULLER_BIN} serve --config {GUEST_CONFIG} > /dev/console 2>&1 &\n\
-             echo $! > /run/guest-puller.pid"
+             echo $! > /run/guest-puller.pid\n\
+             log \"guest-puller pid $(cat /run/guest-puller.pid), uptime $(cut -d' ' -f1 /proc/uptime)s\""
         ),
-        GuestLaunch::KataPlan { .. } => format!(
-            r#"# kata-agent's initialize_initdata: the document verbatim, then its aa.toml/cdh.toml.
-mkdir -p {INITDATA_DIR}
-cp {INITDATA_IN} {INITDATA_DIR}/initdata.toml
-for k in aa.toml cdh.toml; do
-    awk -v key=$k -f /etc/initdata.awk {INITDATA_DIR}/initdata.toml > /run/initdata.$k \
-        && mv /run/initdata.$k {INITDATA_DIR}/$k || rm -f /run/initdata.$k
-done
-# kata-agent's launch plan, CDH step (launch_process): -c only when the config exists, the
-# stale socket removed, the plan's environment, then 1 s polls for the socket.
-set --
-[ -e {INITDATA_DIR}/cdh.toml ] && set -- -c {INITDATA_DIR}/cdh.toml
-rm -f {CDH_SOCKET}
-env -i {CDH_ENV} {CDH_BIN} "$@" > /dev/console 2>&1 &
-echo $! > /run/guest-puller.pid
-for i in $(seq 1 60); do
-    sleep 1
-    [ -e {CDH_SOCKET} ] && break
-done
-[ -e {CDH_SOCKET} ] && log "cdh socket {CDH_SOCKET} up" || log "cdh socket {CDH_SOCKET} missing""#
-        ),
+        // kata-agent launches the guest components itself, after the init has exec'd it.
+        GuestLaunch::KataAgent { .. } => String::new(),
     }
 }
 
@@ -802,47 +933,33 @@ mod tests {
     }
 
     #[test]
-    fn kata_plan_starts_the_cdh_with_the_agents_argv_and_env() {
-        let s = launch_script(&GuestLaunch::KataPlan {
+    fn kata_agent_mode_keeps_run_and_execs_the_agent_as_pid_1() {
+        let s = init_script(&VmSpec {
+            launch: GuestLaunch::KataAgent {
+                agent: PathBuf::from("/x"),
+                initdata: String::new(),
+                ocicrypt_config: String::new(),
+                cmdline: "agent.log=debug".into(),
+                trusted_store_mib: 0,
+            },
+            forwards: vec![],
+            memory_mib: 512,
+            work_tmpfs_mib: 0,
+        });
+        assert!(s.contains("mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run"));
+        assert!(
+            !s.contains("/run/kata-containers/image"),
+            "no work-dir mount for CreateSandbox to wipe"
+        );
+        assert!(s.trim_end().ends_with("exec /usr/bin/kata-agent"));
+        assert!(kernel_cmdline(&GuestLaunch::KataAgent {
+            agent: PathBuf::from("/x"),
             initdata: String::new(),
             ocicrypt_config: String::new(),
-        });
-        assert!(s.contains(
-            "[ -e /run/confidential-containers/initdata/cdh.toml ] && set -- -c /run/confidential-containers/initdata/cdh.toml"
-        ));
-        assert!(s.contains(
-            "env -i PATH=/bin:/sbin/:/usr/bin/:/usr/sbin/ OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json /usr/local/bin/confidential-data-hub \"$@\""
-        ));
-        assert!(s.contains("rm -f /run/confidential-containers/cdh.sock"));
-    }
-
-    #[test]
-    fn initdata_awk_extracts_what_kata_agent_writes() {
-        let initdata = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs]\n'''\n\n\"cdh.toml\" = '''\nsocket = \"unix:///x\"\n\n[kbc]\nname = \"cc_kbc\"\n'''\n";
-        let layout = kata_initdata_layout(initdata);
-        assert_eq!(layout.len(), 3);
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("initdata.toml");
-        fs::write(&f, initdata).unwrap();
-        let awk = d.path().join("initdata.awk");
-        fs::write(&awk, INITDATA_AWK).unwrap();
-        let extract = |key: &str| {
-            Command::new("awk")
-                .args(["-v", &format!("key={key}"), "-f"])
-                .arg(&awk)
-                .arg(&f)
-                .output()
-                .expect("awk")
-        };
-        for (name, want) in &layout[1..] {
-            let out = extract(name);
-            assert!(out.status.success(), "{name}");
-            assert_eq!(&String::from_utf8(out.stdout).unwrap(), want, "{name}");
-        }
-        assert!(
-            !extract("policy.rego").status.success(),
-            "an absent entry is not written"
-        );
+            cmdline: "agent.log=debug".into(),
+            trusted_store_mib: 0,
+        })
+        .ends_with(" agent.log=debug"));
     }
 
     #[test]

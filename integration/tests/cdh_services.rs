@@ -8,14 +8,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use cdh_api::client::{get_resource_at, unseal_secret_at, Endpoint};
 use integration::chain::KbsProcess;
 use integration::lab::wait_for;
+use integration::sealed::public_jwk;
 use integration::{bin_path, Lab};
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey};
+use p256::ecdsa::SigningKey;
 use ttrpc::Code;
 
 const SIGNING_KID: &str = "kbs:///default/sealed-secret/signing";
@@ -23,24 +21,8 @@ const SECRET_URI: &str = "kbs:///default/secret/db-password";
 const PLAINTEXT: &[u8] = b"correct horse battery staple";
 const T: Duration = Duration::from_secs(30);
 
-fn public_jwk(key: &SigningKey) -> Vec<u8> {
-    let p = key.verifying_key().to_encoded_point(false);
-    serde_json::json!({"kty": "EC", "crv": "P-256",
-        "x": URL_SAFE_NO_PAD.encode(p.x().unwrap()),
-        "y": URL_SAFE_NO_PAD.encode(p.y().unwrap())})
-    .to_string()
-    .into_bytes()
-}
-
-/// `sealed.<header>.<payload>.<ES256 r||s>`, the layout of CDH's `secret seal … vault`.
 fn seal(key: &SigningKey, name: &str) -> Vec<u8> {
-    let header = serde_json::json!({"alg": "ES256", "kid": SIGNING_KID});
-    let payload = serde_json::json!({"version": "0.1.0", "type": "vault", "name": name,
-        "provider": "kbs", "provider_settings": {}, "annotations": {}});
-    let h = URL_SAFE_NO_PAD.encode(header.to_string());
-    let p = URL_SAFE_NO_PAD.encode(payload.to_string());
-    let sig: Signature = key.sign(format!("{h}.{p}").as_bytes());
-    format!("sealed.{h}.{p}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes())).into_bytes()
+    integration::sealed::seal(key, SIGNING_KID, name).into_bytes()
 }
 
 fn serve(lab: &Lab, kbs: &KbsProcess<'_>) -> PathBuf {

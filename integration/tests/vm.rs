@@ -4,6 +4,7 @@
 //! restricted user network; the rootfs is checked inside the guest.
 //! Needs root, QEMU, the Debian kernel and vhost-device-vsock (integration/scripts/fetch-vm-components.sh).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -15,12 +16,23 @@ use integration::chain::{
     build_images, build_images_kbs, catalog_repo, cosign_policy, find_bytes, OwnerKeys, HELLO,
     OWNER_KEK_ID,
 };
+use integration::kata_agent::{
+    container_spec, guest_pull_storage, AgentClient, BlockDevice, CRI_CONTAINER_TYPE,
+    CRI_IMAGE_NAME,
+};
 use integration::kbs::{TestKbs, TestKbsConfig};
+use integration::snapshotter_env::cri::CriClient;
+use integration::snapshotter_env::{
+    cri_body, ctr_ns, handler_for, list_snapshots, proxy_body, snapshot_mount, SnapshotRow,
+    SnapshotterDaemon, PLUGIN,
+};
 use integration::vm::{
-    kata_initdata_layout, GuestFwd, GuestLaunch, Vm, VmAssets, VmSpec, CDH_BIN, CDH_SOCKET,
+    kata_initdata_layout, GuestFwd, GuestLaunch, Vm, VmAssets, VmSpec, AA_BIN, CDH_BIN, CDH_SOCKET,
     CDH_VSOCK_PORT, GUEST_WORK_DIR, INITDATA_DIR,
 };
-use integration::{Lab, Registry};
+use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
+use p256::ecdsa::SigningKey;
+use snapshotter::volume::{KataVirtualVolume, KATA_VOLUME_OPTION_PREFIX};
 
 /// One VM at a time: two TCG guests on the 2-core machines would starve each other.
 static ONE_VM: Mutex<()> = Mutex::new(());
@@ -274,6 +286,9 @@ fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
     drop(kbs);
 }
 
+/// containerd's CRI namespace.
+const CRI_NS: &str = "k8s.io";
+
 const CREDENTIAL: &[u8] = b"pod-credential-from-the-kbs";
 const CREDENTIAL_PATH: &str = "/run/confidential-containers/cdh/kbs/vm/token";
 
@@ -320,18 +335,113 @@ level = "info"
     )
 }
 
+const SIGNING_KID: &str = "kbs:///default/sealed-secret/signing";
+const SECRET_URI: &str = "kbs:///default/secret/pod-token";
+const SECRET: &[u8] = b"unsealed-in-the-guest-only";
+/// kata-agent's options on the kernel command line, as a Kata runtime configured for CoCo passes
+/// them: cgroup v2, the AA + CDH launch level (no api-server-rest in this guest image), and the
+/// default timeouts.
+const AGENT_CMDLINE: &str =
+    "systemd.unified_cgroup_hierarchy=1 agent.guest_components_procs=confidential-data-hub agent.log=info";
+
+/// The key of the topmost committed snapshot in `ns` (the image's chain top).
+fn chain_top(ctrd: &Containerd<'_>, ns: &str) -> String {
+    let rows = list_snapshots(ctrd, ns);
+    let committed: Vec<&SnapshotRow> = rows.iter().filter(|r| r.kind == "Committed").collect();
+    let tops: Vec<&&SnapshotRow> = committed
+        .iter()
+        .filter(|r| !committed.iter().any(|c| c.parent == r.key))
+        .collect();
+    assert_eq!(tops.len(), 1, "one image chain: {rows:?}");
+    tops[0].key.clone()
+}
+
+/// The guest pid of the process whose argv[0] is `bin`.
+fn guest_pid(vm: &mut Vm<'_>, bin: &str) -> String {
+    let out = vm.exec_ok(&format!(
+        "for p in /proc/[0-9]*; do [ \"$(tr '\\000' '\\n' < $p/cmdline 2>/dev/null | head -n 1)\" = {bin} ] && echo ${{p#/proc/}}; done; true"
+    ));
+    let pids: Vec<&str> = out.split_whitespace().collect();
+    if pids.len() != 1 {
+        vm.fail(&format!(
+            "expected one {bin} process in the guest, found {pids:?}"
+        ));
+    }
+    pids[0].to_string()
+}
+
+/// The whole chain with the real kata-agent: containerd 2.1's CRI pulls through the guestpull
+/// snapshotter (no layer reaches the host); the Kata shim's calls drive the agent, which
+/// launches guest-puller as its attestation-agent and CDH with the pod's initdata, pulls the
+/// encrypted, signed image through it and runs the container under rustjail, with a sealed
+/// secret in its environment unsealed by the CDH.
 #[test]
-fn kata_agent_launch_plan_with_initdata_pulls_an_encrypted_signed_image() {
+fn real_kata_agent_launches_guest_puller_and_runs_a_guest_pulled_encrypted_signed_image() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     Lab::require_root();
     let assets = VmAssets::locate();
+    let agent_bin = integration::kata_agent::static_kata_agent();
     let lab = Lab::new("vm-kata");
     let (reg, keys, repo) = busybox_images(&lab, true);
     let image = format!("{repo}:kbs");
     let manifest = integration::images::inspect(&reg, &image);
+    let repo_path = repo.split_once('/').unwrap().1.to_string();
+    let layer_gets = |reg: &Registry<'_>| -> usize {
+        manifest
+            .layer_digests
+            .iter()
+            .map(|d| reg.blob_gets_of(&repo_path, d))
+            .sum()
+    };
 
-    // The KBS holds the owner's KEK, the cosign key and the pod's credential; the policy is not
-    // in the KBS at all: it travels inline in the initdata.
+    // The node: containerd 2.1 with the guestpull snapshotter for the Kata runtime handler.
+    let v = ContainerdVersion::V2_1;
+    let snap = SnapshotterDaemon::start(&lab, "strict = true");
+    let ctrd = Containerd::start_with(
+        &lab,
+        v,
+        ContainerdOpts {
+            cri: true,
+            ..Default::default()
+        },
+        &format!(
+            "{}{}",
+            cri_body(v, &lab, &reg),
+            proxy_body(v, &snap.socket(), &snap.root())
+        ),
+    );
+    let mut cri = CriClient::connect(&ctrd.socket()).unwrap();
+    cri.pull_image(&image, handler_for(v))
+        .unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", ctrd.log()));
+    assert_eq!(
+        layer_gets(&reg),
+        0,
+        "the host fetched layers:\n{}",
+        reg.log()
+    );
+    let cid = "guestpull-app";
+    let key = format!("{cid}-rootfs");
+    integration::lab::run_ok(&mut ctr_ns(
+        &ctrd,
+        CRI_NS,
+        &[
+            "snapshots",
+            "--snapshotter",
+            PLUGIN,
+            "prepare",
+            &key,
+            &chain_top(&ctrd, CRI_NS),
+        ],
+    ));
+    let (_, _, opts) = snapshot_mount(&ctrd, CRI_NS, &key);
+    let volume = opts
+        .iter()
+        .find(|o| o.starts_with(KATA_VOLUME_OPTION_PREFIX))
+        .map(|o| KataVirtualVolume::from_mount_option(o).unwrap())
+        .unwrap_or_else(|| panic!("no Kata volume option in {opts:?}"));
+
+    // The KBS: the owner's KEK, the cosign key, the pod's credential and the sealed secret's
+    // key and value; the policy travels inline in the initdata.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let resources = lab.join("kbs-resources");
     let put = |path: &str, data: &[u8]| put_resource(&resources, path, data);
@@ -344,6 +454,12 @@ fn kata_agent_launch_plan_with_initdata_pulls_an_encrypted_signed_image() {
         &fs::read(keys.cosign_pub()).unwrap(),
     );
     put("default/vm-credential/token", CREDENTIAL);
+    let signer = SigningKey::random(&mut rand_core::OsRng);
+    put(
+        SIGNING_KID.trim_start_matches("kbs:///"),
+        &integration::sealed::public_jwk(&signer),
+    );
+    put(SECRET_URI.trim_start_matches("kbs:///"), SECRET);
     let policy = cosign_policy(std::slice::from_ref(&repo), COSIGN_URI).to_string();
 
     let registry_fwd = GuestFwd {
@@ -356,19 +472,16 @@ fn kata_agent_launch_plan_with_initdata_pulls_an_encrypted_signed_image() {
     fs::create_dir_all(&pki).unwrap();
     let (ca, tls) = integration::kbs::test_pki(&pki, &GUEST_KBS.to_string());
     let ca = String::from_utf8(ca).unwrap();
-    let initdata_for = |kbs_port: u16| {
-        pod_initdata(
-            &format!("https://{GUEST_KBS}:{kbs_port}"),
-            &ca,
-            &policy,
-            &reg.host(),
-            &registry_fwd.guest_addr(),
-        )
-    };
     // The guest's port is fixed before the KBS starts (it names it in the initdata the KBS's
     // reference digest covers).
     let guest_kbs_port = 8443;
-    let initdata = initdata_for(guest_kbs_port);
+    let initdata = pod_initdata(
+        &format!("https://{GUEST_KBS}:{guest_kbs_port}"),
+        &ca,
+        &policy,
+        &reg.host(),
+        &registry_fwd.guest_addr(),
+    );
     let digest = |t: &str| {
         base64::engine::general_purpose::STANDARD
             .encode(kbs_client::protocol::init_data_digest(t).unwrap().digest)
@@ -385,40 +498,58 @@ fn kata_agent_launch_plan_with_initdata_pulls_an_encrypted_signed_image() {
         host_port: kbs.addr().port(),
     };
     let spec = VmSpec {
-        launch: GuestLaunch::KataPlan {
+        launch: GuestLaunch::KataAgent {
+            agent: agent_bin,
             initdata: initdata.clone(),
             ocicrypt_config: format!(
                 r#"{{"key-providers":{{"attestation-agent":{{"ttrpc":"unix://{CDH_SOCKET}"}}}}}}"#
             ),
+            cmdline: AGENT_CMDLINE.to_string(),
+            trusted_store_mib: 512,
         },
         forwards: vec![registry_fwd, kbs_fwd],
-        memory_mib: 1024,
-        work_tmpfs_mib: 256,
+        memory_mib: 1536,
+        work_tmpfs_mib: 0,
     };
+    let boot = Instant::now();
     let mut vm = Vm::boot(&lab, &assets, &spec);
+    let agent = AgentClient::connect(&vm.hybrid_vsock(), Duration::from_secs(180))
+        .unwrap_or_else(|e| vm.fail(&e));
+    eprintln!("vm: kata-agent serving in {:.1?}", boot.elapsed());
+    let (_, agent_version) = agent.version().unwrap();
+    assert_eq!(agent_version, "4.1.0", "the given kata-agent answers");
 
-    // The layout kata-agent's initdata.rs leaves, byte for byte.
+    // The agent laid out the initdata it read from the disk, byte for byte as the test expects.
     for (name, want) in kata_initdata_layout(&initdata) {
         let got = vm.exec_ok(&format!("cat {INITDATA_DIR}/{name}"));
         assert_eq!(got, want, "{INITDATA_DIR}/{name}");
     }
-    // The launch plan's argv and environment, as the guest kernel saw them.
-    let pid = vm.exec_ok("cat /run/guest-puller.pid").trim().to_string();
-    let argv = vm.exec_ok(&format!("tr '\\000' ' ' < /proc/{pid}/cmdline"));
+    // Its launch plan started guest-puller twice: as the attestation-agent and as the CDH.
+    let aa = guest_pid(&mut vm, AA_BIN);
+    let argv = vm.exec_ok(&format!("tr '\\000' ' ' < /proc/{aa}/cmdline"));
+    assert_eq!(
+        argv.trim_end(),
+        format!(
+            "{AA_BIN} --attestation_sock unix:///run/confidential-containers/attestation-agent/attestation-agent.sock \
+             --initdata-toml {INITDATA_DIR}/initdata.toml -c {INITDATA_DIR}/aa.toml"
+        )
+    );
+    let cdh = guest_pid(&mut vm, CDH_BIN);
+    let argv = vm.exec_ok(&format!("tr '\\000' ' ' < /proc/{cdh}/cmdline"));
     assert_eq!(
         argv.trim_end(),
         format!("{CDH_BIN} -c {INITDATA_DIR}/cdh.toml")
     );
-    let env = vm.exec_ok(&format!("tr '\\000' '\\n' < /proc/{pid}/environ | sort"));
-    assert_eq!(
-        env.trim_end(),
-        "OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json\nPATH=/bin:/sbin/:/usr/bin/:/usr/sbin/"
-    );
-    assert_eq!(
-        vm.exec_ok(&format!("test -S {CDH_SOCKET} && echo socket"))
-            .trim(),
-        "socket"
-    );
+    let env = vm.exec_ok(&format!("tr '\\000' '\\n' < /proc/{cdh}/environ"));
+    for want in [
+        "OCICRYPT_KEYPROVIDER_CONFIG=/etc/ocicrypt_config.json",
+        "PATH=/bin:/sbin/:/usr/bin/:/usr/sbin/",
+    ] {
+        assert!(
+            env.lines().any(|l| l == want),
+            "{want} not in the CDH's env:\n{env}"
+        );
+    }
     // [[credentials]] were fetched at start, mode 0600.
     assert_eq!(
         vm.exec_ok(&format!("cat {CREDENTIAL_PATH}")).as_bytes(),
@@ -429,31 +560,148 @@ fn kata_agent_launch_plan_with_initdata_pulls_an_encrypted_signed_image() {
         "600"
     );
 
-    // PullImage on the CDH socket, as kata-agent calls it (here from the guest's shell).
-    let bundle = "/run/kata-containers/vm-kata";
-    let digest_out = vm.exec_ok(&format!(
-        "guest-puller client-pull --socket {CDH_SOCKET} --timeout 600 --bundle {bundle} {image}"
-    ));
-    assert_eq!(digest_out.trim(), manifest.manifest_digest);
-    let hello = vm.exec_ok(&format!("cat {bundle}/rootfs/etc/hello.txt"));
-    assert_eq!(hello.trim_end(), HELLO, "rootfs content in the guest");
-    let ran = vm.exec_ok(&format!("chroot {bundle}/rootfs /bin/cat /etc/hello.txt"));
-    assert_eq!(ran.trim_end(), HELLO, "the image's busybox in the guest");
+    // The Kata shim's calls: CreateSandbox, then CreateContainer with the rootfs Storage the Go
+    // shim builds from the snapshotter's volume and the CRI annotations.
+    agent
+        .create_sandbox("guestpull-sandbox", "guestpull-pod")
+        .unwrap_or_else(|e| vm.fail(&format!("CreateSandbox: {e:?}")));
+    let annotations: BTreeMap<String, String> = [
+        (CRI_CONTAINER_TYPE, "container"),
+        (CRI_IMAGE_NAME, image.as_str()),
+        ("io.kubernetes.cri.container-name", "app"),
+        ("io.kubernetes.cri.sandbox-id", "guestpull-sandbox"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let storage = guest_pull_storage(&volume, &annotations, cid).unwrap();
+    let sealed = integration::sealed::seal(&signer, SIGNING_KID, SECRET_URI);
+    let env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        // Set, so rustjail does not look the user up through the static agent's NSS.
+        "HOME=/root".to_string(),
+        format!("POD_TOKEN={sealed}"),
+    ];
+    // The pod's trusted-storage volume device, with the guest's numbers of the empty disk.
+    let dev = vm.exec_ok("cat /sys/block/vdb/dev");
+    let (major, minor) = dev.trim().split_once(':').expect("MAJ:MIN");
+    let trusted = BlockDevice {
+        path: "/dev/trusted_store".into(),
+        major: major.parse().unwrap(),
+        minor: minor.parse().unwrap(),
+    };
+    let oci = container_spec(
+        cid,
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /etc/hello.txt; echo \"token=$POD_TOKEN\"",
+        ],
+        &env,
+        &annotations,
+        &[trusted],
+    );
+    let pull = Instant::now();
+    agent
+        .create_container(cid, storage, oci, Duration::from_secs(900))
+        .unwrap_or_else(|e| vm.fail(&format!("CreateContainer: {e:?}")));
+    let pull = pull.elapsed();
+    agent
+        .start_container(cid)
+        .unwrap_or_else(|e| vm.fail(&format!("StartContainer: {e:?}")));
+    let stdout = String::from_utf8(agent.read_stdout(cid, Duration::from_secs(120))).unwrap();
+    let status = agent
+        .wait_process(cid, Duration::from_secs(120))
+        .unwrap_or_else(|e| vm.fail(&format!("WaitProcess: {e:?}")));
+    assert_eq!(status, 0, "container exit status; stdout:\n{stdout}");
+    assert_eq!(
+        stdout,
+        format!("{HELLO}\ntoken={}\n", String::from_utf8_lossy(SECRET)),
+        "the image's content and the unsealed secret, from the container"
+    );
+    eprintln!("vm: CreateContainer (guest pull) took {pull:.1?}");
+
+    // Inside the guest: the rootfs is guest-puller's overlay at the agent's mount point.
+    let mounts = vm.exec_ok("cat /proc/mounts");
+    assert!(
+        mounts.lines().any(|l| l.starts_with("overlay ")
+            && l.contains(&format!("/run/kata-containers/{cid}/rootfs"))),
+        "no overlay rootfs in the guest:\n{mounts}"
+    );
+    // The agent asked the CDH for trusted storage before the pull: the work dir is an ext4 on
+    // a dm-crypt (LUKS2) mapping of the disk, and the layers are on it, not in guest RAM.
+    let work = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(GUEST_WORK_DIR))
+        .unwrap_or_else(|| {
+            vm.fail(&format!(
+                "no trusted storage at {GUEST_WORK_DIR}:\n{mounts}"
+            ))
+        })
+        .to_string();
+    let mut f = work.split_whitespace();
+    let (source, fstype) = (f.next().unwrap(), f.nth(1).unwrap());
+    assert!(
+        source.starts_with("/dev/mapper/") && fstype == "ext4",
+        "trusted storage mount: {work}"
+    );
+    let layer_files = vm.exec_ok(&format!("find {GUEST_WORK_DIR} -type f | wc -l"));
+    assert!(
+        layer_files.trim().parse::<u32>().unwrap() > 0,
+        "nothing of the pull on the trusted store"
+    );
+    let head = {
+        use std::io::Read;
+        let mut b = [0u8; 6];
+        fs::File::open(vm.dir().join("trusted-store.img"))
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    };
+    assert_ne!(
+        &head, b"LUKS\xba\xbe",
+        "the LUKS header stays in guest RAM (detached)"
+    );
+
+    // On the host: the layers left the registry once each, through the guest's forward.
+    let via_guest = format!("http.request.host=\"{}\"", registry_fwd.guest_addr());
+    let log = reg.log();
+    for layer in &manifest.layer_digests {
+        let guest = log
+            .lines()
+            .filter(|l| l.contains(layer.as_str()) && l.contains("\"GET /v2/"))
+            .collect::<Vec<_>>();
+        assert_eq!(guest.len(), 1, "layer {layer}: {guest:#?}");
+        assert!(guest[0].contains(&via_guest), "{}", guest[0]);
+    }
     let stats = kbs.stats();
     assert_eq!(
         (stats.attest_ok, stats.resource_unauthorized),
         (1, 0),
         "one attested session, with the initdata the KBS expects: {stats:?}"
     );
-    // Credential, cosign key, KEK; no policy request (it was inline).
-    assert_eq!(stats.resource_ok, 3, "{stats:?}");
+    // Credential, cosign key, KEK, the sealed secret's key and value; no policy request.
+    assert_eq!(stats.resource_ok, 5, "{stats:?}");
+    // Neither the image plaintext nor the secret is anywhere on the host side of the VM, nor in
+    // containerd's or the snapshotter's state.
+    for dir in [vm.dir(), ctrd.root().as_path(), snap.root().as_path()] {
+        for (what, needle) in [("image plaintext", HELLO.as_bytes()), ("secret", SECRET)] {
+            if let Some(p) = find_bytes(dir, needle) {
+                panic!("{what} found on the host at {}", p.display());
+            }
+        }
+    }
+    agent
+        .remove_container(cid)
+        .unwrap_or_else(|e| vm.fail(&format!("RemoveContainer: {e:?}")));
 
     // The host changes the initdata (one appended comment): the KBS refuses the attestation and
     // the CDH does not start, saying which digest differed from which.
     let tampered = format!("{initdata}# appended by the host\n");
     let out = {
         let (rc, out) = vm.exec(&format!(
-            "kill {pid}; while [ -e /proc/{pid} ]; do usleep 100000; done; \
+            "kill {cdh}; while [ -e /proc/{cdh} ]; do usleep 100000; done; \
              echo '# appended by the host' >> {INITDATA_DIR}/initdata.toml; \
              env -i {env} {CDH_BIN} -c {INITDATA_DIR}/cdh.toml",
             env = integration::vm::CDH_ENV
