@@ -177,23 +177,25 @@ fn init_logging(cfg: Option<&Config>) -> anyhow::Result<()> {
     init_logging_with(cfg.and_then(Config::log_filter), &keys)
 }
 
+/// The puller of the `pull` command (no server, so no `PullImage` runtime event: that is the
+/// CDH's, recorded when kata-agent asks over ttrpc).
 async fn puller(mut cfg: Config) -> anyhow::Result<Puller> {
-    let fetcher = guest_puller::startup::prepare(&mut cfg).await?;
-    Ok(Puller::new(cfg, fetcher).await?)
+    let prepared = guest_puller::startup::prepare(&mut cfg).await?;
+    Ok(Puller::new(cfg, prepared.fetcher).await?)
 }
 
 /// Serves as the CDH does: credentials written first, then the ttrpc API on `addrs`.
 async fn serve(mut cfg: Config, addrs: Vec<ListenAddr>) -> anyhow::Result<()> {
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let fetcher = guest_puller::startup::prepare(&mut cfg).await?;
+    let prepared = guest_puller::startup::prepare(&mut cfg).await?;
     guest_puller::startup::write_credentials(
         &cfg.credentials,
-        fetcher.as_ref(),
+        prepared.fetcher.as_ref(),
         Path::new(CREDENTIALS_DIR),
     )
     .await?;
-    let p = Arc::new(Puller::new(cfg, fetcher).await?);
-    guest_puller::api::server::serve(p, &addrs)
+    let p = Arc::new(Puller::new(cfg, prepared.fetcher).await?);
+    guest_puller::api::server::serve(p, prepared.aa, &addrs)
         .await
         .with_context(|| format!("serving on {}", shown.join(", ")))
 }
