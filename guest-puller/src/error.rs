@@ -41,6 +41,23 @@ impl PullError {
     }
 }
 
+impl crate::aa::client::MeasurementError {
+    /// What kind of failure this is: the AA refusing or failing, or answering nonsense, is
+    /// internal to the guest; no answer in time is a timeout; a broken connection an outage.
+    pub fn kind(&self) -> ErrorKind {
+        use crate::aa::client::MeasurementError as E;
+        match self {
+            E::Call {
+                source: ttrpc::Error::RpcStatus(_),
+                ..
+            }
+            | E::UnknownResult { .. } => ErrorKind::Internal,
+            E::Call { .. } => ErrorKind::Unavailable,
+            E::TimedOut { .. } => ErrorKind::TimedOut,
+        }
+    }
+}
+
 impl ResourceError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {

@@ -1,6 +1,7 @@
 //! `guest-puller` CLI: pull an image into a bundle, serve the CDH-compatible ttrpc API,
 //! or unmount a bundle. Started as `confidential-data-hub` (a symlink, as kata-agent launches
-//! the CDH), it takes CDH's command line and serves.
+//! the CDH), it takes CDH's command line and serves; started as `attestation-agent`, it takes
+//! the attestation-agent's command line and serves the AA's API.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use guest_puller::cdh_config::{CDH_BINARY_NAME, CREDENTIALS_DIR};
+use guest_puller::aa::agent::{Agent, AgentSettings, InitdataArg};
+use guest_puller::aa::config::AaToml;
+use guest_puller::aa::AA_BINARY_NAME;
+use guest_puller::cdh_config::{CDH_BINARY_NAME, CREDENTIALS_DIR, DEFAULT_AA_SOCKET};
 use guest_puller::config::{Config, ListenAddr};
 use guest_puller::pull::Puller;
 
@@ -34,6 +38,42 @@ struct CdhCli {
     /// CDH configuration file (CDH's TOML, or guest-puller's own).
     #[arg(short = 'c', long)]
     config: Option<PathBuf>,
+}
+
+/// The attestation-agent's command line, spelled as guest-components' `ttrpc-aa` spells it;
+/// kata-agent passes `--attestation_sock`, `--initdata-toml` (when the pod has initdata) and
+/// `-c` (when initdata holds an `aa.toml`).
+#[derive(Parser)]
+#[command(
+    name = AA_BINARY_NAME,
+    version,
+    about = "guest-puller serving as the attestation-agent"
+)]
+struct AaCli {
+    /// The ttrpc socket to serve, `unix:///<path>`.
+    #[arg(short, long = "attestation_sock", default_value = DEFAULT_AA_SOCKET)]
+    attestation_sock: String,
+    /// The attestation-agent configuration (aa.toml); without it the KBS comes from
+    /// `AA_KBC_PARAMS` or the kernel's `agent.aa_kbc_params`.
+    #[arg(short, long)]
+    config_file: Option<PathBuf>,
+    /// Initdata digest (standard base64) the TEE must have been launched with.
+    #[arg(short, long)]
+    initdata_digest: Option<String>,
+    /// Initdata TOML the TEE must have been launched with (wins over --initdata-digest);
+    /// also sent to the KBS with token requests.
+    #[arg(short = 't', long)]
+    initdata_toml: Option<PathBuf>,
+}
+
+impl AaCli {
+    fn initdata(&self) -> InitdataArg {
+        match (&self.initdata_toml, &self.initdata_digest) {
+            (Some(p), _) => InitdataArg::Toml(p.clone()),
+            (None, Some(d)) => InitdataArg::Digest(d.clone()),
+            (None, None) => InitdataArg::None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -105,62 +145,92 @@ fn cdh_default_config() -> anyhow::Result<Config> {
 
 /// The log filter: `GUEST_PULLER_LOG` first, then the config's `[log] level` (an error when it
 /// is not a valid filter, naming the key), then `info`.
-fn log_filter(cfg: Option<&Config>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+fn log_filter(level: Option<&str>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("GUEST_PULLER_LOG") {
         return Ok(f);
     }
-    match cfg.and_then(Config::log_filter) {
+    match level {
         Some(level) => tracing_subscriber::EnvFilter::try_new(level)
             .with_context(|| format!("[log] level {level:?} is not a log filter")),
         None => Ok(tracing_subscriber::EnvFilter::new("info")),
     }
 }
 
-fn init_logging(cfg: Option<&Config>) -> anyhow::Result<()> {
-    let filter = log_filter(cfg)?;
+/// Starts logging at `level` (see [`log_filter`]) and warns about `unimplemented` keys.
+fn init_logging_with(level: Option<&str>, unimplemented: &[&str]) -> anyhow::Result<()> {
+    let filter = log_filter(level)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(keys) = cfg
-        .map(Config::unimplemented_keys)
-        .filter(|k| !k.is_empty())
-    {
+    if !unimplemented.is_empty() {
         tracing::warn!(
             "config keys accepted but not implemented by guest-puller (ignored): {}",
-            keys.join("; ")
+            unimplemented.join("; ")
         );
     }
     Ok(())
 }
 
+fn init_logging(cfg: Option<&Config>) -> anyhow::Result<()> {
+    let keys = cfg.map(Config::unimplemented_keys).unwrap_or_default();
+    init_logging_with(cfg.and_then(Config::log_filter), &keys)
+}
+
+/// The puller of the `pull` command (no server, so no `PullImage` runtime event: that is the
+/// CDH's, recorded when kata-agent asks over ttrpc).
 async fn puller(mut cfg: Config) -> anyhow::Result<Puller> {
-    let fetcher = guest_puller::startup::prepare(&mut cfg).await?;
-    Ok(Puller::new(cfg, fetcher).await?)
+    let prepared = guest_puller::startup::prepare(&mut cfg).await?;
+    Ok(Puller::new(cfg, prepared.fetcher).await?)
 }
 
 /// Serves as the CDH does: credentials written first, then the ttrpc API on `addrs`.
 async fn serve(mut cfg: Config, addrs: Vec<ListenAddr>) -> anyhow::Result<()> {
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let fetcher = guest_puller::startup::prepare(&mut cfg).await?;
+    let prepared = guest_puller::startup::prepare(&mut cfg).await?;
     guest_puller::startup::write_credentials(
         &cfg.credentials,
-        fetcher.as_ref(),
+        prepared.fetcher.as_ref(),
         Path::new(CREDENTIALS_DIR),
     )
     .await?;
-    let p = Arc::new(Puller::new(cfg, fetcher).await?);
-    guest_puller::api::server::serve(p, &addrs)
+    let p = Arc::new(Puller::new(cfg, prepared.fetcher).await?);
+    guest_puller::api::server::serve(p, prepared.aa, &addrs)
         .await
         .with_context(|| format!("serving on {}", shown.join(", ")))
 }
 
-/// Whether argv[0] names the CDH binary (how kata-agent's launch plan starts us).
-fn started_as_cdh(argv0: Option<&OsString>) -> bool {
+/// Serves as the attestation-agent: config, initdata check (exit non-zero on a mismatch,
+/// before the socket exists), then the AA's ttrpc API.
+async fn serve_aa(cli: AaCli) -> anyhow::Result<()> {
+    let config = match &cli.config_file {
+        Some(p) => AaToml::from_file(p)?,
+        None => {
+            let env = std::env::var("AA_KBC_PARAMS").ok();
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            AaToml::from_kbc_params(env.as_deref(), &cmdline)
+        }
+    };
+    init_logging_with(config.log_filter(), &config.unimplemented_keys())?;
+    let agent = Agent::start(AgentSettings {
+        config,
+        initdata: cli.initdata(),
+        paths: kbs_client::HardwarePaths::default(),
+        eventlog_path: guest_puller::aa::eventlog::log_path(),
+    })
+    .await
+    .context("starting the attestation-agent")?;
+    guest_puller::aa::server::serve(Arc::new(agent), &cli.attestation_sock).await?;
+    Ok(())
+}
+
+/// Whether argv[0]'s file name is `name` (how kata-agent's launch plan starts us: through the
+/// `confidential-data-hub` and `attestation-agent` symlinks).
+fn started_as(argv0: Option<&OsString>, name: &str) -> bool {
     argv0
         .map(Path::new)
         .and_then(Path::file_name)
-        .is_some_and(|n| n == CDH_BINARY_NAME)
+        .is_some_and(|n| n == name)
 }
 
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
@@ -173,7 +243,11 @@ fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if started_as_cdh(std::env::args_os().next().as_ref()) {
+    let argv0 = std::env::args_os().next();
+    if started_as(argv0.as_ref(), AA_BINARY_NAME) {
+        return serve_aa(AaCli::parse()).await;
+    }
+    if started_as(argv0.as_ref(), CDH_BINARY_NAME) {
         let cli = CdhCli::parse();
         let cfg = match &cli.config {
             Some(p) => Config::from_file(p)?,
@@ -258,9 +332,13 @@ mod tests {
             ("/usr/local/bin/guest-puller", false),
             ("/usr/local/bin/confidential-data-hub.sh", false),
         ] {
-            assert_eq!(started_as_cdh(Some(&OsString::from(argv0))), cdh, "{argv0}");
+            assert_eq!(
+                started_as(Some(&OsString::from(argv0)), CDH_BINARY_NAME),
+                cdh,
+                "{argv0}"
+            );
         }
-        assert!(!started_as_cdh(None));
+        assert!(!started_as(None, CDH_BINARY_NAME));
         let c = CdhCli::try_parse_from([
             "confidential-data-hub",
             "-c",
@@ -287,13 +365,79 @@ mod tests {
     }
 
     #[test]
+    fn argv0_selects_attestation_agent_mode_with_the_agents_exact_argv() {
+        assert!(started_as(
+            Some(&OsString::from("/usr/local/bin/attestation-agent")),
+            AA_BINARY_NAME
+        ));
+        assert!(!started_as(
+            Some(&OsString::from("/usr/local/bin/attestation-agent-nv")),
+            AA_BINARY_NAME
+        ));
+        // kata-agent 4.1's launch plan, initdata and aa.toml present.
+        let c = AaCli::try_parse_from([
+            "/usr/local/bin/attestation-agent",
+            "--attestation_sock",
+            "unix:///run/confidential-containers/attestation-agent/attestation-agent.sock",
+            "--initdata-toml",
+            "/run/confidential-containers/initdata/initdata.toml",
+            "-c",
+            "/run/confidential-containers/initdata/aa.toml",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.attestation_sock,
+            "unix:///run/confidential-containers/attestation-agent/attestation-agent.sock"
+        );
+        assert_eq!(
+            c.config_file.as_deref(),
+            Some(Path::new("/run/confidential-containers/initdata/aa.toml"))
+        );
+        assert_eq!(
+            c.initdata(),
+            InitdataArg::Toml("/run/confidential-containers/initdata/initdata.toml".into())
+        );
+        // Without initdata, and the reference's other spellings.
+        let c = AaCli::try_parse_from(["attestation-agent"]).unwrap();
+        assert_eq!(c.attestation_sock, DEFAULT_AA_SOCKET);
+        assert_eq!(c.initdata(), InitdataArg::None);
+        let c = AaCli::try_parse_from([
+            "attestation-agent",
+            "-a",
+            "unix:///tmp/aa.sock",
+            "--config-file",
+            "/etc/aa.toml",
+            "--initdata-digest",
+            "AAAA",
+        ])
+        .unwrap();
+        assert_eq!(c.attestation_sock, "unix:///tmp/aa.sock");
+        assert_eq!(c.config_file.as_deref(), Some(Path::new("/etc/aa.toml")));
+        assert_eq!(c.initdata(), InitdataArg::Digest("AAAA".into()));
+        let c =
+            AaCli::try_parse_from(["attestation-agent", "-i", "AAAA", "-t", "/i.toml"]).unwrap();
+        assert_eq!(
+            c.initdata(),
+            InitdataArg::Toml("/i.toml".into()),
+            "the TOML wins"
+        );
+        for bad in [
+            &["attestation-agent", "--attestation-sock", "unix:///x"][..],
+            &["attestation-agent", "--config", "/etc/aa.toml"][..],
+            &["attestation-agent", "serve"][..],
+        ] {
+            assert!(AaCli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn a_bad_log_level_is_an_error_naming_the_key() {
         // GUEST_PULLER_LOG would take precedence; the test environment does not set it.
         assert!(std::env::var_os("GUEST_PULLER_LOG").is_none());
         let cfg = Config::from_toml("[log]\nlevel = \"loud=[\"\n").unwrap();
-        let e = format!("{:#}", log_filter(Some(&cfg)).unwrap_err());
+        let e = format!("{:#}", log_filter(cfg.log_filter()).unwrap_err());
         assert!(e.contains("[log] level"), "{e}");
         let cfg = Config::from_toml("[log]\nlevel = \"debug\"\n").unwrap();
-        assert!(log_filter(Some(&cfg)).is_ok());
+        assert!(log_filter(cfg.log_filter()).is_ok());
     }
 }

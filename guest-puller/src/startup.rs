@@ -1,7 +1,7 @@
 //! What the puller does before it serves, as a CDH does when kata-agent starts it: read the pod's
-//! initdata, pick the evidence source (a running attestation-agent, else the built-in attesters,
-//! which must find the initdata digest in the TEE's launch register), honour
-//! `OCICRYPT_KEYPROVIDER_CONFIG`, and write `[[credentials]]`.
+//! initdata, pick the evidence source (a running attestation-agent, which also measures each
+//! pulled image, else the built-in attesters, which must find the initdata digest in the TEE's
+//! launch register), honour `OCICRYPT_KEYPROVIDER_CONFIG`, and write `[[credentials]]`.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -51,27 +51,38 @@ pub enum StartupError {
     },
 }
 
-/// The resource fetcher for `cfg`, with the pod's initdata and the evidence source bound in;
-/// also adds the keyprovider names of `OCICRYPT_KEYPROVIDER_CONFIG` to `cfg`.
-pub async fn prepare(cfg: &mut Config) -> Result<Arc<KbsResourceFetcher>, StartupError> {
+/// What the puller serves with: the resource fetcher and, when one runs, the attestation-agent.
+pub struct Prepared {
+    /// Resources, with the pod's initdata and the evidence source bound in.
+    pub fetcher: Arc<KbsResourceFetcher>,
+    /// The attestation-agent at `[aa] aa_socket` (evidence, and the `PullImage` measurement).
+    pub aa: Option<Arc<AttestationAgent>>,
+}
+
+/// The resource fetcher for `cfg`, with the pod's initdata and the evidence source bound in,
+/// and the attestation-agent when its socket exists; also adds the keyprovider names of
+/// `OCICRYPT_KEYPROVIDER_CONFIG` to `cfg`.
+pub async fn prepare(cfg: &mut Config) -> Result<Prepared, StartupError> {
     let initdata = Initdata::load(&cfg.initdata.path)?;
     let aa_socket = cfg.aa.socket_path();
-    let evidence: Option<Arc<dyn EvidenceProvider>> = if aa_socket.exists() {
+    let aa = if aa_socket.exists() {
         let aa = AttestationAgent::connect(&aa_socket)
             .await
             .map_err(StartupError::AttestationAgent)?;
-        info!(socket = %aa_socket.display(), "evidence from the attestation-agent");
+        info!(socket = %aa_socket.display(), "evidence from the attestation-agent; pulled images are measured through it");
         if let Some(i) = &initdata {
             // kata-agent hands the initdata to the AA (--initdata-toml), which binds it.
             info!(path = %i.path.display(), digest = %i.digest_hex(), "initdata: bound by the attestation-agent; sent to the KBS");
         }
         Some(Arc::new(aa))
     } else {
+        info!(socket = %aa_socket.display(), "no attestation-agent: built-in attesters; pulled images are not measured");
         if let Some(i) = &initdata {
             check_binding(i).await?;
         }
         None
     };
+    let evidence = aa.clone().map(|a| -> Arc<dyn EvidenceProvider> { a });
     if let Some(path) = std::env::var_os(cdh_config::OCICRYPT_KEYPROVIDER_CONFIG_ENV) {
         let names = cdh_config::ocicrypt_provider_names(Path::new(&path))?;
         info!(config = %Path::new(&path).display(), providers = ?names, "ocicrypt keyprovider names unwrapped through the KBS");
@@ -81,11 +92,12 @@ pub async fn prepare(cfg: &mut Config) -> Result<Arc<KbsResourceFetcher>, Startu
             }
         }
     }
-    Ok(Arc::new(KbsResourceFetcher::with_attestation(
+    let fetcher = Arc::new(KbsResourceFetcher::with_attestation(
         &cfg.kbs,
         initdata.map(|i| i.text),
         evidence,
-    )?))
+    )?);
+    Ok(Prepared { fetcher, aa })
 }
 
 /// With a built-in attester: the digest must be in the launch register (TDX MRCONFIGID, SNP

@@ -646,9 +646,10 @@ async fn puller_fetch(kbs: &TestKbs, dir: &Path, aa_socket: &Path) -> Vec<u8> {
         initdata.display()
     ))
     .unwrap();
-    let fetcher = guest_puller::startup::prepare(&mut cfg).await.unwrap();
+    let prepared = guest_puller::startup::prepare(&mut cfg).await.unwrap();
     use guest_puller::resource::ResourceFetcher;
-    fetcher
+    prepared
+        .fetcher
         .fetch("kbs:///default/key/k1")
         .await
         .unwrap()

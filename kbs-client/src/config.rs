@@ -140,6 +140,11 @@ pub struct HardwarePaths {
     pub efi_secrets_dir: PathBuf,
     /// The ACPI CCEL table (TDX CC event log).
     pub ccel_path: PathBuf,
+    /// The attestation-agent's event log (AAEL, TCG2 entries), appended to the TDX CC event log
+    /// so a verifier can replay the runtime measurement registers it extended.
+    pub aael_path: PathBuf,
+    /// TDX measurement registers in sysfs (Linux 6.16+): `rtmr<N>:sha384` reads and extends.
+    pub tdx_measurements_dir: PathBuf,
 }
 
 impl Default for HardwarePaths {
@@ -150,6 +155,8 @@ impl Default for HardwarePaths {
             sev_guest_dev: "/dev/sev-guest".into(),
             efi_secrets_dir: "/sys/kernel/security/secrets/coco".into(),
             ccel_path: "/sys/firmware/acpi/tables/data/CCEL".into(),
+            aael_path: crate::attester::eventlog::DEFAULT_AAEL_PATH.into(),
+            tdx_measurements_dir: "/sys/devices/virtual/misc/tdx_guest/measurements".into(),
         }
     }
 }

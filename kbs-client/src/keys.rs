@@ -108,6 +108,19 @@ impl TeeKeyPair {
         Ok(Zeroizing::new(pem.to_string()))
     }
 
+    /// The private key as the attestation-agent hands it over with a token (`GetToken`'s
+    /// `tee_keypair`): PKCS#1 for RSA, PKCS#8 for EC, the forms the reference reads back.
+    pub fn to_token_pem(&self) -> Result<Zeroizing<String>, Error> {
+        match &self.inner {
+            KeyInner::Ec(_) => self.to_pkcs8_pem(),
+            KeyInner::Rsa(k) => {
+                use rsa::pkcs1::EncodeRsaPrivateKey;
+                k.to_pkcs1_pem(LineEnding::LF)
+                    .map_err(|e| Error::Key(format!("cannot encode TEE key: {e}")))
+            }
+        }
+    }
+
     /// The algorithm of this key.
     pub fn algorithm(&self) -> KeyAlgorithm {
         match self.inner {
@@ -166,6 +179,22 @@ mod tests {
             serde_json::to_string(&back.public_jwk()).unwrap()
         );
         assert!(TeeKeyPair::from_pkcs8_pem("not a key").is_err());
+    }
+
+    #[test]
+    fn token_pem_is_pkcs1_for_rsa_and_pkcs8_for_ec() {
+        let ec = TeeKeyPair::generate(KeyAlgorithm::EcP256).unwrap();
+        assert!(ec
+            .to_token_pem()
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----"));
+        let rsa = TeeKeyPair::generate(KeyAlgorithm::Rsa).unwrap();
+        let pem = rsa.to_token_pem().unwrap();
+        assert!(
+            pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+            "{}",
+            &pem[..40]
+        );
     }
 
     #[test]

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use ttrpc::{Code, Error as TtrpcError};
 
 use super::protos::{api, api_ttrpc, keyprovider, keyprovider_ttrpc};
+use crate::aa::client::{AttestationAgent, MeasurementResult};
 use crate::config::ListenAddr;
 use crate::error::ErrorKind;
 use crate::keyprovider::{
@@ -24,7 +25,8 @@ fn status(code: Code, msg: impl ToString) -> TtrpcError {
 }
 
 /// The one table from error kinds to status codes. Every server of the puller answers
-/// through it; nothing else decides a status code. ttrpc's codes are google.rpc's, so gRPC
+/// through it; nothing else decides a status code (except the attestation-agent mode, which
+/// keeps the reference AA's codes: `aa::server`). ttrpc's codes are google.rpc's, so gRPC
 /// servers (the owner-side keyprovider) take the same number.
 pub fn codes(kind: ErrorKind) -> Code {
     match kind {
@@ -51,6 +53,8 @@ pub fn pull_error_code(e: &PullError) -> Code {
 pub struct Service {
     puller: Arc<Puller>,
     unsealer: Unsealer,
+    /// Where pulled images are measured (CDH's `PullImage` runtime event), when an AA runs.
+    aa: Option<Arc<AttestationAgent>>,
 }
 
 impl Service {
@@ -64,7 +68,50 @@ impl Service {
             tracing::warn!("skip_sealed_secret_verification: sealed secrets are NOT verified");
         }
         let unsealer = Unsealer::new(puller.fetcher().clone(), skip);
-        Self { puller, unsealer }
+        Self {
+            puller,
+            unsealer,
+            aa: None,
+        }
+    }
+
+    /// Measures every pulled image through `aa` (when `Some`), as CDH does.
+    pub fn with_attestation_agent(mut self, aa: Option<Arc<AttestationAgent>>) -> Self {
+        self.aa = aa;
+        self
+    }
+
+    /// After a pull: the `PullImage` runtime event, as CDH records it. An AA that cannot record
+    /// it fails the pull (CDH's behaviour), and the bundle is taken down again so an unmeasured
+    /// image is not left mounted; a TEE or an AA that does not measure only warns.
+    async fn measure_pull(&self, image: &str, bundle: &Path, digest: &str) -> ttrpc::Result<()> {
+        let Some(aa) = &self.aa else {
+            return Ok(());
+        };
+        match aa.measure_pull(image, digest).await {
+            Ok(MeasurementResult::Extended) => {
+                info!(image = %image.escape_debug(), %digest, "PullImage event measured");
+                Ok(())
+            }
+            Ok(MeasurementResult::NotSupported) => {
+                warn!(image = %image.escape_debug(), "the TEE has no runtime measurement: PullImage event not measured");
+                Ok(())
+            }
+            Ok(MeasurementResult::NotEnabled) => {
+                warn!(image = %image.escape_debug(), "the attestation-agent's event log is disabled: PullImage event not measured");
+                Ok(())
+            }
+            Err(e) => {
+                error!(image = %image.escape_debug(), "PullImage failed: {e}");
+                if let Err(u) = self.puller.unmount_bundle(bundle).await {
+                    error!(bundle = %bundle.display(), "taking the unmeasured bundle down: {u}");
+                }
+                Err(status(
+                    codes(e.kind()),
+                    format!("pull {}: {e}", image.escape_debug()),
+                ))
+            }
+        }
     }
 }
 
@@ -141,6 +188,8 @@ impl api_ttrpc::ImagePullService for Service {
         info!(image = %image.escape_debug(), bundle = %bundle.escape_debug(), "PullImage");
         match self.puller.pull_image(image, Path::new(bundle)).await {
             Ok(r) => {
+                self.measure_pull(image, Path::new(bundle), &r.manifest_digest)
+                    .await?;
                 let mut resp = api::ImagePullResponse::new();
                 resp.manifest_digest = r.manifest_digest;
                 Ok(resp)
@@ -258,9 +307,14 @@ async fn start_all(
     Ok(servers)
 }
 
-/// Runs the server on every address in `addrs` until SIGTERM/SIGINT.
-pub async fn serve(puller: Arc<Puller>, addrs: &[ListenAddr]) -> Result<(), ttrpc::Error> {
-    let svc = Arc::new(Service::new(puller));
+/// Runs the server on every address in `addrs` until SIGTERM/SIGINT; pulled images are
+/// measured through `aa` when one runs.
+pub async fn serve(
+    puller: Arc<Puller>,
+    aa: Option<Arc<AttestationAgent>>,
+    addrs: &[ListenAddr],
+) -> Result<(), ttrpc::Error> {
+    let svc = Arc::new(Service::new(puller).with_attestation_agent(aa));
     let mut servers = start_all(svc, addrs).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ttrpc::Error::Others(e.to_string()))?;

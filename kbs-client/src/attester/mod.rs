@@ -1,5 +1,7 @@
-//! Evidence providers (sample, tdx, snp) and the SEV launch-secret reader, with autodetection.
+//! Evidence providers (sample, tdx, snp) and the SEV launch-secret reader, with autodetection;
+//! the runtime measurement registers of TEEs that have them (TDX RTMRs).
 
+pub mod eventlog;
 mod sample;
 pub mod sev;
 mod snp;
@@ -68,6 +70,60 @@ pub async fn evidence(
         .map_err(|e| Error::Evidence {
             tee: tee.to_string(),
             detail: format!("evidence task failed: {e}"),
+        })?
+}
+
+/// Width of the runtime registers [`extend_runtime_register`] extends (TDX RTMRs: SHA-384).
+pub const RUNTIME_REGISTER_LEN: usize = tdx::MR_LEN;
+
+/// Whether `tee` has runtime measurement registers this crate can extend here: TDX with the
+/// kernel's RTMR files (Linux 6.16+). SNP has none; the sample attester has no hardware.
+pub fn runtime_registers_available(tee: Tee, paths: &HardwarePaths) -> bool {
+    tee == Tee::Tdx && paths.tdx_measurements_dir.is_dir()
+}
+
+fn no_runtime_registers(tee: Tee) -> Error {
+    Error::Unsupported(format!("{tee} has no runtime measurement register here"))
+}
+
+/// The value of runtime register `index` of `tee` (TDX: RTMR `index`).
+pub async fn read_runtime_register(
+    tee: Tee,
+    paths: &HardwarePaths,
+    index: u32,
+) -> Result<Vec<u8>, Error> {
+    if !runtime_registers_available(tee, paths) {
+        return Err(no_runtime_registers(tee));
+    }
+    let p = paths.clone();
+    blocking(tee, move || tdx::read_rtmr(&p, index)).await
+}
+
+/// Extends runtime register `index` of `tee` with `digest` (TDX: RTMR `index`, the digest
+/// zero-padded to 48 bytes; the register becomes SHA-384(old || digest)).
+pub async fn extend_runtime_register(
+    tee: Tee,
+    paths: &HardwarePaths,
+    index: u32,
+    digest: Vec<u8>,
+) -> Result<(), Error> {
+    if !runtime_registers_available(tee, paths) {
+        return Err(no_runtime_registers(tee));
+    }
+    let p = paths.clone();
+    blocking(tee, move || tdx::extend_rtmr(&p, index, &digest)).await
+}
+
+/// Runs a sysfs job on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    tee: Tee,
+    job: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| Error::Evidence {
+            tee: tee.to_string(),
+            detail: format!("register task failed: {e}"),
         })?
 }
 
@@ -167,6 +223,8 @@ mod tests {
             sev_guest_dev: dir.join("sev-guest"),
             efi_secrets_dir: dir.join("secrets"),
             ccel_path: dir.join("CCEL"),
+            aael_path: dir.join("eventlog"),
+            tdx_measurements_dir: dir.join("measurements"),
         }
     }
 
@@ -223,6 +281,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn runtime_registers_are_tdx_only() {
+        let d = tempfile::tempdir().unwrap();
+        let p = nowhere(d.path());
+        assert!(!runtime_registers_available(Tee::Tdx, &p));
+        std::fs::create_dir(&p.tdx_measurements_dir).unwrap();
+        std::fs::write(p.tdx_measurements_dir.join("rtmr3:sha384"), [1u8; 48]).unwrap();
+        assert!(runtime_registers_available(Tee::Tdx, &p));
+        assert_eq!(
+            read_runtime_register(Tee::Tdx, &p, 3).await.unwrap(),
+            vec![1u8; 48]
+        );
+        for tee in [Tee::Sample, Tee::Snp, Tee::Sev] {
+            assert!(!runtime_registers_available(tee, &p));
+            let e = extend_runtime_register(tee, &p, 3, vec![0; 48])
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::Unsupported(_)), "{tee}: {e}");
+        }
     }
 
     #[test]

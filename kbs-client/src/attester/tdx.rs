@@ -1,10 +1,11 @@
-//! Intel TDX evidence: a TD quote through configfs-tsm plus the CC event log when present.
+//! Intel TDX evidence: a TD quote through configfs-tsm plus the CC event log (firmware CCEL and
+//! the attestation-agent's log) when present; RTMR reads and extensions through sysfs.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use super::{pad64, tsm};
+use super::{eventlog, pad64, tsm};
 use crate::config::HardwarePaths;
 use crate::error::Error;
 
@@ -30,10 +31,43 @@ pub(crate) fn evidence(paths: &HardwarePaths, report_data: &[u8]) -> Result<Valu
             rep.provider
         )));
     }
-    let ccel = std::fs::read(&paths.ccel_path)
-        .ok()
-        .filter(|b| !b.is_empty());
-    Ok(build(&rep.outblob, ccel.as_deref()))
+    let read = |p: &std::path::Path| std::fs::read(p).ok().filter(|b| !b.is_empty());
+    let (ccel, aael) = (read(&paths.ccel_path), read(&paths.aael_path));
+    let log = eventlog::cc_eventlog(ccel.as_deref(), aael.as_deref()).map_err(err)?;
+    Ok(build(&rep.outblob, log.as_deref()))
+}
+
+/// The sysfs file of RTMR `index` (0..=3); reading gives its value, writing 48 bytes extends it.
+fn rtmr_file(paths: &HardwarePaths, index: u32) -> Result<std::path::PathBuf, Error> {
+    if index > 3 {
+        return Err(err(format!("RTMR index {index} does not exist (0..=3)")));
+    }
+    Ok(paths
+        .tdx_measurements_dir
+        .join(format!("rtmr{index}:sha384")))
+}
+
+/// The current value of RTMR `index`.
+pub(crate) fn read_rtmr(paths: &HardwarePaths, index: u32) -> Result<Vec<u8>, Error> {
+    let f = rtmr_file(paths, index)?;
+    let v = std::fs::read(&f).map_err(|e| err(format!("reading {}: {e}", f.display())))?;
+    if v.len() != MR_LEN {
+        return Err(err(format!(
+            "{} holds {} bytes, not {MR_LEN}",
+            f.display(),
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+/// Extends RTMR `index` with `digest`, zero-padded (or cut) to the register's 48 bytes.
+pub(crate) fn extend_rtmr(paths: &HardwarePaths, index: u32, digest: &[u8]) -> Result<(), Error> {
+    let f = rtmr_file(paths, index)?;
+    let mut data = [0u8; MR_LEN];
+    let n = digest.len().min(MR_LEN);
+    data[..n].copy_from_slice(&digest[..n]);
+    std::fs::write(&f, data).map_err(|e| err(format!("extending {}: {e}", f.display())))
 }
 
 /// MRCONFIGID of this TD, from a quote requested through configfs-tsm.
@@ -121,5 +155,35 @@ mod tests {
         };
         let e = evidence(&paths, &[0u8; 48]).unwrap_err().to_string();
         assert!(e.contains("tdx") && e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn rtmrs_are_read_and_written_through_their_sysfs_files() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = HardwarePaths {
+            tdx_measurements_dir: d.path().to_path_buf(),
+            ..HardwarePaths::default()
+        };
+        let f = d.path().join("rtmr3:sha384");
+        std::fs::write(&f, [0u8; MR_LEN]).unwrap();
+        assert_eq!(read_rtmr(&paths, 3).unwrap(), vec![0u8; MR_LEN]);
+        // A plain file only records the write; the kernel's file would extend instead.
+        extend_rtmr(&paths, 3, &[7u8; 32]).unwrap();
+        let written = std::fs::read(&f).unwrap();
+        assert_eq!(&written[..32], &[7u8; 32]);
+        assert_eq!(&written[32..], &[0u8; 16]);
+        assert!(read_rtmr(&paths, 2)
+            .unwrap_err()
+            .to_string()
+            .contains("rtmr2"));
+        assert!(extend_rtmr(&paths, 4, &[0u8; 48])
+            .unwrap_err()
+            .to_string()
+            .contains("0..=3"));
+        std::fs::write(&f, [0u8; 5]).unwrap();
+        assert!(read_rtmr(&paths, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("5 bytes"));
     }
 }
