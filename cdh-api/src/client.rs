@@ -1,5 +1,6 @@
 //! Minimal ttrpc client for `api.ImagePullService/PullImage` (used by the snapshotter's
-//! mount helper in local-guest mode, by the VM test over hybrid vsock, and by tests).
+//! mount helper in local-guest mode, by the VM test over hybrid vsock, and by tests), and for
+//! the other CDH services kata-agent calls (sealed secrets, resources, secure mounts).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -172,6 +173,26 @@ pub async fn get_resource_at(
     let mut req = api::GetResourceRequest::new();
     req.ResourcePath = uri.as_bytes().to_vec();
     Ok(client.get_resource(ctx(timeout), &req).await?.Resource)
+}
+
+/// Calls `SecureMountService.SecureMount{volume_type, options, flags, mount_point}` at
+/// `endpoint`, as kata-agent does for a container listing its trusted storage device.
+pub async fn secure_mount_at(
+    endpoint: &Endpoint,
+    volume_type: &str,
+    options: &std::collections::HashMap<String, String>,
+    flags: &[String],
+    mount_point: &str,
+    timeout: Duration,
+) -> Result<(), ttrpc::Error> {
+    let client = api_ttrpc::SecureMountServiceClient::new(connect(endpoint).await?);
+    let mut req = api::SecureMountRequest::new();
+    req.volume_type = volume_type.to_owned();
+    req.options = options.clone();
+    req.flags = flags.to_vec();
+    req.mount_point = mount_point.to_owned();
+    client.secure_mount(ctx(timeout), &req).await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The Confidential Data Hub ttrpc API as kata-agent speaks it: `api.ImagePullService`,
-//! `api.SealedSecretService`, `api.GetResourceService` and `keyprovider.KeyProviderService`. One crate so the guest-puller (server) and the snapshotter's
-//! local-guest mount helper (client) share the exact wire types.
+//! `api.SealedSecretService`, `api.GetResourceService`, `api.SecureMountService` and
+//! `keyprovider.KeyProviderService`. One crate so the guest-puller (server) and the
+//! snapshotter's local-guest mount helper (client) share the exact wire types.
 
 pub mod client;
 

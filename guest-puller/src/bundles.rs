@@ -111,9 +111,7 @@ impl Bundles {
     /// Creates the owner over `store`'s work dir; bundles must live strictly below one of
     /// `roots` (none: any path passes the root check, as for `guest-puller unmount`).
     pub fn open(store: Arc<LayerStore>, roots: Vec<PathBuf>) -> io::Result<Arc<Self>> {
-        for d in ["bundles", "overlay", "lazy"] {
-            fs::create_dir_all(store.root().join(d))?;
-        }
+        Self::create_dirs(&store)?;
         // Temp records of a crash between write and rename are never read; drop them.
         for e in fs::read_dir(store.root().join("bundles"))? {
             let p = e?.path();
@@ -127,6 +125,20 @@ impl Bundles {
             locks: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
         }))
+    }
+
+    fn create_dirs(store: &LayerStore) -> io::Result<()> {
+        for d in ["bundles", "overlay", "lazy"] {
+            fs::create_dir_all(store.root().join(d))?;
+        }
+        Ok(())
+    }
+
+    /// Re-creates the work dir's layout (the store's and the bundles' dirs) where it has gone
+    /// since it was opened (see [`LayerStore::ensure_layout`]); cheap when nothing changed.
+    pub fn ensure_layout(&self) -> io::Result<()> {
+        self.store.ensure_layout()?;
+        Self::create_dirs(&self.store)
     }
 
     /// The layer store the bundles' layers live in.
@@ -433,6 +445,21 @@ mod tests {
         let store = LayerStore::open(&dir.path().join("work")).unwrap();
         let roots = roots.iter().map(|r| dir.path().join(r)).collect();
         (dir, Bundles::open(store, roots).unwrap())
+    }
+
+    #[test]
+    fn a_removed_work_dir_gets_its_bundle_dirs_back() {
+        let (dir, b) = setup(&["run"]);
+        let work = dir.path().join("work");
+        b.ensure_layout().unwrap();
+        fs::remove_dir_all(&work).unwrap();
+        assert!(b.records().is_err());
+        b.ensure_layout().unwrap();
+        for d in ["layers", "staging", "bundles", "overlay", "lazy"] {
+            assert!(work.join(d).is_dir(), "{d}");
+        }
+        assert!(b.store().staging_dir().is_dir());
+        assert!(b.records().unwrap().is_empty());
     }
 
     #[test]

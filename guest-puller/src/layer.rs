@@ -151,20 +151,57 @@ pub struct LayerSpec {
 /// exclusive flock on `staging/<id>.lock` as long as it lives. A staging dir whose lock can be
 /// taken belongs to a dead process and is reclaimed, at open and at every layer fetch; one of
 /// a live process never is.
+///
+/// The work dir may change under a running store: kata-agent removes `/run/kata-containers`
+/// when it creates the sandbox, and a secure mount puts an encrypted disk over it. Before each
+/// pull [`LayerStore::ensure_layout`] re-creates the layout and claims a new staging dir when
+/// its own is gone.
 pub struct LayerStore {
     root: PathBuf,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pins: Mutex<HashMap<String, usize>>,
     counter: AtomicU64,
-    staging: PathBuf,
-    _staging_lock: fs::File,
+    claim: Mutex<StagingClaim>,
+}
+
+/// This process's staging dir, its lock, and the identity the dir had when it was made.
+struct StagingClaim {
+    dir: PathBuf,
+    _lock: fs::File,
+    id: (u64, u64),
+}
+
+impl StagingClaim {
+    fn new(base: &Path) -> io::Result<Self> {
+        let (dir, lock) = claim_staging(base)?;
+        let id = dev_ino(&dir)?;
+        Ok(Self {
+            dir,
+            _lock: lock,
+            id,
+        })
+    }
+
+    /// Whether the dir at our path is still the one we made (not removed, not hidden by a mount).
+    fn intact(&self) -> bool {
+        dev_ino(&self.dir).is_ok_and(|id| id == self.id)
+    }
+}
+
+fn dev_ino(p: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(p)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Drop for LayerStore {
     fn drop(&mut self) {
         // A clean exit leaves no staging behind; after a crash the next store reclaims it.
-        let _ = fs::remove_dir_all(&self.staging);
-        let _ = fs::remove_file(self.staging.with_extension("lock"));
+        let claim = self.claim.get_mut().unwrap_or_else(|e| e.into_inner());
+        if claim.intact() {
+            let _ = fs::remove_dir_all(&claim.dir);
+            let _ = fs::remove_file(claim.dir.with_extension("lock"));
+        }
     }
 }
 
@@ -275,17 +312,46 @@ impl LayerStore {
         for d in ["layers", "staging"] {
             fs::create_dir_all(work_dir.join(d))?;
         }
-        let (staging, lock) = claim_staging(&work_dir.join("staging"))?;
+        let claim = StagingClaim::new(&work_dir.join("staging"))?;
         let s = Arc::new(Self {
             root: work_dir.to_owned(),
             inflight: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
-            staging,
-            _staging_lock: lock,
+            claim: Mutex::new(claim),
         });
         s.reclaim_staging();
         Ok(s)
+    }
+
+    /// Makes sure the store's layout exists at its path: re-creates `layers/` and `staging/`
+    /// and claims a new staging dir when ours was removed or hidden since it was made (the
+    /// work dir deleted, or a filesystem mounted on it or above it). Returns whether it had to
+    /// re-claim. Layers already unpacked where the old dir was are not looked for again.
+    pub fn ensure_layout(&self) -> io::Result<bool> {
+        for d in ["layers", "staging"] {
+            fs::create_dir_all(self.root.join(d))?;
+        }
+        let mut claim = self.claim.lock().unwrap_or_else(|e| e.into_inner());
+        if claim.intact() {
+            return Ok(false);
+        }
+        let fresh = StagingClaim::new(&self.root.join("staging"))?;
+        info!(work_dir = %self.root.display(), staging = %fresh.dir.display(),
+              "work dir removed or replaced since the store opened; layout re-created");
+        // The old claim's dir is gone or hidden: dropping it only closes its lock.
+        *claim = fresh;
+        drop(claim);
+        self.reclaim_staging();
+        Ok(true)
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dir
+            .clone()
     }
 
     /// Removes the staging dirs of dead processes (their lock is free) and stray dirs
@@ -295,7 +361,7 @@ impl LayerStore {
         let Ok(entries) = fs::read_dir(&base) else {
             return 0;
         };
-        let ours = self.staging.file_name().map(|n| n.to_owned());
+        let ours = self.staging().file_name().map(|n| n.to_owned());
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name();
@@ -331,8 +397,8 @@ impl LayerStore {
     }
 
     /// This store's own staging dir.
-    pub fn staging_dir(&self) -> &Path {
-        &self.staging
+    pub fn staging_dir(&self) -> PathBuf {
+        self.staging()
     }
 
     /// Root of the store (the configured work dir).
@@ -438,7 +504,7 @@ impl LayerStore {
     {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let path = self
-            .staging
+            .staging()
             .join(format!("{}.{n}", layer_dir_name(&spec.digest)));
         fs::create_dir(&path)?;
         let staging = Staging { path, kept: false };

@@ -20,5 +20,6 @@ pub mod registry;
 pub mod resource;
 pub mod rootfs;
 pub mod sealed;
+pub mod secure_mount;
 pub mod startup;
 pub mod unpack;

@@ -89,6 +89,9 @@ pub struct Puller {
     bundles: Arc<Bundles>,
     unwrapper: KeyUnwrapper,
     fetcher: Arc<dyn ResourceFetcher>,
+    /// Held shared by every pull and bundle removal, exclusively while something is mounted
+    /// over the work dir: a pull never sees its layers, staging or bundle dirs vanish under it.
+    work_dir_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 struct RegistrySigs<'a> {
@@ -175,7 +178,27 @@ impl Puller {
             bundles,
             unwrapper,
             fetcher,
+            work_dir_gate: Arc::default(),
         })
+    }
+
+    /// Waits for running pulls and bundle removals to finish and keeps new ones waiting until
+    /// the guard is dropped: for replacing the work dir (a secure mount on or above it).
+    pub async fn exclusive_work_dir(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.work_dir_gate.clone().write_owned().await
+    }
+
+    /// The shared hold on the work dir for one pull or removal, its layout re-created first
+    /// where it has gone (kata-agent removed it, or a secure mount now sits on it).
+    async fn work_dir(&self) -> Result<tokio::sync::OwnedRwLockReadGuard<()>, PullError> {
+        let guard = self.work_dir_gate.clone().read_owned().await;
+        self.bundles.ensure_layout().map_err(|e| {
+            PullError::Layer(LayerError::Store(std::io::Error::new(
+                e.kind(),
+                format!("work dir {}: {e}", self.cfg.image.work_dir.display()),
+            )))
+        })?;
+        Ok(guard)
     }
 
     /// The configuration the puller runs with.
@@ -235,6 +258,7 @@ impl Puller {
             ));
         }
         let requested = RegistryClient::parse_reference(image_ref)?;
+        let _work_dir = self.work_dir().await?;
         let lock = self.bundles.lock(bundle_dir).await;
         Bundles::check_free(lock.dirs())?;
         let started = std::time::Instant::now();
@@ -480,6 +504,7 @@ impl Puller {
 
     /// Unmounts and removes a bundle's rootfs, then garbage-collects unused layers.
     pub async fn unmount_bundle(&self, bundle_dir: &Path) -> Result<(), PullError> {
+        let _work_dir = self.work_dir().await?;
         Ok(self.bundles.remove(bundle_dir).await?)
     }
 }

@@ -304,6 +304,11 @@ algorithm = "sha384"
 "aa.toml" = '''
 [token_configs.kbs]
 url = "{kbs_url}"
+cert = """
+{kbs_ca}"""
+
+[eventlog_config]
+enable_eventlog = true
 '''
 
 "cdh.toml" = '''
@@ -359,7 +364,7 @@ fn chain_top(ctrd: &Containerd<'_>, ns: &str) -> String {
 /// The guest pid of the process whose argv[0] is `bin`.
 fn guest_pid(vm: &mut Vm<'_>, bin: &str) -> String {
     let out = vm.exec_ok(&format!(
-        "for p in /proc/[0-9]*; do [ \"$(tr '\\000' '\\n' < $p/cmdline 2>/dev/null | head -n 1)\" = {bin} ] && echo ${{p#/proc/}}; done; true"
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/cmdline 2>/dev/null | tr '\\000' '\\n' | head -n 1)\" = {bin} ] && echo ${{p#/proc/}}; done; true"
     ));
     let pids: Vec<&str> = out.split_whitespace().collect();
     if pids.len() != 1 {
@@ -628,6 +633,18 @@ fn real_kata_agent_launches_guest_puller_and_runs_a_guest_pulled_encrypted_signe
             && l.contains(&format!("/run/kata-containers/{cid}/rootfs"))),
         "no overlay rootfs in the guest:\n{mounts}"
     );
+    // The CDH recorded the pull as a runtime measurement through the attestation-agent.
+    let events = vm.exec_ok("grep -a -o 'PullImage {[^}]*}' /run/attestation-agent/eventlog");
+    assert_eq!(
+        events.trim(),
+        // CDH's text, byte for byte (with its space after the comma).
+        format!(
+            r#"PullImage {{"image":"{image}", "digest":"{}"}}"#,
+            manifest.manifest_digest
+        ),
+        "the AA event log"
+    );
+
     // The agent asked the CDH for trusted storage before the pull: the work dir is an ext4 on
     // a dm-crypt (LUKS2) mapping of the disk, and the layers are on it, not in guest RAM.
     let work = mounts

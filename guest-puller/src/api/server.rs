@@ -1,6 +1,6 @@
 //! ttrpc server: `api.ImagePullService/PullImage`, `api.SealedSecretService/UnsealSecret`,
-//! `api.GetResourceService/GetResource` and `keyprovider.KeyProviderService/UnWrapKey`
-//! on unix sockets (as the CDH serves them to kata-agent and ocicrypt keyprovider callers) and on
+//! `api.GetResourceService/GetResource`, `api.SecureMountService/SecureMount` and
+//! `keyprovider.KeyProviderService/UnWrapKey` on unix sockets (as the CDH serves them to kata-agent and ocicrypt keyprovider callers) and on
 //! vsock ports (how a host reaches them in a VM without networking, like kata-agent's channel).
 
 use std::path::Path;
@@ -19,6 +19,7 @@ use crate::keyprovider::{
 };
 use crate::pull::{PullError, Puller};
 use crate::sealed::{kbs_uri, Unsealer};
+use crate::secure_mount::{self, SecureMountError, SecureMounter};
 
 fn status(code: Code, msg: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
@@ -52,7 +53,8 @@ pub fn pull_error_code(e: &PullError) -> Code {
 /// Serves every service over one [`Puller`].
 pub struct Service {
     puller: Arc<Puller>,
-    unsealer: Unsealer,
+    unsealer: Arc<Unsealer>,
+    mounter: SecureMounter,
     /// Where pulled images are measured (CDH's `PullImage` runtime event), when an AA runs.
     aa: Option<Arc<AttestationAgent>>,
 }
@@ -60,6 +62,27 @@ pub struct Service {
 impl Service {
     /// The services of `puller`, with sealed secrets checked as its configuration says.
     pub fn new(puller: Arc<Puller>) -> Self {
+        let unsealer = Self::unsealer_for(&puller);
+        let mounter = SecureMounter::new(puller.fetcher().clone(), unsealer.clone());
+        Self {
+            puller,
+            unsealer,
+            mounter,
+            aa: None,
+        }
+    }
+
+    /// Like [`Service::new`], with secure mounts done by `mounter`.
+    pub fn with_secure_mounter(puller: Arc<Puller>, mounter: SecureMounter) -> Self {
+        Self {
+            unsealer: Self::unsealer_for(&puller),
+            puller,
+            mounter,
+            aa: None,
+        }
+    }
+
+    fn unsealer_for(puller: &Puller) -> Arc<Unsealer> {
         let skip = puller
             .config()
             .skip_sealed_secret_verification
@@ -67,12 +90,7 @@ impl Service {
         if skip {
             tracing::warn!("skip_sealed_secret_verification: sealed secrets are NOT verified");
         }
-        let unsealer = Unsealer::new(puller.fetcher().clone(), skip);
-        Self {
-            puller,
-            unsealer,
-            aa: None,
-        }
+        Arc::new(Unsealer::new(puller.fetcher().clone(), skip))
     }
 
     /// Measures every pulled image through `aa` (when `Some`), as CDH does.
@@ -112,6 +130,36 @@ impl Service {
                 ))
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl api_ttrpc::SecureMountService for Service {
+    async fn secure_mount(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        req: api::SecureMountRequest,
+    ) -> ttrpc::Result<api::SecureMountResponse> {
+        let fail = |e: SecureMountError| {
+            error!(mount_point = %req.mount_point.escape_debug(), "SecureMount failed: {e}");
+            status(codes(e.kind()), format!("SecureMount: {e}"))
+        };
+        let r = secure_mount::Request::parse(&req.volume_type, &req.options, &req.mount_point)
+            .map_err(fail)?;
+        if !req.flags.is_empty() {
+            tracing::debug!(flags = ?req.flags, "SecureMount: flags are not used (as in CDH)");
+        }
+        // A mount on or above the work dir hides what the store keeps there: it waits for
+        // running pulls, and later pulls re-create the layout on the new filesystem.
+        let hold = if r.covers(&self.puller.config().image.work_dir) {
+            info!(work_dir = %self.puller.config().image.work_dir.display(),
+                  "SecureMount over the work dir: image layers will live on the encrypted volume");
+            Some(self.puller.exclusive_work_dir().await)
+        } else {
+            None
+        };
+        self.mounter.mount(r, hold).await.map_err(fail)?;
+        Ok(api::SecureMountResponse::new())
     }
 }
 
@@ -299,6 +347,7 @@ async fn start_all(
             .register_service(api_ttrpc::create_image_pull_service(svc.clone()))
             .register_service(api_ttrpc::create_sealed_secret_service(svc.clone()))
             .register_service(api_ttrpc::create_get_resource_service(svc.clone()))
+            .register_service(api_ttrpc::create_secure_mount_service(svc.clone()))
             .register_service(keyprovider_ttrpc::create_key_provider_service(svc.clone()));
         server.start().await?;
         info!(address = %addr, "guest-puller ttrpc server listening");
@@ -338,9 +387,11 @@ pub async fn serve(
 mod tests {
     use super::*;
     use crate::resource::{ResourceError, ResourceFetcher};
+    use crate::secure_mount::testutil::{Call, Recorder};
     use aes_gcm::aead::{Aead, KeyInit};
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
+    use std::collections::HashMap;
     use std::path::PathBuf;
     use zeroize::Zeroizing;
 
@@ -502,6 +553,266 @@ mod tests {
         let (c, m) = code(unseal_secret_at(&ep, b"sealed.a.b", t).await.unwrap_err());
         assert_eq!(c, Code::INVALID_ARGUMENT, "{m}");
         assert!(m.starts_with("UnsealSecret:"), "{m}");
+        for s in &mut servers {
+            s.shutdown().await.unwrap();
+        }
+    }
+
+    /// A service whose secure mounts are recorded by `rec`, with a sysfs naming 254:16 as
+    /// `<dir>/dev/vdb`; registry requests go to `registry`.
+    async fn mount_service(dir: &Path, rec: Arc<Recorder>, registry: &str) -> Arc<Service> {
+        let cfg = crate::config::Config::from_toml(&format!(
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n\
+             [image.registry_config]\ninsecure_registries = [\"{registry}\"]",
+            dir.join("work").display(),
+            dir.join("run").display()
+        ))
+        .unwrap();
+        let puller = Arc::new(Puller::new(cfg, Arc::new(OneKey)).await.unwrap());
+        std::fs::create_dir_all(dir.join("sys/dev/block/254:16")).unwrap();
+        std::fs::write(
+            dir.join("sys/dev/block/254:16/uevent"),
+            "MAJOR=254\nMINOR=16\nDEVNAME=vdb\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("dev")).unwrap();
+        std::fs::write(dir.join("dev/vdb"), b"").unwrap();
+        let mounter = SecureMounter::with_system(
+            rec,
+            puller.fetcher().clone(),
+            Arc::new(Unsealer::new(puller.fetcher().clone(), false)),
+            secure_mount::Paths {
+                header_dir: dir.join("headers"),
+                sysfs: dir.join("sys"),
+                dev: dir.join("dev"),
+            },
+        );
+        Arc::new(Service::with_secure_mounter(puller, mounter))
+    }
+
+    fn kata_options(device_id: &str) -> HashMap<String, String> {
+        [
+            ("deviceId", device_id),
+            ("sourceType", "empty"),
+            ("targetType", "fileSystem"),
+            ("filesystemType", "ext4"),
+            ("mkfsOpts", "-E lazy_journal_init"),
+            ("encryptionType", "luks2"),
+            ("dataIntegrity", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn status_of(e: TtrpcError) -> (Code, String) {
+        match e {
+            TtrpcError::RpcStatus(s) => (s.code(), s.message().to_string()),
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn secure_mounts_answer_with_their_error_kinds() {
+        use cdh_api::client::{secure_mount_at, Endpoint};
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = std::fs::canonicalize(dir.path()).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let svc = mount_service(&dir_path, rec.clone(), "127.0.0.1:1").await;
+        let sock = dir_path.join("cdh.sock");
+        let mut servers = start_all(svc, &[ListenAddr::Unix(sock.clone())])
+            .await
+            .unwrap();
+        let ep = Endpoint::Unix(sock);
+        let t = std::time::Duration::from_secs(10);
+        let mp_dir = dir_path.join("secure");
+        std::fs::create_dir_all(&mp_dir).unwrap();
+        let mp = format!("{}/", mp_dir.display());
+        let with = |k: &str, v: Option<&str>| {
+            let mut o = kata_options("254:16");
+            match v {
+                Some(v) => o.insert(k.into(), v.into()),
+                None => o.remove(k),
+            };
+            o
+        };
+        // (volume type, options, mount point, code, what the message says)
+        type Case<'a> = (&'a str, HashMap<String, String>, &'a str, Code, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                "alibaba-cloud-oss",
+                kata_options("254:16"),
+                &mp,
+                Code::UNIMPLEMENTED,
+                "volume_type",
+            ),
+            (
+                "block-device",
+                with("encryptionType", Some("zfs")),
+                &mp,
+                Code::UNIMPLEMENTED,
+                "zfs",
+            ),
+            (
+                "block-device",
+                with("deviceId", None),
+                &mp,
+                Code::INVALID_ARGUMENT,
+                "devicePath",
+            ),
+            (
+                "block-device",
+                with("deviceId", Some("vdb")),
+                &mp,
+                Code::INVALID_ARGUMENT,
+                "MAJ:MIN",
+            ),
+            (
+                "block-device",
+                kata_options("254:17"),
+                &mp,
+                Code::NOT_FOUND,
+                "254:17",
+            ),
+            (
+                "block-device",
+                with("key", Some("file:///nonexistent/k")),
+                &mp,
+                Code::NOT_FOUND,
+                "file:///nonexistent/k",
+            ),
+            (
+                "block-device",
+                kata_options("254:16"),
+                "relative",
+                Code::INVALID_ARGUMENT,
+                "mount_point",
+            ),
+        ];
+        for (vt, o, mp, want, says) in cases {
+            let (c, m) = status_of(secure_mount_at(&ep, vt, &o, &[], mp, t).await.unwrap_err());
+            assert_eq!(c, want, "{vt} {o:?}: {m}");
+            assert!(m.starts_with("SecureMount: ") && m.contains(says), "{m}");
+        }
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+        secure_mount_at(&ep, "block-device", &kata_options("254:16"), &[], &mp, t)
+            .await
+            .unwrap();
+        assert!(rec
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Mount { target, .. } if *target == mp_dir)));
+        // kata-agent sends the same request for each container listing the device.
+        let (c, m) = status_of(
+            secure_mount_at(&ep, "block-device", &kata_options("254:16"), &[], &mp, t)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(c, Code::ALREADY_EXISTS, "{m}");
+        for s in &mut servers {
+            s.shutdown().await.unwrap();
+        }
+    }
+
+    /// A registry that holds every request until released, then answers 404.
+    async fn held_registry() -> (String, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (arrived, release) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let (a, r) = (arrived.clone(), release.clone());
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let (a, r, released) = (a.clone(), r.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    if !released.load(std::sync::atomic::Ordering::SeqCst) {
+                        a.notify_one();
+                        r.notified().await;
+                        released.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        (addr, arrived, release)
+    }
+
+    #[tokio::test]
+    async fn a_secure_mount_over_the_work_dir_waits_for_pulls_and_later_pulls_use_it() {
+        use cdh_api::client::{pull_image, secure_mount_at, Endpoint};
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        let (registry, arrived, release) = held_registry().await;
+        let rec = Arc::new(Recorder {
+            overmount: true,
+            ..Default::default()
+        });
+        let svc = mount_service(&d, rec.clone(), &registry).await;
+        let sock = d.join("cdh.sock");
+        let mut servers = start_all(svc, &[ListenAddr::Unix(sock.clone())])
+            .await
+            .unwrap();
+        let t = std::time::Duration::from_secs(20);
+        std::fs::create_dir_all(d.join("run")).unwrap();
+        let image = format!("{registry}/x/y:z");
+        let pull = {
+            let (sock, image, bundle) = (sock.clone(), image.clone(), d.join("run/c1"));
+            tokio::spawn(async move { pull_image(&sock, &image, &bundle, t).await })
+        };
+        tokio::time::timeout(t, arrived.notified()).await.unwrap();
+        let work = d.join("work");
+        let mount = {
+            let ep = Endpoint::Unix(sock.clone());
+            let mp = format!("{}/", work.display());
+            tokio::spawn(async move {
+                secure_mount_at(&ep, "block-device", &kata_options("254:16"), &[], &mp, t).await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !mount.is_finished(),
+            "the secure mount did not wait for the running pull"
+        );
+        assert!(rec.calls().is_empty());
+        release.notify_one();
+        let (c, m) = status_of(pull.await.unwrap().unwrap_err());
+        assert_eq!(c, Code::NOT_FOUND, "{m}");
+        mount.await.unwrap().unwrap();
+        // The old layout is under the mount now; the new filesystem starts empty.
+        let under = d.join("work.under");
+        assert!(under.join("staging").is_dir() && under.join("bundles").is_dir());
+        assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+        let (c, m) = status_of(
+            pull_image(&sock, &image, &d.join("run/c2"), t)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(c, Code::NOT_FOUND, "{m}");
+        for sub in ["layers", "staging", "bundles", "overlay", "lazy"] {
+            assert!(
+                work.join(sub).is_dir(),
+                "{sub} not re-created on the new filesystem"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(work.join("staging"))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().is_dir())
+                .count(),
+            1,
+            "a staging dir of this process on the new filesystem"
+        );
         for s in &mut servers {
             s.shutdown().await.unwrap();
         }

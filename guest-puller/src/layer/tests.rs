@@ -443,3 +443,48 @@ async fn more_bytes_than_the_manifest_size_fail_at_once() {
         assert_nothing_visible(&store);
     }
 }
+
+#[tokio::test]
+async fn a_removed_or_replaced_work_dir_is_laid_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("image");
+    let store = LayerStore::open(&work).unwrap();
+    assert!(!store.ensure_layout().unwrap(), "nothing changed yet");
+    // kata-agent's CreateSandbox removes /run/kata-containers, the work dir with it.
+    std::fs::remove_dir_all(&work).unwrap();
+    let one = tar_with(&[("f", b"one")]);
+    assert!(
+        run_plain(&store, &one).await.is_err(),
+        "without a new layout the store cannot stage"
+    );
+    assert!(store.ensure_layout().unwrap());
+    let (p, cached) = run_plain(&store, &one).await.unwrap();
+    assert!(!cached && p.starts_with(&work));
+    assert_eq!(std::fs::read(p.join("f")).unwrap(), b"one");
+    assert!(!store.ensure_layout().unwrap());
+
+    // A filesystem mounted on the work dir: path lookups reach a new, empty directory and the
+    // old tree is out of sight (played here by moving it away).
+    let hidden = dir.path().join("hidden");
+    std::fs::rename(&work, &hidden).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    assert!(store.ensure_layout().unwrap());
+    let staging = store.staging_dir();
+    assert!(
+        staging.starts_with(&work) && staging.is_dir(),
+        "{staging:?}"
+    );
+    let two = tar_with(&[("g", b"two")]);
+    let (p, cached) = run_plain(&store, &two).await.unwrap();
+    assert!(!cached && p.starts_with(&work));
+    // The layer pulled before is not in the new store: pulled again, not taken from the
+    // hidden tree.
+    let (p, cached) = run_plain(&store, &one).await.unwrap();
+    assert!(!cached && p.starts_with(&work));
+    assert!(!hidden
+        .join("layers")
+        .join(layer_dir_name(&sha(&two)))
+        .exists());
+    drop(store);
+    assert_eq!(std::fs::read_dir(work.join("staging")).unwrap().count(), 0);
+}
