@@ -18,7 +18,7 @@ mkdir -p "$VM"
 # integration/src/vm.rs (GUEST_MODULES).
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console \
 failover net_failover virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport overlay \
-dm-mod dm-bufio dm-crypt xor async_tx async_xor dm-integrity xts authenc af_alg algif_skcipher algif_hash \
+dm-mod dm-bufio dm-crypt xor async_tx async_xor dm-integrity ecb xts authenc af_alg algif_skcipher algif_hash \
 crc16 mbcache jbd2 crc32c_generic ext4"
 
 have_qemu() { command -v qemu-system-x86_64 >/dev/null 2>&1; }

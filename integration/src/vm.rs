@@ -47,6 +47,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "async_tx",
     "async_xor",
     "dm-integrity",
+    // xts(aes) instantiates ecb(aes); without modprobe in the guest nothing loads it on demand.
+    "ecb",
     "xts",
     "authenc",
     "af_alg",
@@ -741,6 +743,10 @@ fn build_initramfs(dir: &Path, assets: &VmAssets, spec: &VmSpec) -> PathBuf {
             for bin in ["/usr/sbin/cryptsetup", "/usr/sbin/mke2fs"] {
                 copy_with_libraries(&root, Path::new(bin));
             }
+            // glibc dlopens libgcc_s for thread exit (cryptsetup's threads), so ldd misses it.
+            let gcc_s = Path::new("/lib/x86_64-linux-gnu/libgcc_s.so.1");
+            fs::copy(gcc_s, root.join(gcc_s.strip_prefix("/").unwrap()))
+                .unwrap_or_else(|e| panic!("copying {}: {e}", gcc_s.display()));
             std::os::unix::fs::symlink("mke2fs", root.join("usr/sbin/mkfs.ext4")).unwrap();
             if Path::new("/etc/mke2fs.conf").is_file() {
                 fs::copy("/etc/mke2fs.conf", root.join("etc/mke2fs.conf")).unwrap();
