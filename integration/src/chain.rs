@@ -269,6 +269,43 @@ impl<'a> KbsProcess<'a> {
     }
 }
 
+/// `guest-puller serve` as a CDH on the unix socket `<lab>/cdh.sock`, with the KBS `kbs`, its
+/// work dir in the lab and the lab as its bundle root; `env` is added to its environment.
+/// Returns the socket once it is bound.
+pub fn serve_cdh(lab: &Lab, kbs: &KbsProcess<'_>, env: &[(&str, &str)]) -> PathBuf {
+    let cfg = lab.join("guest-puller.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n[kbs]\nurl = \"{}\"\n",
+            lab.join("work").display(),
+            lab.path().display(),
+            kbs.url()
+        ),
+    )
+    .unwrap();
+    let sock = lab.join("cdh.sock");
+    let mut cmd = Command::new(bin_path("guest-puller"));
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .arg("--socket")
+        .arg(&sock)
+        .envs(env.iter().copied());
+    lab.spawn("guest-puller", cmd);
+    wait_for("the guest-puller socket", Duration::from_secs(20), || {
+        sock.exists()
+    });
+    sock
+}
+
+/// The code and message of a ttrpc status error; panics on any other error.
+pub fn rpc_status(e: ttrpc::Error) -> (ttrpc::Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+        other => panic!("expected a ttrpc status, got {other:?}"),
+    }
+}
+
 /// `guest-puller serve` playing the guest, plus the mount-helper config that points at it.
 pub struct GuestPuller<'a> {
     lab: &'a Lab,

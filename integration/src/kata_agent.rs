@@ -84,14 +84,7 @@ pub fn peer_source() -> PathBuf {
 /// writable copy under `<target dir>/kata-agent` (its build script writes generated code into
 /// the tree), re-copied only when the given tree changes so the build stays incremental.
 pub fn static_kata_agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("GUESTPULL_STATIC_KATA_AGENT") {
-        let p = PathBuf::from(p);
-        if !is_static(&p) {
-            panic!(
-                "GUESTPULL_STATIC_KATA_AGENT={} is not a statically linked executable",
-                p.display()
-            );
-        }
+    if let Some(p) = crate::vm::static_override("GUESTPULL_STATIC_KATA_AGENT") {
         return p;
     }
     let src = peer_source();

@@ -182,14 +182,7 @@ pub fn is_static(bin: &Path) -> bool {
 /// cargo (gnu target, `+crt-static`; the explicit `--target` keeps RUSTFLAGS off build scripts and
 /// proc-macros) into `<target dir>/guest-static`, where it does not disturb the normal build.
 pub fn static_guest_puller() -> PathBuf {
-    if let Some(p) = std::env::var_os("GUESTPULL_STATIC_GUEST_PULLER") {
-        let p = PathBuf::from(p);
-        if !is_static(&p) {
-            panic!(
-                "GUESTPULL_STATIC_GUEST_PULLER={} is not a statically linked executable",
-                p.display()
-            );
-        }
+    if let Some(p) = static_override("GUESTPULL_STATIC_GUEST_PULLER") {
         return p;
     }
     let target = static_target_dir();
@@ -233,6 +226,19 @@ pub fn static_guest_puller() -> PathBuf {
         );
     }
     bin
+}
+
+/// The prebuilt binary the environment variable `var` names, if it is set; panics when that is
+/// not a statically linked executable.
+pub(crate) fn static_override(var: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os(var)?);
+    if !is_static(&p) {
+        panic!(
+            "{var}={} is not a statically linked executable",
+            p.display()
+        );
+    }
+    Some(p)
 }
 
 pub(crate) fn static_target_dir() -> PathBuf {

@@ -3,16 +3,13 @@
 //! way CDH's `secret seal` makes it, its ES256 key and the secret itself in the KBS) and
 //! `GetResourceService.GetResource`.
 
-use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use cdh_api::client::{get_resource_at, unseal_secret_at, Endpoint};
-use integration::chain::KbsProcess;
-use integration::lab::wait_for;
+use integration::chain::{rpc_status, serve_cdh, KbsProcess};
 use integration::sealed::public_jwk;
-use integration::{bin_path, Lab};
+use integration::Lab;
 use p256::ecdsa::SigningKey;
 use ttrpc::Code;
 
@@ -26,35 +23,7 @@ fn seal(key: &SigningKey, name: &str) -> Vec<u8> {
 }
 
 fn serve(lab: &Lab, kbs: &KbsProcess<'_>) -> PathBuf {
-    let cfg = lab.join("guest-puller.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n[kbs]\nurl = \"{}\"\n",
-            lab.join("work").display(),
-            lab.path().display(),
-            kbs.url()
-        ),
-    )
-    .unwrap();
-    let sock = lab.join("cdh.sock");
-    let mut cmd = Command::new(bin_path("guest-puller"));
-    cmd.args(["serve", "--config"])
-        .arg(&cfg)
-        .arg("--socket")
-        .arg(&sock);
-    lab.spawn("guest-puller", cmd);
-    wait_for("the guest-puller socket", Duration::from_secs(20), || {
-        sock.exists()
-    });
-    sock
-}
-
-fn code(e: ttrpc::Error) -> (Code, String) {
-    match e {
-        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
-        other => panic!("expected a ttrpc status, got {other:?}"),
-    }
+    serve_cdh(lab, kbs, &[])
 }
 
 #[tokio::test]
@@ -73,7 +42,7 @@ async fn sealed_secrets_unseal_from_the_kbs_and_forgeries_are_denied() {
     assert_eq!(plain, PLAINTEXT);
 
     let forger = SigningKey::random(&mut rand_core::OsRng);
-    let (c, m) = code(
+    let (c, m) = rpc_status(
         unseal_secret_at(&ep, &seal(&forger, SECRET_URI), T)
             .await
             .unwrap_err(),
@@ -81,7 +50,7 @@ async fn sealed_secrets_unseal_from_the_kbs_and_forgeries_are_denied() {
     assert_eq!(c, Code::PERMISSION_DENIED, "{m}");
     assert!(m.contains(SIGNING_KID), "{m}");
 
-    let (c, m) = code(
+    let (c, m) = rpc_status(
         unseal_secret_at(&ep, &seal(&key, "kbs:///default/secret/absent"), T)
             .await
             .unwrap_err(),
@@ -107,14 +76,14 @@ async fn get_resource_serves_kbs_resources_only_and_keeps_kbs_decisions() {
             .unwrap(),
         b"-----BEGIN CERTIFICATE-----\n"
     );
-    let (c, m) = code(
+    let (c, m) = rpc_status(
         get_resource_at(&ep, "file:///etc/shadow", T)
             .await
             .unwrap_err(),
     );
     assert_eq!(c, Code::INVALID_ARGUMENT, "{m}");
     kbs.set_policy("mode = \"deny-all\"\n");
-    let (c, m) = code(
+    let (c, m) = rpc_status(
         get_resource_at(&ep, "kbs:///default/cert/ca", T)
             .await
             .unwrap_err(),

@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use cdh_api::client::{secure_mount_at, Endpoint};
 use guest_puller::secure_mount::luks2::{header_path, LUKS_HEADER_DIR};
-use integration::chain::KbsProcess;
-use integration::lab::wait_for;
-use integration::{bin_path, Lab};
+use integration::chain::{rpc_status, serve_cdh, KbsProcess};
+use integration::Lab;
 use ttrpc::Code;
 
 const T: Duration = Duration::from_secs(120);
@@ -23,36 +22,7 @@ const KATA_CDH_PATH: &str = "/bin:/sbin/:/usr/bin/:/usr/sbin/";
 const KEY_TEXT: &str = "guestpull secure mount test key, never logged";
 
 fn serve(lab: &Lab, kbs: &KbsProcess<'_>) -> Endpoint {
-    let cfg = lab.join("guest-puller.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n[kbs]\nurl = \"{}\"\n",
-            lab.join("work").display(),
-            lab.path().display(),
-            kbs.url()
-        ),
-    )
-    .unwrap();
-    let sock = lab.join("cdh.sock");
-    let mut cmd = Command::new(bin_path("guest-puller"));
-    cmd.args(["serve", "--config"])
-        .arg(&cfg)
-        .arg("--socket")
-        .arg(&sock)
-        .env("PATH", KATA_CDH_PATH);
-    lab.spawn("guest-puller", cmd);
-    wait_for("the guest-puller socket", Duration::from_secs(20), || {
-        sock.exists()
-    });
-    Endpoint::Unix(sock)
-}
-
-fn code(e: ttrpc::Error) -> (Code, String) {
-    match e {
-        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
-        other => panic!("expected a ttrpc status, got {other:?}"),
-    }
+    Endpoint::Unix(serve_cdh(lab, kbs, &[("PATH", KATA_CDH_PATH)]))
 }
 
 /// kata-agent 4.1.0's request for a container listing `/dev/trusted_store`.
@@ -170,7 +140,7 @@ async fn secure_mount_refusals_answer_with_their_codes() {
         ),
     ];
     for (vt, o, want, says) in cases {
-        let (c, m) = code(secure_mount_at(&ep, vt, &o, &[], &mp, T).await.unwrap_err());
+        let (c, m) = rpc_status(secure_mount_at(&ep, vt, &o, &[], &mp, T).await.unwrap_err());
         assert_eq!(c, want, "{vt} {o:?}: {m}");
         assert!(m.contains(says), "{vt} {o:?}: {m}");
     }
@@ -264,7 +234,7 @@ async fn cryptsetup_formats_with_a_detached_header_and_a_failed_open_is_undone()
         assert_eq!(fs_type.as_deref(), Some("ext4"));
         return;
     }
-    let (c, m) = code(r.unwrap_err());
+    let (c, m) = rpc_status(r.unwrap_err());
     // luksFormat (with the key from stdin and the header detached) went through; the open
     // needs device-mapper.
     assert_eq!(c, Code::INTERNAL, "{m}");
@@ -286,7 +256,7 @@ async fn cryptsetup_formats_with_a_detached_header_and_a_failed_open_is_undone()
     );
     assert_eq!(mounted_at(&image), None);
     // Undone, so the same request runs again from the start (rather than ALREADY_EXISTS).
-    let (c, m) = code(
+    let (c, m) = rpc_status(
         secure_mount_at(
             &ep,
             "block-device",
