@@ -161,6 +161,22 @@ impl Default for HardwarePaths {
     }
 }
 
+impl HardwarePaths {
+    /// Every interface at its default file name below `dir`: with nothing created there, no TEE
+    /// is found (the sample attester); tests create only the files a case needs.
+    pub fn under(dir: &std::path::Path) -> Self {
+        Self {
+            tsm_report_dir: dir.join("tsm"),
+            tdx_guest_dev: dir.join("tdx_guest"),
+            sev_guest_dev: dir.join("sev-guest"),
+            efi_secrets_dir: dir.join("secrets"),
+            ccel_path: dir.join("CCEL"),
+            aael_path: dir.join("eventlog"),
+            tdx_measurements_dir: dir.join("measurements"),
+        }
+    }
+}
+
 /// Everything [`crate::Client::new`] needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {

@@ -272,24 +272,11 @@ impl Agent {
 mod tests {
     use super::*;
 
-    /// Hardware paths where nothing exists: the sample attester.
-    fn nowhere(dir: &std::path::Path) -> HardwarePaths {
-        HardwarePaths {
-            tsm_report_dir: dir.join("tsm"),
-            tdx_guest_dev: dir.join("tdx_guest"),
-            sev_guest_dev: dir.join("sev-guest"),
-            efi_secrets_dir: dir.join("secrets"),
-            ccel_path: dir.join("CCEL"),
-            aael_path: dir.join("unused"),
-            tdx_measurements_dir: dir.join("measurements"),
-        }
-    }
-
     fn settings(dir: &std::path::Path, config: AaToml, initdata: InitdataArg) -> AgentSettings {
         AgentSettings {
             config,
             initdata,
-            paths: nowhere(dir),
+            paths: HardwarePaths::under(dir),
             eventlog_path: dir.join("aa/eventlog"),
         }
     }
@@ -408,7 +395,7 @@ mod tests {
         // A TEE without runtime registers (SNP here) answers NOT_SUPPORTED.
         let snp = Agent {
             tee: Tee::Snp,
-            paths: nowhere(d.path()),
+            paths: HardwarePaths::under(d.path()),
             config: on,
             initdata: None,
             registers: None,

@@ -195,13 +195,7 @@ mod tests {
     #[tokio::test]
     async fn measures_a_pull_through_a_running_agent() {
         let d = tempfile::tempdir().unwrap();
-        let paths = kbs_client::HardwarePaths {
-            tsm_report_dir: d.path().join("tsm"),
-            tdx_guest_dev: d.path().join("tdx_guest"),
-            sev_guest_dev: d.path().join("sev-guest"),
-            efi_secrets_dir: d.path().join("secrets"),
-            ..kbs_client::HardwarePaths::default()
-        };
+        let paths = kbs_client::HardwarePaths::under(d.path());
         let start = |enable: bool, sock: &str| {
             let mut config = AaToml::default();
             config.eventlog_config.enable_eventlog = enable;

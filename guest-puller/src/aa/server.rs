@@ -235,13 +235,7 @@ mod tests {
     async fn answers_over_the_socket_with_the_references_result_codes() {
         use svc::AttestationAgentServiceClient as Client;
         let d = tempfile::tempdir().unwrap();
-        let paths = kbs_client::HardwarePaths {
-            tsm_report_dir: d.path().join("tsm"),
-            tdx_guest_dev: d.path().join("tdx_guest"),
-            sev_guest_dev: d.path().join("sev-guest"),
-            efi_secrets_dir: d.path().join("secrets"),
-            ..kbs_client::HardwarePaths::default()
-        };
+        let paths = kbs_client::HardwarePaths::under(d.path());
         let mut config = AaToml::default();
         config.eventlog_config.enable_eventlog = true;
         let agent = Agent::start(AgentSettings {

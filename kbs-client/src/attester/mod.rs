@@ -216,22 +216,10 @@ pub(crate) fn pad64(report_data: &[u8]) -> [u8; 64] {
 mod tests {
     use super::*;
 
-    fn nowhere(dir: &std::path::Path) -> HardwarePaths {
-        HardwarePaths {
-            tsm_report_dir: dir.join("tsm"),
-            tdx_guest_dev: dir.join("tdx_guest"),
-            sev_guest_dev: dir.join("sev-guest"),
-            efi_secrets_dir: dir.join("secrets"),
-            ccel_path: dir.join("CCEL"),
-            aael_path: dir.join("eventlog"),
-            tdx_measurements_dir: dir.join("measurements"),
-        }
-    }
-
     #[test]
     fn detection_order() {
         let d = tempfile::tempdir().unwrap();
-        let p = nowhere(d.path());
+        let p = HardwarePaths::under(d.path());
         assert_eq!(detect(&p, None), Tee::Sample);
         assert_eq!(detect(&p, Some(Tee::Tdx)), Tee::Tdx);
         std::fs::create_dir(&p.efi_secrets_dir).unwrap();
@@ -268,7 +256,7 @@ mod tests {
     #[tokio::test]
     async fn sample_cannot_bind_and_tdx_without_tsm_fails_clearly() {
         let d = tempfile::tempdir().unwrap();
-        let p = nowhere(d.path());
+        let p = HardwarePaths::under(d.path());
         let digest =
             crate::protocol::init_data_digest("version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
                 .unwrap();
@@ -286,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn runtime_registers_are_tdx_only() {
         let d = tempfile::tempdir().unwrap();
-        let p = nowhere(d.path());
+        let p = HardwarePaths::under(d.path());
         assert!(!runtime_registers_available(Tee::Tdx, &p));
         std::fs::create_dir(&p.tdx_measurements_dir).unwrap();
         std::fs::write(p.tdx_measurements_dir.join("rtmr3:sha384"), [1u8; 48]).unwrap();
