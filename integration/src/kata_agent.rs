@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use snapshotter::volume::{KataVirtualVolume, VOLUME_TYPE_IMAGE_GUEST_PULL};
 
-use crate::vm::is_static;
-
 /// Host-side bindings of kata-agent's API (written from the upstream field numbers).
 #[allow(
     missing_docs,
@@ -102,41 +100,7 @@ pub fn static_kata_agent() -> PathBuf {
         crate::lab::run_ok(Command::new("cp").arg("-a").arg(&src).arg(&tree));
         fs::write(&stamp_file, &stamp).unwrap();
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let started = Instant::now();
-    let out = Command::new(&cargo)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "kata-agent",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .current_dir(&tree)
-        .env("CARGO_TARGET_DIR", base.join("target"))
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .output()
-        .unwrap_or_else(|e| panic!("running {cargo:?} to build kata-agent: {e}"));
-    if !out.status.success() {
-        panic!(
-            "building kata-agent from {} failed (RUSTFLAGS='-C target-feature=+crt-static' cargo build \
-             --release --locked -p kata-agent --target x86_64-unknown-linux-gnu, in {}):\n{}",
-            src.display(),
-            tree.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    eprintln!(
-        "vm: static kata-agent up to date in {:.1?}",
-        started.elapsed()
-    );
-    let bin = base.join("target/x86_64-unknown-linux-gnu/release/kata-agent");
-    if !is_static(&bin) {
-        panic!("{} is not statically linked", bin.display());
-    }
-    bin
+    crate::vm::cargo_build_static(&tree.join("Cargo.toml"), "kata-agent", &base.join("target"))
 }
 
 /// A digest of every file's path, size and mtime under `dir`: whether the copy is stale.

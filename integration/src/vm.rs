@@ -185,47 +185,52 @@ pub fn static_guest_puller() -> PathBuf {
     if let Some(p) = static_override("GUESTPULL_STATIC_GUEST_PULLER") {
         return p;
     }
-    let target = static_target_dir();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    cargo_build_static(&manifest, "guest-puller", &static_target_dir())
+}
+
+/// Builds binary `bin` of the workspace at `manifest` statically into `target_dir` (release,
+/// `--locked`, gnu target with `+crt-static`; the explicit `--target` keeps RUSTFLAGS off build
+/// scripts and proc-macros); panics with the command and cargo's output when that fails or the
+/// result is not static. Returns the binary.
+pub(crate) fn cargo_build_static(manifest: &Path, bin: &str, target_dir: &Path) -> PathBuf {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let started = Instant::now();
     let out = Command::new(&cargo)
         .args([
             "build",
             "--release",
             "--locked",
-            "-p",
-            "guest-puller",
             "--bin",
-            "guest-puller",
+            bin,
             "--target",
-            "x86_64-unknown-linux-gnu",
-            "--manifest-path",
+            TARGET,
         ])
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", &target)
+        .arg("--manifest-path")
+        .arg(manifest)
+        .env("CARGO_TARGET_DIR", target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .output()
-        .unwrap_or_else(|e| panic!("running {cargo:?} to build the static guest-puller: {e}"));
+        .unwrap_or_else(|e| panic!("running {cargo:?} to build the static {bin}: {e}"));
     if !out.status.success() {
         panic!(
-            "building the static guest-puller failed (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p guest-puller --target x86_64-unknown-linux-gnu):\n{}",
+            "building the static {bin} failed (RUSTFLAGS='-C target-feature=+crt-static' cargo build \
+             --release --locked --bin {bin} --target {TARGET} --manifest-path {}):\n{}",
+            manifest.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    eprintln!(
-        "vm: static guest-puller up to date in {:.1?}",
-        started.elapsed()
-    );
-    let bin = target.join("x86_64-unknown-linux-gnu/release/guest-puller");
-    if !is_static(&bin) {
+    eprintln!("vm: static {bin} up to date in {:.1?}", started.elapsed());
+    let path = target_dir.join(TARGET).join("release").join(bin);
+    if !is_static(&path) {
         panic!(
             "{} is not statically linked (`ldd` must say \"not a dynamic executable\"): a dependency \
              pulls in a shared library the gnu target cannot link statically",
-            bin.display()
+            path.display()
         );
     }
-    bin
+    path
 }
 
 /// The prebuilt binary the environment variable `var` names, if it is set; panics when that is
