@@ -139,6 +139,17 @@ impl<'a> Registry<'a> {
         self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 
+    /// Number of log lines about `digest` whose request named `host` in its `Host` header (the
+    /// registry logs it as `http.request.host`): how a guest reaching it through a forward
+    /// under another name is told from the host's own tools, which use 127.0.0.1.
+    pub fn requests_for_via(&self, digest: &str, host: &str) -> usize {
+        let via = format!("http.request.host=\"{host}\"");
+        self.log()
+            .lines()
+            .filter(|l| l.contains(digest) && l.contains(&via))
+            .count()
+    }
+
     /// A minimal HTTP/1.0 GET against the registry: (status, body). None if it is not reachable.
     pub fn http_get(&self, path: &str) -> Option<(u16, Vec<u8>)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;

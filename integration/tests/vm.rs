@@ -204,17 +204,12 @@ fn encrypted_signed_image_pulled_inside_a_vm_over_vsock() {
     let during: Vec<&String> = gets[before..].iter().collect();
     // The registry records the Host header: the guest addresses it by its guestfwd name,
     // every host tool by 127.0.0.1:<port>.
-    let via_guest = format!("http.request.host=\"{}\"", registry_fwd.guest_addr());
-    let log = reg.log();
     for layer in &manifest.layer_digests {
         let n = during.iter().filter(|l| l.contains(layer.as_str())).count();
         assert_eq!(n, 1, "layer {layer} fetched {n} times:\n{during:#?}");
-        let guest = log
-            .lines()
-            .filter(|l| l.contains(layer.as_str()) && l.contains(&via_guest))
-            .count();
         assert_eq!(
-            guest, 1,
+            reg.requests_for_via(layer, &registry_fwd.guest_addr()),
+            1,
             "layer {layer} not fetched through the guest's forward"
         );
     }
@@ -682,16 +677,11 @@ fn real_kata_agent_launches_guest_puller_and_runs_a_guest_pulled_encrypted_signe
     );
 
     // On the host: the layers left the registry once each, through the guest's forward.
-    let via_guest = format!("http.request.host=\"{}\"", registry_fwd.guest_addr());
-    let log = reg.log();
     for layer in &manifest.layer_digests {
         assert_eq!(reg.blob_gets_of(&repo_path, layer), 1, "layer {layer} GETs");
-        let guest = log
-            .lines()
-            .filter(|l| l.contains(layer.as_str()) && l.contains(&via_guest))
-            .count();
         assert_eq!(
-            guest, 1,
+            reg.requests_for_via(layer, &registry_fwd.guest_addr()),
+            1,
             "layer {layer} not fetched through the guest's forward"
         );
     }
