@@ -110,18 +110,6 @@ pub fn get<'a>(doc: &'a DocumentMut, path: &[String]) -> Option<&'a Value> {
     t.get(key)?.as_value()
 }
 
-/// Whether the table at `path` exists.
-pub fn has_table(doc: &DocumentMut, path: &[String]) -> bool {
-    let mut t: &dyn TableLike = doc.as_table();
-    for k in path {
-        match t.get(k).and_then(Item::as_table_like) {
-            Some(n) => t = n,
-            None => return false,
-        }
-    }
-    true
-}
-
 /// Sets `path` to `value`, keeping the old value's comments; returns the recorded edit, or
 /// `None` when the key already holds that value.
 pub fn set(

@@ -469,14 +469,14 @@ pub fn install(opts: &Options) -> Result<Outcome, DeployError> {
     let merged = match dump(host, &main) {
         Ok(d) => d,
         Err(e) => {
-            rollback(host, &changes, &base)?;
+            rollback(host, &changes)?;
             return Err(e);
         }
     };
     match lint(&merged, line) {
         Ok(warnings) => report.extend(warnings),
         Err(e) => {
-            rollback(host, &changes, &base)?;
+            rollback(host, &changes)?;
             return Err(e);
         }
     }
@@ -505,14 +505,10 @@ pub fn install(opts: &Options) -> Result<Outcome, DeployError> {
     })
 }
 
-fn rollback(
-    host: &Host,
-    changes: &[merge::FileChange],
-    base: &BTreeMap<String, Option<String>>,
-) -> Result<(), DeployError> {
+/// Puts back what the plan changed: each change's `before` is the base it was planned from.
+fn rollback(host: &Host, changes: &[merge::FileChange]) -> Result<(), DeployError> {
     for c in changes.iter().rev() {
-        let back = base.get(&c.path).cloned().unwrap_or(c.before.clone());
-        write_config(host, &c.path, back.as_deref())?;
+        write_config(host, &c.path, c.before.as_deref())?;
     }
     Ok(())
 }

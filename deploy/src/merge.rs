@@ -202,12 +202,15 @@ pub fn plan(files: &[ConfigFile], conf_d: &str, want: &Wanted) -> Result<Plan, D
                 .into(),
         ));
     }
+    let drop_in_path = format!("{}/{DROP_IN_NAME}", conf_d.trim_end_matches('/'));
+    // Our own drop-in from an earlier run is not the user's config: plan as if it were absent.
+    let files: Vec<&ConfigFile> = files.iter().filter(|f| f.path != drop_in_path).collect();
+    let values: Vec<toml::Value> = files.iter().map(|f| value(f)).collect::<Result<_, _>>()?;
     let mut effective = toml::Value::Table(Default::default());
-    for f in files {
-        let v = value(f)?;
+    for v in &values {
         if want.line == ContainerdLine::V2 {
-            deep_merge(&mut effective, &v);
-        } else if let (toml::Value::Table(a), toml::Value::Table(b)) = (&mut effective, v) {
+            deep_merge(&mut effective, v);
+        } else if let (toml::Value::Table(a), toml::Value::Table(b)) = (&mut effective, v.clone()) {
             // 1.x: plugin sections and proxy plugins are replaced whole, per name.
             for (k, v) in b {
                 match (k.as_str(), a.get_mut(&k)) {
@@ -232,8 +235,16 @@ pub fn plan(files: &[ConfigFile], conf_d: &str, want: &Wanted) -> Result<Plan, D
     }
     let nydus_names: BTreeSet<&str> = nydus.iter().map(|(n, _)| n.as_str()).collect();
     match want.line {
-        ContainerdLine::V2 => plan_v3(files, &nydus_names, conf_d, want, report),
-        _ => plan_v2(files, &effective, &nydus_names, want, report),
+        ContainerdLine::V2 => plan_v3(
+            &files,
+            &values,
+            &effective,
+            &nydus_names,
+            &drop_in_path,
+            want,
+            report,
+        ),
+        _ => plan_v2(&files, &values, &effective, &nydus_names, want, report),
     }
 }
 
@@ -278,8 +289,43 @@ fn push(edits: &mut Vec<Edit>, e: Option<Edit>) {
     edits.extend(e);
 }
 
+/// Puts handler `h`'s runtime table at `rt` on guestpull, creating the runtime (with the shim
+/// name kata-deploy registers) when the user's config has none.
+fn map_runtime(
+    doc: &mut DocumentMut,
+    edits: &mut Vec<Edit>,
+    rt: &[String],
+    h: &str,
+    exists: bool,
+    report: &mut Vec<String>,
+) -> Result<(), DeployError> {
+    if !exists {
+        report.push(format!(
+            "handler {h} had no runtime entry; created with runtime_type io.containerd.{h}.v2 (Kata's shim for it must be installed)"
+        ));
+        push(
+            edits,
+            edit::set(
+                doc,
+                &[rt, &["runtime_type".to_string()]].concat(),
+                &quoted(&format!("io.containerd.{h}.v2")),
+            )?,
+        );
+    }
+    push(
+        edits,
+        edit::set(
+            doc,
+            &[rt, &["snapshotter".to_string()]].concat(),
+            &quoted(PLUGIN),
+        )?,
+    );
+    Ok(())
+}
+
 fn plan_v2(
-    files: &[ConfigFile],
+    files: &[&ConfigFile],
+    values: &[toml::Value],
     effective: &toml::Value,
     nydus: &BTreeSet<&str>,
     want: &Wanted,
@@ -287,17 +333,9 @@ fn plan_v2(
 ) -> Result<Plan, DeployError> {
     let cri = path(CRI_V2);
     // The last file defining the CRI plugin is the one 1.x uses, whole.
-    let cri_idx = files
+    let cri_idx = values
         .iter()
-        .enumerate()
-        .rev()
-        .find(|(_, f)| {
-            value(f)
-                .ok()
-                .and_then(|v| lookup(&v, &cri).cloned())
-                .is_some()
-        })
-        .map(|(i, _)| i)
+        .rposition(|v| lookup(v, &cri).is_some())
         .unwrap_or(0);
     let runtimes_p = [cri.clone(), path("containerd.runtimes")].concat();
     let runtimes = lookup(effective, &runtimes_p);
@@ -334,27 +372,10 @@ fn plan_v2(
         } else {
             for h in &mapped {
                 let rt = [ctrd.clone(), vec!["runtimes".into(), h.clone()]].concat();
-                if !edit::has_table(doc, &rt) && runtimes.and_then(|r| r.get(h)).is_none() {
-                    report.push(format!(
-                        "handler {h} had no runtime entry; created with runtime_type io.containerd.{h}.v2 (Kata's shim for it must be installed)"
-                    ));
-                    push(
-                        edits,
-                        edit::set(
-                            doc,
-                            &[rt.clone(), vec!["runtime_type".into()]].concat(),
-                            &quoted(&format!("io.containerd.{h}.v2")),
-                        )?,
-                    );
-                }
-                push(
-                    edits,
-                    edit::set(
-                        doc,
-                        &[rt, vec!["snapshotter".into()]].concat(),
-                        &quoted(PLUGIN),
-                    )?,
-                );
+                // 1.x takes the CRI section whole from this file, so the effective runtimes
+                // are this file's.
+                let exists = runtimes.and_then(|r| r.get(h)).is_some();
+                map_runtime(doc, edits, &rt, h, exists, &mut report)?;
             }
         }
     }
@@ -383,23 +404,18 @@ fn plan_v2(
 }
 
 fn plan_v3(
-    files: &[ConfigFile],
+    files: &[&ConfigFile],
+    values: &[toml::Value],
+    effective: &toml::Value,
     nydus: &BTreeSet<&str>,
-    conf_d: &str,
+    drop_in_path: &str,
     want: &Wanted,
     mut report: Vec<String>,
 ) -> Result<Plan, DeployError> {
-    let drop_in_path = format!("{}/{DROP_IN_NAME}", conf_d.trim_end_matches('/'));
-    // Our own drop-in from an earlier run is not the user's config: plan as if it were absent.
-    let files: Vec<&ConfigFile> = files.iter().filter(|f| f.path != drop_in_path).collect();
-    let mut effective = toml::Value::Table(Default::default());
-    for f in &files {
-        deep_merge(&mut effective, &value(f)?);
-    }
     let runtimes_p = [path(RUNTIME_V3), path("containerd.runtimes")].concat();
-    let runtimes = lookup(&effective, &runtimes_p);
+    let runtimes = lookup(effective, &runtimes_p);
     let platforms = lookup(
-        &effective,
+        effective,
         &[path(IMAGES_V3), path("runtime_platforms")].concat(),
     );
     let snapshotter_of = |h: &str| {
@@ -423,7 +439,7 @@ fn plan_v3(
     push(&mut edits, edit::set(&mut doc, &path("version"), "3")?);
     let images = |k: &str| [path(IMAGES_V3), path(k)].concat();
     let annotations =
-        lookup(&effective, &images("disable_snapshot_annotations")).and_then(toml::Value::as_bool);
+        lookup(effective, &images("disable_snapshot_annotations")).and_then(toml::Value::as_bool);
     if annotations != Some(false) {
         push(
             &mut edits,
@@ -449,33 +465,14 @@ fn plan_v3(
             )?,
         );
         let rt = [runtimes_p.clone(), vec![h.clone()]].concat();
-        if runtimes.and_then(|r| r.get(h)).is_none() {
-            report.push(format!(
-                "handler {h} had no runtime entry; created with runtime_type io.containerd.{h}.v2 (Kata's shim for it must be installed)"
-            ));
-            push(
-                &mut edits,
-                edit::set(
-                    &mut doc,
-                    &[rt.clone(), vec!["runtime_type".into()]].concat(),
-                    &quoted(&format!("io.containerd.{h}.v2")),
-                )?,
-            );
-        }
-        push(
-            &mut edits,
-            edit::set(
-                &mut doc,
-                &[rt, vec!["snapshotter".into()]].concat(),
-                &quoted(PLUGIN),
-            )?,
-        );
+        let exists = runtimes.and_then(|r| r.get(h)).is_some();
+        map_runtime(&mut doc, &mut edits, &rt, h, exists, &mut report)?;
     }
     // `ctr image pull --snapshotter guestpull` goes through the transfer service, which unpacks
     // only for listed snapshotters. Listing any replaces its built-in default entry, so that
     // one is written out too when the user's config relies on it.
     let unpack = [path(TRANSFER_V3), vec!["unpack_config".to_string()]].concat();
-    let entries = lookup(&effective, &unpack)
+    let entries = lookup(effective, &unpack)
         .and_then(toml::Value::as_array)
         .cloned()
         .unwrap_or_default();
@@ -486,7 +483,7 @@ fn plan_v3(
     };
     if !has(PLUGIN) {
         if entries.is_empty() {
-            let default = lookup(&effective, &images("snapshotter"))
+            let default = lookup(effective, &images("snapshotter"))
                 .and_then(toml::Value::as_str)
                 .unwrap_or("overlayfs")
                 .to_string();
@@ -537,7 +534,7 @@ fn plan_v3(
         mapped.join(", ")
     );
     let mut changes = vec![FileChange {
-        path: drop_in_path.clone(),
+        path: drop_in_path.to_string(),
         before: None,
         after: format!("{header}{doc}"),
         edits,
@@ -545,7 +542,7 @@ fn plan_v3(
 
     // The drop-in counts only if the main config imports it.
     let main = files[0];
-    let imports: Vec<String> = value(main)?
+    let imports: Vec<String> = values[0]
         .get("imports")
         .and_then(toml::Value::as_array)
         .map(|a| {
@@ -565,12 +562,12 @@ fn plan_v3(
             format!("{main_dir}/{i}")
         };
         glob::Pattern::new(&abs)
-            .map(|p| p.matches(&drop_in_path))
+            .map(|p| p.matches(drop_in_path))
             .unwrap_or(false)
     });
     if !covered {
         let mut doc = parse(main)?;
-        let e = edit::append(&mut doc, &path("imports"), &quoted(&drop_in_path))?;
+        let e = edit::append(&mut doc, &path("imports"), &quoted(drop_in_path))?;
         if let Some(e) = e {
             // The main config changes second, so it never names a drop-in not yet written.
             changes.push(FileChange {
