@@ -108,6 +108,10 @@ pub struct Journal {
     pub files: Vec<JournaledFile>,
     /// Handlers on guestpull.
     pub handlers: Vec<String>,
+    /// Directories install created for config files (a drop-in's `conf.d`), removed again by
+    /// uninstall when empty.
+    #[serde(default)]
+    pub created_dirs: Vec<String>,
 }
 
 fn sha(text: &str) -> String {
@@ -379,6 +383,13 @@ pub fn install(opts: &Options) -> Result<Outcome, DeployError> {
     for r in &report {
         tracing::info!("{r}");
     }
+    if mapped.is_empty() {
+        // Nothing would pull in the guest: refuse before touching the node.
+        return Err(DeployError::Refused(format!(
+            "no runtime handler to put on {PLUGIN}: {}",
+            report.join("; ")
+        )));
+    }
 
     // Files an earlier install changed that this plan leaves alone go back to their base.
     let mut targets: Vec<(String, Option<String>)> = changes
@@ -405,7 +416,20 @@ pub fn install(opts: &Options) -> Result<Outcome, DeployError> {
             })
             .collect(),
         handlers: mapped.clone(),
+        created_dirs: old
+            .as_ref()
+            .map(|j| j.created_dirs.clone())
+            .unwrap_or_default(),
     };
+    for (p, t) in &targets {
+        if t.is_some() {
+            for d in missing_dirs(host, p) {
+                if !journal.created_dirs.contains(&d) {
+                    journal.created_dirs.push(d);
+                }
+            }
+        }
+    }
     // Reverted files stay journaled until the install completes, so a kill in between still
     // knows their originals.
     for (p, b) in &targets {
@@ -505,6 +529,20 @@ pub fn install(opts: &Options) -> Result<Outcome, DeployError> {
     })
 }
 
+/// Ancestors of host file `path` that do not exist yet, deepest first.
+fn missing_dirs(host: &Host, path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dir = std::path::Path::new(path).parent();
+    while let Some(d) = dir {
+        if d.as_os_str().is_empty() || host.file(&d.to_string_lossy()).exists() {
+            break;
+        }
+        out.push(d.display().to_string());
+        dir = d.parent();
+    }
+    out
+}
+
 /// Puts back what the plan changed: each change's `before` is the base it was planned from.
 fn rollback(host: &Host, changes: &[merge::FileChange]) -> Result<(), DeployError> {
     for c in changes.iter().rev() {
@@ -551,6 +589,10 @@ pub fn uninstall(opts: &UninstallOptions) -> Result<Removed, DeployError> {
                 out.files.push(jf.path.clone());
                 changed = true;
             }
+        }
+        for d in &j.created_dirs {
+            // Only when empty: the user may have put files of their own there since.
+            let _ = std::fs::remove_dir(host.file(d));
         }
         if changed {
             let address = dump(host, &j.containerd_config)

@@ -509,3 +509,55 @@ pub fn guest_puller_pull(cfg: &Path, image: &str, bundle: &Path) -> Output {
         .output()
         .expect("running guest-puller")
 }
+
+/// The image side of the chain, shared by every host that pulls: a registry holding the catalog
+/// images (encrypted and cosign-signed), the owner's keys, a KBS serving the layer key, the
+/// cosign public key and a policy requiring signatures, and the guest-puller as local guest.
+pub struct GuestSide<'a> {
+    /// The registry the images are in.
+    pub reg: Registry<'a>,
+    /// The test KBS.
+    pub kbs: KbsProcess<'a>,
+    /// The guest-puller (local guest).
+    pub guest: GuestPuller<'a>,
+    /// The image owner's keys.
+    pub keys: OwnerKeys,
+}
+
+impl<'a> GuestSide<'a> {
+    /// KBS URI of the signature policy.
+    pub const POLICY_URI: &'static str = "kbs:///default/security-policy/e2e";
+    /// KBS URI of the JWE layer key.
+    pub const KEY_URI: &'static str = "kbs:///default/image-key/e2e";
+
+    /// Builds catalog `images` with `build`, provisions the KBS and starts the guest-puller.
+    pub fn start(
+        lab: &'a Lab,
+        images: &[&str],
+        build: impl FnOnce(&Lab, &Registry<'_>, &OwnerKeys, &[&str]),
+    ) -> GuestSide<'a> {
+        Lab::require_root();
+        let reg = Registry::start(lab);
+        let keys = OwnerKeys::generate(lab);
+        build(lab, &reg, &keys, images);
+        let kbs = KbsProcess::start(lab);
+        keys.provision(&kbs, "default/image-key/e2e");
+        kbs.put(
+            "default/cosign-public-key/e2e",
+            &fs::read(keys.cosign_pub()).unwrap(),
+        );
+        let scopes: Vec<String> = images.iter().map(|n| catalog_repo(&reg, n)).collect();
+        let policy = cosign_policy(&scopes, "kbs:///default/cosign-public-key/e2e");
+        kbs.put(
+            "default/security-policy/e2e",
+            &serde_json::to_vec(&policy).unwrap(),
+        );
+        let guest = GuestPuller::start(lab, &reg, &kbs.url(), Self::POLICY_URI, &[Self::KEY_URI]);
+        GuestSide {
+            reg,
+            kbs,
+            guest,
+            keys,
+        }
+    }
+}

@@ -86,6 +86,10 @@ pub struct Containerd<'a> {
     config: PathBuf,
     namespace: String,
     env: Vec<(String, String)>,
+    /// Where containerd keeps its root (content, snapshots, metadata).
+    root: PathBuf,
+    /// Started by someone else (a fake node's service manager): never (re)started or stopped here.
+    external: bool,
 }
 
 impl<'a> Containerd<'a> {
@@ -150,17 +154,48 @@ impl<'a> Containerd<'a> {
         let c = Containerd {
             lab,
             version,
+            root: dir.join("root"),
             dir,
             config: config_path,
             namespace: format!("guestpull-{}", version.label().replace('.', "-")),
             env: opts.env,
+            external: false,
         };
         c.restart();
         c
     }
 
+    /// A handle on a containerd someone else runs (e.g. a fake node's service manager), whose
+    /// gRPC socket is `<dir>/containerd.sock` and root `root`; `ctr` runs keep their fifos and
+    /// runc state under `dir`. Dropping it removes leftover tasks but leaves the daemon running.
+    pub fn external(
+        lab: &'a Lab,
+        version: ContainerdVersion,
+        dir: &Path,
+        root: &Path,
+        config: &Path,
+    ) -> Containerd<'a> {
+        for sub in ["fifo", "runc"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        Containerd {
+            lab,
+            version,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            namespace: format!("guestpull-{}", version.label().replace('.', "-")),
+            env: Vec::new(),
+            root: root.to_path_buf(),
+            external: true,
+        }
+    }
+
     /// (Re)starts the daemon with the same config and waits for its socket.
     pub fn restart(&self) {
+        assert!(
+            !self.external,
+            "this containerd is run by its node's service manager: restart it there"
+        );
         self.lab.stop("containerd");
         let _ = fs::remove_file(self.socket());
         let mut cmd = Command::new(self.version.bin_dir().join("containerd"));
@@ -202,7 +237,7 @@ impl<'a> Containerd<'a> {
 
     /// The daemon's private root directory.
     pub fn root(&self) -> PathBuf {
-        self.dir.join("root")
+        self.root.clone()
     }
 
     /// The namespace `ctr` uses by default in these tests.
@@ -269,6 +304,8 @@ impl Drop for Containerd<'_> {
                 let _ = self.ctr_cmd(&["tasks", "rm", "-f", id]).output();
             }
         }
-        self.lab.stop("containerd");
+        if !self.external {
+            self.lab.stop("containerd");
+        }
     }
 }

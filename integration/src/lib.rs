@@ -11,6 +11,7 @@ pub mod images;
 pub mod kata_agent;
 pub mod kbs;
 pub mod lab;
+pub mod node;
 pub mod proxy;
 pub mod registry;
 pub mod sealed;

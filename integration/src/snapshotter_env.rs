@@ -168,19 +168,9 @@ pub fn proxy_body(version: ContainerdVersion, socket: &Path, root: &Path) -> Str
 /// (pause) image is the catalog's `pause`, which `test-images` pushes to `registry`. This sandbox
 /// may not lower oom_score_adj (runc fails on the pause container's -998), so CRI clamps it.
 pub fn cri_body(version: ContainerdVersion, lab: &Lab, registry: &Registry<'_>) -> String {
-    let certs = lab.join("certs.d");
-    let host = registry.host();
-    let hdir = certs.join(&host);
-    fs::create_dir_all(&hdir).unwrap();
-    fs::write(
-        hdir.join("hosts.toml"),
-        format!(
-            "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        ),
-    )
-    .unwrap();
+    let certs = registry_hosts_dir(lab, registry);
     let certs = certs.display();
-    let pause = format!("{host}/guestpull/pause:latest");
+    let pause = sandbox_image(registry);
     match version {
         ContainerdVersion::V1_6 => format!(
             "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  restrict_oom_score_adj = true\n\
@@ -203,6 +193,56 @@ pub fn cri_body(version: ContainerdVersion, lab: &Lab, registry: &Registry<'_>) 
              [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{HANDLER}]\n  runtime_type = \"io.containerd.runc.v2\"\n  snapshotter = \"{PLUGIN}\"\n"
         ),
     }
+}
+
+/// A CRI `registry.config_path` directory (`<lab>/certs.d`) whose `hosts.toml` lets containerd
+/// reach `registry` over plain HTTP.
+pub fn registry_hosts_dir(lab: &Lab, registry: &Registry<'_>) -> PathBuf {
+    let certs = lab.join("certs.d");
+    let host = registry.host();
+    let hdir = certs.join(&host);
+    fs::create_dir_all(&hdir).unwrap();
+    fs::write(
+        hdir.join("hosts.toml"),
+        format!(
+            "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    certs
+}
+
+/// The pod sandbox (pause) image: the catalog's `pause`, which `test-images` pushes to `registry`.
+pub fn sandbox_image(registry: &Registry<'_>) -> String {
+    format!("{}/guestpull/pause:latest", registry.host())
+}
+
+/// CRI as kubelet drives it: a host-network pod `name` under runtime `handler`, then
+/// CreateContainer + StartContainer of `image`; asserts it exits 0 and returns its log.
+pub fn run_through_cri(
+    cri: &mut cri::CriClient,
+    lab: &Lab,
+    name: &str,
+    handler: Option<&str>,
+    image: &str,
+    command: &[&str],
+) -> String {
+    let logs = lab.join(&format!("pod-logs-{name}"));
+    fs::create_dir_all(&logs).unwrap();
+    let pod = cri
+        .run_pod(name, handler, &logs)
+        .unwrap_or_else(|e| panic!("{name}: RunPodSandbox: {e}"));
+    let id = cri
+        .start_container(&pod, "hello", image, command)
+        .unwrap_or_else(|e| panic!("{name}: Create/StartContainer: {e}"));
+    let code = cri
+        .wait_exited(&id, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let log = cri::log_messages(&pod.log_dir().join("hello.log")).unwrap_or_default();
+    assert_eq!(code, 0, "{name}: container exit code; log: {log}");
+    cri.remove_container(&id).unwrap();
+    cri.remove_pod(&pod).unwrap();
+    log
 }
 
 /// The runtime handler CRI pulls need on `version` (none on 1.6: global snapshotter).

@@ -8,17 +8,15 @@ use std::process::Output;
 use std::time::Duration;
 
 use integration::chain::{
-    blob_gets_by, blob_traffic, build_images_kbs, build_images_with, catalog_repo, cosign_policy,
-    ctr_pull_guestpull, ctr_run_guestpull, find_bytes, GuestPuller, KbsProcess, OwnerKeys, HELLO,
+    blob_gets_by, blob_traffic, build_images_kbs, build_images_with, catalog_repo,
+    ctr_pull_guestpull, ctr_run_guestpull, find_bytes, GuestPuller, GuestSide, KbsProcess,
+    OwnerKeys, HELLO,
 };
-use integration::snapshotter_env::cri::{log_messages, CriClient};
+use integration::snapshotter_env::cri::CriClient;
 use integration::snapshotter_env::{
-    cri_body, ctr_ns, handler_for, proxy_body, SnapshotterDaemon, PLUGIN,
+    cri_body, ctr_ns, handler_for, proxy_body, run_through_cri, SnapshotterDaemon, PLUGIN,
 };
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
-
-const POLICY_URI: &str = "kbs:///default/security-policy/e2e";
-const KEY_URI: &str = "kbs:///default/image-key/e2e";
 
 /// One host: registry with the catalog images, KBS, guest-puller, snapshotter.
 struct World<'a> {
@@ -41,23 +39,12 @@ fn world_built<'a>(
     images: &[&str],
     build: impl FnOnce(&Lab, &Registry<'_>, &OwnerKeys, &[&str]),
 ) -> World<'a> {
-    Lab::require_root();
-    let reg = Registry::start(lab);
-    let keys = OwnerKeys::generate(lab);
-    build(lab, &reg, &keys, images);
-    let kbs = KbsProcess::start(lab);
-    keys.provision(&kbs, "default/image-key/e2e");
-    kbs.put(
-        "default/cosign-public-key/e2e",
-        &fs::read(keys.cosign_pub()).unwrap(),
-    );
-    let scopes: Vec<String> = images.iter().map(|n| catalog_repo(&reg, n)).collect();
-    let policy = cosign_policy(&scopes, "kbs:///default/cosign-public-key/e2e");
-    kbs.put(
-        "default/security-policy/e2e",
-        &serde_json::to_vec(&policy).unwrap(),
-    );
-    let guest = GuestPuller::start(lab, &reg, &kbs.url(), POLICY_URI, &[KEY_URI]);
+    let GuestSide {
+        reg,
+        kbs,
+        guest,
+        keys,
+    } = GuestSide::start(lab, images, build);
     let snap = SnapshotterDaemon::start(lab, "");
     World {
         reg,
@@ -104,38 +91,6 @@ fn assert_no_plaintext(ctrd: &Containerd<'_>, w: &World<'_>) {
     }
 }
 
-/// CRI as kubelet drives it: a host-network pod under the runtime handler (its pause image pulled
-/// through guestpull as well), then CreateContainer + StartContainer of `image`; returns the
-/// container's log.
-fn run_through_cri(
-    cri: &mut CriClient,
-    lab: &Lab,
-    v: ContainerdVersion,
-    image: &str,
-    command: &[&str],
-) -> String {
-    let logs = lab.join(&format!("pod-logs-{}", v.label()));
-    fs::create_dir_all(&logs).unwrap();
-    let pod = cri
-        .run_pod(
-            &format!("e2e-{}", v.label().replace('.', "-")),
-            handler_for(v),
-            &logs,
-        )
-        .unwrap_or_else(|e| panic!("{}: RunPodSandbox: {e}", v.label()));
-    let id = cri
-        .start_container(&pod, "hello", image, command)
-        .unwrap_or_else(|e| panic!("{}: Create/StartContainer: {e}", v.label()));
-    let code = cri
-        .wait_exited(&id, Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{}: {e}", v.label()));
-    let log = log_messages(&pod.log_dir().join("hello.log")).unwrap_or_default();
-    assert_eq!(code, 0, "{}: container exit code; log: {log}", v.label());
-    cri.remove_container(&id).unwrap();
-    cri.remove_pod(&pod).unwrap();
-    log
-}
-
 #[test]
 fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
     for v in ContainerdVersion::all() {
@@ -180,7 +135,14 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
             let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "e2e-cri");
             assert_ran(&out, &what, &w.guest.log());
         } else {
-            let log = run_through_cri(&mut cri, &lab, v, &image, &[]);
+            let log = run_through_cri(
+                &mut cri,
+                &lab,
+                &format!("e2e-{}", v.label().replace('.', "-")),
+                handler_for(v),
+                &image,
+                &[],
+            );
             assert_eq!(log.trim(), HELLO, "{what}\n{}", w.guest.log());
         }
         let (host, guest) = blob_gets_by(&w.reg, &repo_path);
@@ -264,7 +226,8 @@ fn lazy_nydus_image_runs_through_cri_fetching_only_what_it_reads() {
     let log = run_through_cri(
         &mut cri,
         &lab,
-        v,
+        "e2e-lazy",
+        handler_for(v),
         &image,
         &["/bin/cat", "/payload/l2/small.txt"],
     );
