@@ -4,12 +4,14 @@ SHELL := /bin/bash
 
 .PHONY: demo test lint build deps unit integration
 
-## Installs system packages and the newer containerd/cosign/imgcrypt releases (idempotent).
+## Installs system packages, the newer containerd/cosign/imgcrypt/kubectl releases and the pinned
+## kubernetes-validate (idempotent).
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps needs root (apt-get)"; exit 1; fi
 	@missing=$$(for p in $$(cat .ci/packages.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	@integration/scripts/fetch-components.sh
+	@integration/scripts/fetch-kubernetes-validate.sh
 
 build:
 	$(CARGO) build --workspace --bins

@@ -5,6 +5,8 @@
 #   $CACHE/containerd-2.1/usr/bin/...                                          (sid 2.1.x)
 #   $CACHE/cosign/usr/bin/cosign                                               (trixie 2.5.x)
 #   $CACHE/imgcrypt/usr/bin/{ctr-imgcrypt,ctd-decoder}                         (trixie 1.1.x)
+#   $CACHE/kubectl/usr/bin/kubectl                                             (trixie 1.32.x)
+# (Debian's `kubernetes-client` is an empty package depending on `kubectl`, which holds the binary.)
 # The system's apt configuration is left untouched: a private sources list and state dir are used.
 # Idempotent: components already unpacked are kept.
 set -euo pipefail
@@ -22,6 +24,7 @@ want containerd containerd-1.7 containerd && need=1
 want containerd containerd-2.1 containerd && need=1
 want cosign cosign cosign && need=1
 want imgcrypt imgcrypt ctr-imgcrypt && need=1
+want kubectl kubectl kubectl && need=1
 [ "$need" = 1 ] || { echo "fetch-components: all present in $CACHE"; exit 0; }
 
 MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
@@ -61,4 +64,5 @@ want containerd containerd-1.7 containerd && fetch containerd 1.7. containerd-1.
 want containerd containerd-2.1 containerd && fetch containerd 2.1. containerd-2.1
 want cosign cosign cosign && fetch cosign 2. cosign
 want imgcrypt imgcrypt ctr-imgcrypt && fetch imgcrypt 1.1. imgcrypt
+want kubectl kubectl kubectl && fetch kubectl 1.32. kubectl
 rm -rf "$APT/cache/archives"/*.deb

@@ -12,6 +12,8 @@ use crate::layer::{self, sha256_digest, Layer};
 pub struct ImageSpec {
     /// Layers, bottom first.
     pub layers: Vec<Layer>,
+    /// Entrypoint (empty for none).
+    pub entrypoint: Vec<String>,
     /// Default command.
     pub cmd: Vec<String>,
     /// Environment (`K=V`).
@@ -29,6 +31,7 @@ impl ImageSpec {
     pub fn new(layers: Vec<Layer>, cmd: &[&str]) -> ImageSpec {
         ImageSpec {
             layers,
+            entrypoint: Vec::new(),
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             env: vec!["PATH=/bin:/usr/bin".into()],
             working_dir: String::new(),
@@ -113,6 +116,9 @@ impl Layout {
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "history": spec.layers.iter().map(|_| json!({"created": "2024-01-01T00:00:00Z", "created_by": "guestpull test-images"})).collect::<Vec<_>>(),
         });
+        if !spec.entrypoint.is_empty() {
+            cfg["config"]["Entrypoint"] = json!(spec.entrypoint);
+        }
         if !spec.working_dir.is_empty() {
             cfg["config"]["WorkingDir"] = json!(spec.working_dir);
         }

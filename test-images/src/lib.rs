@@ -2,6 +2,7 @@
 //! pushed, encrypted and signed with the real tools users have (skopeo, cosign).
 
 pub mod catalog;
+pub mod installer;
 pub mod layer;
 pub mod layout;
 pub mod nydus;

@@ -24,6 +24,26 @@ enum Cmd {
     List,
     /// Build images and push them to a registry.
     Build(Box<BuildArgs>),
+    /// Write the node installer's image (guestpull-deploy, guestpull-snapshotter,
+    /// nydus-overlayfs and their shared libraries, nothing else) as an OCI layout.
+    InstallerImage(InstallerArgs),
+}
+
+#[derive(clap::Args)]
+struct InstallerArgs {
+    /// Directory holding guestpull-deploy, guestpull-snapshotter and nydus-overlayfs.
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// The OCI layout directory to write (created, or added to).
+    #[arg(long)]
+    dest: PathBuf,
+    /// The name of the image in the layout's index.json.
+    #[arg(long, default_value = "guestpull-deploy")]
+    tag: String,
+    /// Also push it there with skopeo, e.g. 127.0.0.1:5000/guestpull/guestpull-deploy:latest
+    /// (plain HTTP registry).
+    #[arg(long)]
+    push: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -101,7 +121,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Build(a) => build(*a),
+        Cmd::InstallerImage(a) => installer_image(a),
     }
+}
+
+fn installer_image(a: InstallerArgs) -> Result<()> {
+    let written = test_images::installer::write(&a.bin_dir, &a.dest, &a.tag)?;
+    eprintln!("wrote {}:{} ({})", a.dest.display(), a.tag, written.digest);
+    if let Some(dest) = &a.push {
+        push::push_layout(&a.dest, &a.tag, dest)?;
+        eprintln!("pushed {dest} ({})", written.digest);
+    }
+    println!("{}", serde_json::to_string_pretty(&written)?);
+    Ok(())
 }
 
 fn build(a: BuildArgs) -> Result<()> {
