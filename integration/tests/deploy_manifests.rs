@@ -734,12 +734,10 @@ fn installer_image_holds_the_three_binaries_and_their_libraries_and_runs_from_it
             .args(["/usr/local/bin/guestpull-deploy", "--version"])
             .env_clear(),
     );
-    // clap's `<name> <version>` (the name is the crate's, `deploy`, today).
-    assert!(
-        version
-            .trim()
-            .ends_with(&format!(" {}", env!("CARGO_PKG_VERSION"))),
-        "{version}"
+    assert_eq!(
+        version.trim(),
+        format!("guestpull-deploy {}", env!("CARGO_PKG_VERSION")),
+        "clap's `<name> <version>`"
     );
     // The other two load as well: the snapshotter's --help, and the mount helper's own usage
     // error (it has no --help) rather than the loader's.

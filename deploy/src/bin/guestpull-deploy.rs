@@ -9,6 +9,7 @@ use deploy::{Exec, Host};
 
 #[derive(Parser)]
 #[command(
+    name = "guestpull-deploy",
     version,
     about = "Installs the guestpull snapshotter on a node and wires containerd to it, reversibly"
 )]
