@@ -48,6 +48,17 @@ impl ContainerdVersion {
         }
     }
 
+    /// Whether a containerd answers `ctr version` on `socket`.
+    pub fn answers(self, socket: &Path) -> bool {
+        Command::new(self.bin_dir().join("ctr"))
+            .arg("--address")
+            .arg(socket)
+            .arg("version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
     /// Directory holding `containerd`, `ctr` and `containerd-shim-runc-v2` of this release.
     pub fn bin_dir(self) -> PathBuf {
         let dir = match self {
@@ -206,14 +217,7 @@ impl<'a> Containerd<'a> {
         self.lab.spawn("containerd", cmd);
         let sock = self.socket();
         wait_for("containerd's socket", Duration::from_secs(30), || {
-            sock.exists()
-                && Command::new(self.version.bin_dir().join("ctr"))
-                    .arg("--address")
-                    .arg(&sock)
-                    .arg("version")
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
+            sock.exists() && self.version.answers(&sock)
         });
     }
 

@@ -257,15 +257,7 @@ impl<'a> Node<'a> {
         wait_for(
             &format!("containerd {} on the node", self.version.label()),
             Duration::from_secs(60),
-            || {
-                Command::new(self.version.bin_dir().join("ctr"))
-                    .arg("--address")
-                    .arg(&sock)
-                    .arg("version")
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
-            },
+            || self.version.answers(&sock),
         );
     }
 
