@@ -529,6 +529,8 @@ impl<'a> GuestSide<'a> {
     pub const POLICY_URI: &'static str = "kbs:///default/security-policy/e2e";
     /// KBS URI of the JWE layer key.
     pub const KEY_URI: &'static str = "kbs:///default/image-key/e2e";
+    /// KBS URI of the cosign public key the policy names.
+    pub const COSIGN_KEY_URI: &'static str = "kbs:///default/cosign-public-key/e2e";
 
     /// Builds catalog `images` with `build`, provisions the KBS and starts the guest-puller.
     pub fn start(
@@ -541,15 +543,17 @@ impl<'a> GuestSide<'a> {
         let keys = OwnerKeys::generate(lab);
         build(lab, &reg, &keys, images);
         let kbs = KbsProcess::start(lab);
-        keys.provision(&kbs, "default/image-key/e2e");
+        // The test KBS stores a resource under its URI's path.
+        let path = |uri: &'static str| uri.trim_start_matches("kbs:///");
+        keys.provision(&kbs, path(Self::KEY_URI));
         kbs.put(
-            "default/cosign-public-key/e2e",
+            path(Self::COSIGN_KEY_URI),
             &fs::read(keys.cosign_pub()).unwrap(),
         );
         let scopes: Vec<String> = images.iter().map(|n| catalog_repo(&reg, n)).collect();
-        let policy = cosign_policy(&scopes, "kbs:///default/cosign-public-key/e2e");
+        let policy = cosign_policy(&scopes, Self::COSIGN_KEY_URI);
         kbs.put(
-            "default/security-policy/e2e",
+            path(Self::POLICY_URI),
             &serde_json::to_vec(&policy).unwrap(),
         );
         let guest = GuestPuller::start(lab, &reg, &kbs.url(), Self::POLICY_URI, &[Self::KEY_URI]);
@@ -560,4 +564,72 @@ impl<'a> GuestSide<'a> {
             keys,
         }
     }
+}
+
+/// The host side of the chain as kubelet drives it on `ctrd`: CRI PullImage of `image` under
+/// runtime `handler` (`None`: containerd 1.6, guestpull as the global snapshotter), asserting the
+/// host fetched only the config blob and holds no layer; then the container run from the rootfs
+/// the guest pulled (through CRI with a handler, with `ctr run` on 1.6, which has no per-runtime
+/// snapshotter), asserting it printed [`HELLO`] and containerd still fetched no layer. `name`
+/// labels the pod, the container and the failures. Returns the registry's blob GET counts
+/// (host, guest) of `image`'s repository from before the pull.
+pub fn cri_pull_and_run(
+    ctrd: &Containerd<'_>,
+    lab: &Lab,
+    side: &GuestSide<'_>,
+    image: &str,
+    handler: Option<&str>,
+    name: &str,
+) -> (usize, usize) {
+    let (reg, guest) = (&side.reg, &side.guest);
+    // `<registry>/<repo>:<tag>`: the registry log names the repository.
+    let repo = image
+        .split_once('/')
+        .and_then(|(_, r)| r.rsplit_once(':'))
+        .map(|(r, _)| r.to_string())
+        .unwrap_or_else(|| panic!("{image}: not <registry>/<repo>:<tag>"));
+    let (host0, guest0) = blob_gets_by(reg, &repo);
+    let mut cri =
+        crate::snapshotter_env::cri::CriClient::connect(&ctrd.socket()).expect("CRI client");
+    cri.pull_image(image, handler)
+        .unwrap_or_else(|e| panic!("{name}: CRI pull: {e}"));
+    let (host, guest_n) = blob_gets_by(reg, &repo);
+    assert_eq!(
+        (host - host0, guest_n - guest0),
+        (1, 0),
+        "{name}: the host fetched only the config"
+    );
+    let content = ctr_ns(ctrd, "k8s.io", &["content", "ls", "-q"])
+        .output()
+        .unwrap();
+    let content = String::from_utf8_lossy(&content.stdout).to_string();
+    for layer in &crate::images::inspect(reg, image).layer_digests {
+        assert!(
+            !content.contains(layer),
+            "{name}: layer blob {layer} in containerd's content store"
+        );
+    }
+    match handler {
+        None => {
+            let out = ctr_run_guestpull(ctrd, "k8s.io", image, name);
+            assert!(
+                out.status.success(),
+                "{name}: ctr run failed: {}\n--- guest-puller log ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                guest.log()
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), HELLO, "{name}");
+        }
+        Some(_) => {
+            let log =
+                crate::snapshotter_env::run_through_cri(&mut cri, lab, name, handler, image, &[]);
+            assert_eq!(log.trim(), HELLO, "{name}\n{}", guest.log());
+        }
+    }
+    assert_eq!(
+        blob_gets_by(reg, &repo).0 - host0,
+        1,
+        "{name}: layers fetched by containerd"
+    );
+    (host0, guest0)
 }

@@ -8,12 +8,8 @@ use std::fs;
 use std::path::Path;
 use std::process::Stdio;
 
-use integration::chain::{
-    blob_gets_by, build_images, catalog_repo, ctr_run_guestpull, GuestSide, HELLO,
-};
+use integration::chain::{build_images, catalog_repo, cri_pull_and_run, GuestSide};
 use integration::node::{Node, CONTAINERD_UNIT, KATA_HANDLER, SNAPSHOTTER_UNIT};
-use integration::snapshotter_env::cri::CriClient;
-use integration::snapshotter_env::{ctr_ns, run_through_cri};
 use integration::{bin_path, ContainerdVersion, Lab};
 use toml_edit::{value, Array, DocumentMut, Item, Table};
 
@@ -135,10 +131,7 @@ fn install_runs_the_chain_on_every_containerd_twice_is_once_and_uninstall_restor
     let side = GuestSide::start(&lab, &["busybox", "pause"], |lab, reg, keys, only| {
         build_images(lab, reg, keys, only);
     });
-    let repo = catalog_repo(&side.reg, "busybox");
-    let image = format!("{repo}:jwe");
-    let repo_path = repo.split_once('/').unwrap().1.to_string();
-    let manifest = integration::images::inspect(&side.reg, &image);
+    let image = format!("{}:jwe", catalog_repo(&side.reg, "busybox"));
     for v in ContainerdVersion::all() {
         let l = v.label();
         let node = Node::new(
@@ -177,52 +170,14 @@ fn install_runs_the_chain_on_every_containerd_twice_is_once_and_uninstall_restor
         // layer on the host, and the container runs from the rootfs the guest pulled.
         let ctrd = node.containerd();
         let handler = (v != ContainerdVersion::V1_6).then_some(KATA_HANDLER);
-        let (host0, guest0) = blob_gets_by(&side.reg, &repo_path);
-        let mut cri = CriClient::connect(&node.containerd_socket()).expect("CRI client");
-        cri.pull_image(&image, handler)
-            .unwrap_or_else(|e| panic!("{l}: CRI pull: {e}"));
-        let (host, guest) = blob_gets_by(&side.reg, &repo_path);
-        assert_eq!(
-            (host - host0, guest - guest0),
-            (1, 0),
-            "{l}: the host fetched only the config"
+        cri_pull_and_run(
+            &ctrd,
+            &lab,
+            &side,
+            &image,
+            handler,
+            &format!("deploy-{}", l.replace('.', "-")),
         );
-        let content = String::from_utf8_lossy(
-            &ctr_ns(&ctrd, "k8s.io", &["content", "ls", "-q"])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .to_string();
-        for layer in &manifest.layer_digests {
-            assert!(!content.contains(layer), "{l}: layer {layer} on the host");
-        }
-        if v == ContainerdVersion::V1_6 {
-            let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "deploy-16");
-            assert!(
-                out.status.success(),
-                "{l}: ctr run: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                side.guest.log()
-            );
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), HELLO);
-        } else {
-            let log = run_through_cri(
-                &mut cri,
-                &lab,
-                &format!("deploy-{}", l.replace('.', "-")),
-                handler,
-                &image,
-                &[],
-            );
-            assert_eq!(log.trim(), HELLO, "{l}: {}", side.guest.log());
-        }
-        assert_eq!(
-            blob_gets_by(&side.reg, &repo_path).0 - host0,
-            1,
-            "{l}: no layer fetched by containerd"
-        );
-        drop(cri);
         drop(ctrd);
 
         // Twice is once: nothing written, nothing restarted.

@@ -9,22 +9,26 @@ use std::time::Duration;
 
 use integration::chain::{
     blob_gets_by, blob_traffic, build_images_kbs, build_images_with, catalog_repo,
-    ctr_pull_guestpull, ctr_run_guestpull, find_bytes, GuestPuller, GuestSide, KbsProcess,
-    OwnerKeys, HELLO,
+    cri_pull_and_run, ctr_pull_guestpull, ctr_run_guestpull, find_bytes, GuestSide, OwnerKeys,
+    HELLO,
 };
 use integration::snapshotter_env::cri::CriClient;
 use integration::snapshotter_env::{
-    cri_body, ctr_ns, handler_for, proxy_body, run_through_cri, SnapshotterDaemon, PLUGIN,
+    cri_body, handler_for, proxy_body, run_through_cri, SnapshotterDaemon, PLUGIN,
 };
 use integration::{Containerd, ContainerdOpts, ContainerdVersion, Lab, Registry};
 
-/// One host: registry with the catalog images, KBS, guest-puller, snapshotter.
+/// One host: the image side (registry, KBS, guest-puller, keys) and the snapshotter.
 struct World<'a> {
-    reg: Registry<'a>,
-    kbs: KbsProcess<'a>,
-    guest: GuestPuller<'a>,
+    side: GuestSide<'a>,
     snap: SnapshotterDaemon<'a>,
-    keys: OwnerKeys,
+}
+
+impl<'a> std::ops::Deref for World<'a> {
+    type Target = GuestSide<'a>;
+    fn deref(&self) -> &GuestSide<'a> {
+        &self.side
+    }
 }
 
 fn world<'a>(lab: &'a Lab, images: &[&str]) -> World<'a> {
@@ -39,20 +43,9 @@ fn world_built<'a>(
     images: &[&str],
     build: impl FnOnce(&Lab, &Registry<'_>, &OwnerKeys, &[&str]),
 ) -> World<'a> {
-    let GuestSide {
-        reg,
-        kbs,
-        guest,
-        keys,
-    } = GuestSide::start(lab, images, build);
+    let side = GuestSide::start(lab, images, build);
     let snap = SnapshotterDaemon::start(lab, "");
-    World {
-        reg,
-        kbs,
-        guest,
-        snap,
-        keys,
-    }
+    World { side, snap }
 }
 
 fn containerd<'a>(lab: &'a Lab, w: &World<'_>, v: ContainerdVersion, cri: bool) -> Containerd<'a> {
@@ -101,57 +94,10 @@ fn encrypted_signed_image_runs_through_cri_and_ctr_on_every_containerd() {
         let repo_path = repo.split_once('/').unwrap().1.to_string();
         let ctrd = containerd(&lab, &w, v, true);
         // Building, encrypting and signing the images (skopeo, the owner's containerd, cosign)
-        // already read some blobs.
-        let (host0, base) = blob_gets_by(&w.reg, &repo_path);
-
-        // CRI PullImage with the runtime handler mapped to guestpull (1.6: global snapshotter).
-        let mut cri = CriClient::connect(&ctrd.socket()).expect("CRI client");
-        cri.pull_image(&image, handler_for(v))
-            .unwrap_or_else(|e| panic!("CRI pull on {}: {e}", v.label()));
-        let (host, guest) = blob_gets_by(&w.reg, &repo_path);
-        assert_eq!(
-            (host - host0, guest - base),
-            (1, 0),
-            "{}: the host fetched only the config",
-            v.label()
-        );
-        let content = ctr_ns(&ctrd, "k8s.io", &["content", "ls", "-q"])
-            .output()
-            .unwrap();
-        let content = String::from_utf8_lossy(&content.stdout).to_string();
-        let manifest = integration::images::inspect(&w.reg, &image);
-        for layer in &manifest.layer_digests {
-            assert!(
-                !content.contains(layer),
-                "{}: layer blob {layer} in containerd's content store",
-                v.label()
-            );
-        }
-
-        // The container runs from the rootfs the guest pulled: through CRI where the runtime
-        // handler picks the snapshotter (1.7, 2.1), with `ctr run` on 1.6.
-        let what = format!("containerd {} CRI", v.label());
-        if v == ContainerdVersion::V1_6 {
-            let out = ctr_run_guestpull(&ctrd, "k8s.io", &image, "e2e-cri");
-            assert_ran(&out, &what, &w.guest.log());
-        } else {
-            let log = run_through_cri(
-                &mut cri,
-                &lab,
-                &format!("e2e-{}", v.label().replace('.', "-")),
-                handler_for(v),
-                &image,
-                &[],
-            );
-            assert_eq!(log.trim(), HELLO, "{what}\n{}", w.guest.log());
-        }
-        let (host, guest) = blob_gets_by(&w.reg, &repo_path);
-        assert_eq!(
-            host - host0,
-            1,
-            "{}: layers fetched by containerd",
-            v.label()
-        );
+        // already read some blobs: counts are against the registry log before the pull.
+        let name = format!("e2e-{}", v.label().replace('.', "-"));
+        let (_, base) = cri_pull_and_run(&ctrd, &lab, &w.side, &image, handler_for(v), &name);
+        let guest = blob_gets_by(&w.reg, &repo_path).1;
         assert!(
             guest - base >= 2,
             "{}: the guest fetched config and layer ({guest})",
