@@ -37,6 +37,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::rc::Rc;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
@@ -97,13 +98,26 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<(UnpackStats, R), Unpac
     )
     .map_err(|e| io_err(&dest.to_string_lossy(), e.into()))?;
     let is_root = rustix::process::geteuid().is_root();
+    let setgid_root = rfs::fstat(&root)
+        .map(|st| st.st_mode & 0o2000 != 0)
+        .map_err(|e| io_err(&dest.to_string_lossy(), e.into()))?;
     let mut u = Unpacker {
-        root,
+        root: Rc::new(root),
         is_root,
+        // In a setgid root new entries take the directory's group, which entries of the
+        // archive may change: then every entry is chowned.
+        created_owner: (!setgid_root).then(|| {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        }),
+        umask: process_umask(),
         dirs: Vec::new(),
         stats: UnpackStats::default(),
         implicit: HashSet::from([Vec::new()]),
-        cache: std::cell::RefCell::new(None),
+        chain: std::cell::RefCell::new(Vec::new()),
+        buf: vec![0; COPY_BUF],
     };
     let mut archive = tar::Archive::new(reader);
     {
@@ -287,17 +301,37 @@ struct Data<'a, R> {
 }
 
 struct Unpacker {
-    root: OwnedFd,
+    root: Rc<OwnedFd>,
     is_root: bool,
+    /// Owner (uid, gid) a newly created entry has; `None` when that is not known for sure.
+    /// Entries of that owner skip their chown.
+    created_owner: Option<(u32, u32)>,
+    /// The process umask when it could be read; files whose mode it leaves intact are created
+    /// with their final mode and skip their chmod.
+    umask: Option<u32>,
     dirs: Vec<PendingDir>,
     stats: UnpackStats,
     /// Directories this layer holds only because entries below them needed a parent (and the
     /// root, unless the archive has a `./` entry). Marked with [`IMPLICIT_XATTR`] at the end so
     /// the overlay composition can give them the attributes of the lower layers.
     implicit: HashSet<Vec<Vec<u8>>>,
-    /// Last directory resolved: archives list siblings together, so this saves a full
-    /// O_NOFOLLOW walk per entry. Dropped whenever anything is removed.
-    cache: std::cell::RefCell<Option<(Vec<Vec<u8>>, OwnedFd)>>,
+    /// The directories of the last path resolved, outermost first: archives list a
+    /// directory's entries together, so a walk only opens the components past the part it
+    /// shares with the previous one. Dropped whenever anything is removed.
+    chain: std::cell::RefCell<Vec<(Vec<u8>, Rc<OwnedFd>)>>,
+    /// File data goes through this one buffer, so no entry allocates.
+    buf: Vec<u8>,
+}
+
+/// Bytes of file data per write: a file up to this size is written with one syscall.
+const COPY_BUF: usize = 128 * 1024;
+
+/// The process umask, read from `/proc/self/status` (setting it to read it back would race
+/// with other threads creating files).
+fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(v.trim(), 8).ok()
 }
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -330,7 +364,7 @@ impl Unpacker {
         comps: &[Vec<u8>],
         create: bool,
         shown: &str,
-    ) -> Result<OwnedFd, UnpackError> {
+    ) -> Result<Rc<OwnedFd>, UnpackError> {
         self.try_open_dir(comps, create, shown)
             .map_err(|w| self.walk_err(w, comps, shown))
     }
@@ -359,23 +393,36 @@ impl Unpacker {
         comps: &[Vec<u8>],
         create: bool,
         shown: &str,
-    ) -> Result<OwnedFd, Walk> {
-        if let Some((c, fd)) = self.cache.borrow().as_ref() {
-            if c.as_slice() == comps {
-                return fd.try_clone().map_err(|e| Walk::Err(io_err(shown, e)));
-            }
-        }
-        let fd = self.walk(comps, create, shown)?;
-        let copy = fd.try_clone().map_err(|e| Walk::Err(io_err(shown, e)))?;
-        *self.cache.borrow_mut() = Some((comps.to_vec(), copy));
-        Ok(fd)
+    ) -> Result<Rc<OwnedFd>, Walk> {
+        let shared = {
+            let mut chain = self.chain.borrow_mut();
+            let shared = chain
+                .iter()
+                .zip(comps)
+                .take_while(|((name, _), c)| name == *c)
+                .count();
+            chain.truncate(shared);
+            shared
+        };
+        self.walk(comps, shared, create, shown)
     }
 
-    fn walk(&mut self, comps: &[Vec<u8>], create: bool, shown: &str) -> Result<OwnedFd, Walk> {
+    /// Opens `comps[start..]` below the chain's last directory (whose path is `comps[..start]`),
+    /// extending the chain with every directory opened.
+    fn walk(
+        &mut self,
+        comps: &[Vec<u8>],
+        start: usize,
+        create: bool,
+        shown: &str,
+    ) -> Result<Rc<OwnedFd>, Walk> {
         let e = |e: Errno| Walk::Err(io_err(shown, e.into()));
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut cur = rfs::openat(&self.root, ".", flags, Mode::empty()).map_err(e)?;
-        for (i, c) in comps.iter().enumerate() {
+        let mut cur = match self.chain.borrow().last() {
+            Some((_, fd)) if start > 0 => fd.clone(),
+            _ => self.root.clone(),
+        };
+        for (i, c) in comps.iter().enumerate().skip(start) {
             let next = match rfs::openat(&cur, c.as_slice(), flags, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) if create => {
@@ -390,7 +437,7 @@ impl Unpacker {
                     if create && is_whiteout(&st) {
                         // `.wh.d` then `d/x` in one layer: the lower `d` is deleted and a new,
                         // empty `d` holds `x`, i.e. an opaque directory with default attributes.
-                        self.cache.borrow_mut().take();
+                        // The chain holds `comps[..i]` and nothing deeper, so it stays valid.
                         rfs::unlinkat(&cur, c.as_slice(), AtFlags::empty()).map_err(e)?;
                         rfs::mkdirat(&cur, c.as_slice(), Mode::from_raw_mode(0o755)).map_err(e)?;
                         let fd =
@@ -403,7 +450,8 @@ impl Unpacker {
                 }
                 Err(err) => return Err(e(err)),
             };
-            cur = next;
+            cur = Rc::new(next);
+            self.chain.borrow_mut().push((c.clone(), cur.clone()));
         }
         Ok(cur)
     }
@@ -444,7 +492,7 @@ impl Unpacker {
                 if is_dir && keep_dir {
                     return Ok(true);
                 }
-                self.cache.borrow_mut().take();
+                self.chain.borrow_mut().clear();
                 if is_dir {
                     // The /proc path pins the parent through its fd; remove_dir_all never follows links.
                     let p = proc_path(parent, name);
@@ -526,7 +574,7 @@ impl Unpacker {
             if et == EntryType::Directory {
                 // "./": metadata of the layer root itself.
                 self.implicit.remove(&comps);
-                self.chown(&self.root, &meta, shown)?;
+                self.chown(&self.root, &meta, false, shown)?;
                 self.set_xattrs(&self.root, &meta, shown)?;
                 self.dirs.push(PendingDir {
                     comps: Vec::new(),
@@ -554,35 +602,44 @@ impl Unpacker {
         match et {
             EntryType::Directory => {
                 let mut opaque = false;
-                match rfs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
-                    Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                        self.implicit.remove(&comps);
-                    }
-                    Ok(st) => {
-                        // `.wh.d` then `d/`: the lower `d` is gone, this is a new directory.
-                        opaque = is_whiteout(&st);
-                        self.clear(&parent, name, false, shown)?;
-                        rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755))
+                // Created first and looked at only when something is there: in a fresh
+                // layer that is rare, and it saves a stat per directory.
+                let mut fresh = true;
+                let mkdir = |at: &OwnedFd| {
+                    rfs::mkdirat(at, name.as_slice(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| io_err(shown, e.into()))
+                };
+                match rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755)) {
+                    Ok(()) => {}
+                    Err(Errno::EXIST) => {
+                        let st = rfs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
                             .map_err(|e| io_err(shown, e.into()))?;
-                    }
-                    Err(Errno::NOENT) => {
-                        rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755))
-                            .map_err(|e| io_err(shown, e.into()))?;
+                        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                            self.implicit.remove(&comps);
+                            fresh = false;
+                        } else {
+                            // `.wh.d` then `d/`: the lower `d` is gone, this is a new directory.
+                            opaque = is_whiteout(&st);
+                            self.clear(&parent, name, false, shown)?;
+                            mkdir(&parent)?;
+                        }
                     }
                     Err(e) => return Err(io_err(shown, e.into())),
                 }
-                let fd = rfs::openat(
-                    &parent,
-                    name.as_slice(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| io_err(shown, e.into()))?;
-                if opaque {
-                    self.set_opaque(&fd, shown)?;
+                if opaque || !meta.xattrs.is_empty() || self.needs_chown(&meta, fresh) {
+                    let fd = rfs::openat(
+                        &parent,
+                        name.as_slice(),
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io_err(shown, e.into()))?;
+                    if opaque {
+                        self.set_opaque(&fd, shown)?;
+                    }
+                    self.chown(&fd, &meta, fresh, shown)?;
+                    self.set_xattrs(&fd, &meta, shown)?;
                 }
-                self.chown(&fd, &meta, shown)?;
-                self.set_xattrs(&fd, &meta, shown)?;
                 self.dirs.push(PendingDir {
                     comps: comps.clone(),
                     mode: meta.mode,
@@ -590,24 +647,40 @@ impl Unpacker {
                 });
             }
             EntryType::Regular | EntryType::Continuous => {
-                self.clear(&parent, name, false, shown)?;
-                let fd = rfs::openat(
-                    &parent,
-                    name.as_slice(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
+                // Created with its final mode when the umask leaves that intact and no
+                // setuid/setgid/sticky bit has to wait for the chown: one fchmod less.
+                let direct = self
+                    .umask
+                    .is_some_and(|um| meta.mode & 0o7000 == 0 && meta.mode & um == 0);
+                let create_mode = Mode::from_raw_mode(if direct { meta.mode } else { 0o600 });
+                let create = |at: &OwnedFd| {
+                    rfs::openat(
+                        at,
+                        name.as_slice(),
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        create_mode,
+                    )
+                };
+                // Created first and cleared only when something is there (rare in a fresh
+                // layer): saves a stat per file.
+                let fd = match create(&parent) {
+                    Err(Errno::EXIST) => {
+                        self.clear(&parent, name, false, shown)?;
+                        create(&parent)
+                    }
+                    r => r,
+                }
                 .map_err(|e| io_err(shown, e.into()))?;
                 let mut file = File::from(fd);
                 let size = data.size;
                 let n = match data.sparse {
                     Some(sparse) => pax::write_sparse(&mut file, data.reader, size, sparse, shown)?,
                     None => {
-                        let n = copy_large(&mut data.reader.take(size), &mut file)
+                        let n = copy_large(&mut data.reader.take(size), &mut file, &mut self.buf)
                             .map_err(|e| io_err(shown, e))?;
                         if n != size {
                             return Err(UnpackError::Bad {
@@ -621,10 +694,12 @@ impl Unpacker {
                     }
                 };
                 self.stats.bytes += n;
-                self.chown(&file, &meta, shown)?;
-                // After chown, which clears setuid/setgid.
-                rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
-                    .map_err(|e| io_err(shown, e.into()))?;
+                self.chown(&file, &meta, true, shown)?;
+                if !direct {
+                    // After chown, which clears setuid/setgid.
+                    rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
+                        .map_err(|e| io_err(shown, e.into()))?;
+                }
                 self.set_xattrs(&file, &meta, shown)?;
                 rfs::futimens(&file, &times(meta.mtime)).map_err(|e| io_err(shown, e.into()))?;
             }
@@ -635,10 +710,15 @@ impl Unpacker {
                         path: shown.into(),
                         reason: "symlink without target".into(),
                     })?;
-                self.clear(&parent, name, false, shown)?;
                 // The target text is stored verbatim; it is never followed while unpacking.
-                rfs::symlinkat(target.as_slice(), &parent, name.as_slice())
-                    .map_err(|e| io_err(shown, e.into()))?;
+                match rfs::symlinkat(target.as_slice(), &parent, name.as_slice()) {
+                    Err(Errno::EXIST) => {
+                        self.clear(&parent, name, false, shown)?;
+                        rfs::symlinkat(target.as_slice(), &parent, name.as_slice())
+                    }
+                    r => r,
+                }
+                .map_err(|e| io_err(shown, e.into()))?;
                 if self.is_root {
                     self.chown_at(&parent, name, &meta, shown)?;
                     for (k, v) in &meta.xattrs {
@@ -771,6 +851,10 @@ impl Unpacker {
         meta: &Meta,
         shown: &str,
     ) -> Result<(), UnpackError> {
+        // Only ever called for entries just created.
+        if !self.needs_chown(meta, true) {
+            return Ok(());
+        }
         rfs::chownat(
             parent,
             name,
@@ -781,8 +865,24 @@ impl Unpacker {
         .map_err(|e| io_err(shown, e.into()))
     }
 
-    fn chown<Fd: AsFd>(&self, fd: Fd, meta: &Meta, shown: &str) -> Result<(), UnpackError> {
-        if !self.is_root {
+    /// Whether an entry must be chowned to `meta`'s owner: not when it was `fresh`ly created
+    /// and creation already gave it that owner.
+    fn needs_chown(&self, meta: &Meta, fresh: bool) -> bool {
+        self.is_root
+            && !(fresh
+                && self
+                    .created_owner
+                    .is_some_and(|(u, g)| meta.uid == u64::from(u) && meta.gid == u64::from(g)))
+    }
+
+    fn chown<Fd: AsFd>(
+        &self,
+        fd: Fd,
+        meta: &Meta,
+        fresh: bool,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        if !self.needs_chown(meta, fresh) {
             return Ok(());
         }
         rfs::fchown(fd, Some(uid(meta.uid, shown)?), Some(gid(meta.gid, shown)?))
@@ -859,20 +959,29 @@ impl Unpacker {
     }
 }
 
-/// `io::copy` with a 128 KiB buffer: the generic path uses 8 KiB, which costs a syscall per
-/// 8 KiB written on large files.
-fn copy_large<R: Read, W: io::Write>(r: &mut R, w: &mut W) -> io::Result<u64> {
-    let mut buf = vec![0u8; 128 * 1024];
+/// Copies through `buf`, filling it before each write: a file up to `buf.len()` bytes is one
+/// write whatever chunks the stream delivers (the generic `io::copy` writes per read, 8 KiB
+/// at most).
+fn copy_large<R: Read, W: io::Write>(r: &mut R, w: &mut W, buf: &mut [u8]) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..n])?;
-        total += n as u64;
+        let mut len = 0;
+        while len < buf.len() {
+            match r.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if len == 0 {
+            return Ok(total);
+        }
+        w.write_all(&buf[..len])?;
+        total += len as u64;
+        if len < buf.len() {
+            return Ok(total);
+        }
     }
 }
 

@@ -168,6 +168,7 @@ pub(super) fn write_sparse<R: Read>(
     };
     let mut end = 0u64;
     let mut total = 0u64;
+    let mut buf = vec![0u8; super::COPY_BUF];
     for &(off, len) in &map {
         let seg_end = off
             .checked_add(len)
@@ -181,7 +182,7 @@ pub(super) fn write_sparse<R: Read>(
             return Err(bad("map describes more data than the entry holds".into()));
         }
         file.seek(SeekFrom::Start(off)).map_err(io)?;
-        let n = copy_large(&mut data.take(len), file).map_err(io)?;
+        let n = copy_large(&mut data.take(len), file, &mut buf).map_err(io)?;
         if n != len {
             return Err(bad(format!(
                 "archive ended inside the entry ({n} of {len} bytes)"
