@@ -421,13 +421,10 @@ impl RegistryClient {
 
     /// Parses a user-supplied reference (docker.io defaults, `:latest`).
     pub fn parse_reference(image: &str) -> Result<Reference, RegistryError> {
-        image
-            .trim()
-            .parse::<Reference>()
-            .map_err(|e| RegistryError::InvalidReference {
-                reference: image.into(),
-                reason: e.to_string(),
-            })
+        reference::parse(image.trim()).map_err(|reason| RegistryError::InvalidReference {
+            reference: image.into(),
+            reason,
+        })
     }
 
     /// Basic credentials for a reference: exact repository, parent namespaces, then the registry.
@@ -1119,6 +1116,8 @@ fn select_platform(entries: &[oci_client::manifest::ImageIndexEntry]) -> Option<
     }
     best.map(|(_, d)| d)
 }
+
+pub(crate) mod reference;
 
 #[cfg(test)]
 mod tests {

@@ -20,8 +20,8 @@ impl DockerRef {
     /// Parses and normalizes like docker's `ParseNormalizedNamed` (short names get `docker.io`
     /// and `library/`), keeping a missing tag missing.
     pub fn parse_normalized(s: &str) -> Result<Self, String> {
-        let parsed =
-            Reference::try_from(s).map_err(|e| format!("invalid docker reference {s:?}: {e}"))?;
+        let parsed = crate::registry::reference::parse(s)
+            .map_err(|e| format!("invalid docker reference {s:?}: {e}"))?;
         // The parser invents `latest` only when neither tag nor digest was written.
         let name_only =
             parsed.digest().is_none() && parsed.tag() == Some("latest") && !s.ends_with(":latest");
