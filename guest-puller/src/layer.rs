@@ -2,12 +2,10 @@
 //! fetch → (decrypt + HMAC) → (plaintext digest) → decompress → diff_id → untar into a
 //! staging dir, renamed into the store only after every check passed.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +15,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::decrypt::{Compression, LayerKey};
-use crate::registry::{Hasher, RegistryError};
-use crate::unpack::{self, UnpackError, UnpackStats};
+use crate::registry::RegistryError;
+use crate::unpack::UnpackError;
 
 /// Chunks buffered between the HTTP stream and the unpacker (bounds memory per layer).
 pub const CHANNEL_CHUNKS: usize = 16;
@@ -103,28 +101,6 @@ impl UnpackBudget {
         self.left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(n))
             .is_ok()
-    }
-}
-
-/// Counts the decompressed tar stream against the image's [`UnpackBudget`]: a gzip bomb stops
-/// at the budget, not when the disk is full.
-struct Budgeted<R> {
-    inner: R,
-    budget: Arc<UnpackBudget>,
-    exceeded: Rc<RefCell<bool>>,
-}
-
-impl<R: Read> Read for Budgeted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if !self.budget.take(n as u64) {
-            *self.exceeded.borrow_mut() = true;
-            return Err(io::Error::new(
-                io::ErrorKind::FileTooLarge,
-                format!("uncompressed size exceeds {} bytes", self.budget.limit),
-            ));
-        }
-        Ok(n)
     }
 }
 
@@ -453,12 +429,13 @@ impl LayerStore {
     }
 
     /// Makes the layer available: returns at once if present, otherwise runs `fetch` exactly
-    /// once across concurrent callers (others wait and reuse the result).
+    /// once across concurrent callers (others wait and reuse the result). The timings are
+    /// `None` when the layer was already in the store.
     pub async fn ensure_layer<F, Fut>(
         self: &Arc<Self>,
         spec: LayerSpec,
         fetch: F,
-    ) -> Result<(PathBuf, bool), LayerError>
+    ) -> Result<(PathBuf, Option<LayerTimings>), LayerError>
     where
         F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
         Fut: std::future::Future<Output = Result<(), RegistryError>>,
@@ -477,7 +454,7 @@ impl LayerStore {
         let _guard = gate.lock().await;
         let path = self.layer_path(&spec.digest);
         if path.is_dir() {
-            return Ok((path, true));
+            return Ok((path, None));
         }
         // Each fetch also reclaims what dead pulls left, off the async threads.
         let s = self.clone();
@@ -490,14 +467,14 @@ impl LayerStore {
                 m.remove(&digest);
             }
         }
-        result.map(|p| (p, false))
+        result.map(|(p, t)| (p, Some(t)))
     }
 
     async fn fetch_and_unpack<F, Fut>(
         &self,
         spec: LayerSpec,
         fetch: F,
-    ) -> Result<PathBuf, LayerError>
+    ) -> Result<(PathBuf, LayerTimings), LayerError>
     where
         F: FnOnce(mpsc::Sender<io::Result<Bytes>>) -> Fut,
         Fut: std::future::Future<Output = Result<(), RegistryError>>,
@@ -520,7 +497,7 @@ impl LayerStore {
             .await
             .map_err(|e| LayerError::Store(io::Error::other(e)))?;
         let outcome = match (processed, fetched) {
-            (Ok(stats), Ok(())) => Ok(stats),
+            (Ok(done), Ok(())) => Ok(done),
             // The consumer's error explains why the fetch was cut short.
             (Err(e), _) => Err(e),
             (Ok(_), Err(source)) => Err(LayerError::Fetch {
@@ -529,7 +506,7 @@ impl LayerStore {
             }),
         };
         match outcome {
-            Ok(stats) => {
+            Ok((stats, t)) => {
                 let dest = self.layer_path(&digest);
                 match fs::rename(&staging.path, &dest) {
                     Ok(()) => staging.kept = true,
@@ -543,9 +520,13 @@ impl LayerStore {
                         return Err(e.into());
                     }
                 }
+                let ms = |d: std::time::Duration| d.as_millis() as u64;
                 info!(layer = %digest, entries = stats.entries, bytes = stats.bytes,
-                      ms = started.elapsed().as_millis() as u64, "layer unpacked");
-                Ok(dest)
+                      ms = ms(started.elapsed()), network_wait_ms = ms(t.decrypt.starved),
+                      decrypt_ms = ms(t.decrypt.busy), inflate_ms = ms(t.inflate.busy),
+                      write_ms = ms(t.write.busy), write_starved_ms = ms(t.write.starved),
+                      "layer unpacked");
+                Ok((dest, t))
             }
             Err(e) => {
                 remove_tree(staging).await;
@@ -594,279 +575,8 @@ async fn remove_tree(s: Staging) {
     let _ = tokio::task::spawn_blocking(move || drop(s)).await;
 }
 
-/// First verification failure seen by any reader in the chain.
-type Failure = Rc<RefCell<Option<String>>>;
-
-fn fail(f: &Failure, msg: String) -> io::Error {
-    let mut slot = f.borrow_mut();
-    if slot.is_none() {
-        *slot = Some(msg.clone());
-    }
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// Blocking side of the bounded channel; hashes the blob and checks size + digest at EOF.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
-    hasher: Option<Hasher>,
-    expected: String,
-    size: u64,
-    seen: u64,
-    failure: Failure,
-    verified: Rc<RefCell<bool>>,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => {
-                    self.seen += b.len() as u64;
-                    if self.seen > self.size {
-                        return Err(fail(
-                            &self.failure,
-                            format!("blob is larger than its descriptor size {}", self.size),
-                        ));
-                    }
-                    if let Some(h) = self.hasher.as_mut() {
-                        h.update(&b);
-                    }
-                    self.cur = b;
-                }
-                Some(Err(e)) => {
-                    return Err(fail(&self.failure, format!("download failed: {e}")));
-                }
-                None => {
-                    if let Some(h) = self.hasher.take() {
-                        if self.seen != self.size {
-                            return Err(fail(
-                                &self.failure,
-                                format!("blob truncated: got {} of {} bytes", self.seen, self.size),
-                            ));
-                        }
-                        let actual = h.finish();
-                        if actual != self.expected {
-                            return Err(fail(
-                                &self.failure,
-                                format!(
-                                    "blob digest mismatch: expected {}, got {actual}",
-                                    self.expected
-                                ),
-                            ));
-                        }
-                        *self.verified.borrow_mut() = true;
-                    }
-                    return Ok(0);
-                }
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur = self.cur.slice(n..);
-        Ok(n)
-    }
-}
-
-/// Hashes what passes through and checks the digest at EOF.
-struct HashReader<R> {
-    inner: R,
-    hasher: Option<Hasher>,
-    expected: String,
-    what: &'static str,
-    failure: Failure,
-    verified: Rc<RefCell<bool>>,
-}
-
-impl<R: Read> Read for HashReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 {
-            if let Some(h) = self.hasher.take() {
-                let actual = h.finish();
-                if actual != self.expected {
-                    return Err(fail(
-                        &self.failure,
-                        format!(
-                            "{} mismatch: expected {}, got {actual}",
-                            self.what, self.expected
-                        ),
-                    ));
-                }
-                *self.verified.borrow_mut() = true;
-            }
-            return Ok(0);
-        }
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&buf[..n]);
-        }
-        Ok(n)
-    }
-}
-
-/// Maps HMAC failures raised inside the decryptor into the shared failure slot.
-struct Tap<R> {
-    inner: R,
-    failure: Failure,
-}
-
-impl<R: Read> Read for Tap<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(|e| {
-            if e.kind() == io::ErrorKind::InvalidData {
-                fail(&self.failure, e.to_string())
-            } else {
-                e
-            }
-        })
-    }
-}
-
-fn hash_reader<R: Read>(
-    inner: R,
-    expected: &str,
-    what: &'static str,
-    failure: &Failure,
-) -> io::Result<(HashReader<R>, Rc<RefCell<bool>>)> {
-    let hasher = Hasher::for_digest(expected).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unsupported {what} {expected:?}"),
-        )
-    })?;
-    let verified = Rc::new(RefCell::new(false));
-    Ok((
-        HashReader {
-            inner,
-            hasher: Some(hasher),
-            expected: expected.to_string(),
-            what,
-            failure: failure.clone(),
-            verified: verified.clone(),
-        },
-        verified,
-    ))
-}
-
-#[derive(Clone)]
-struct Shared(Rc<RefCell<Box<dyn Read>>>);
-
-impl Read for Shared {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.borrow_mut().read(buf)
-    }
-}
-
-/// Whether `e` is ENOSPC or EDQUOT (the work dir is full).
-pub fn is_no_space(e: &io::Error) -> bool {
-    let no_space = [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT];
-    e.raw_os_error()
-        .is_some_and(|c| no_space.iter().any(|n| n.raw_os_error() == c))
-}
-
-/// Runs the blocking part of the pipeline for one layer into `staging`.
-pub fn process_layer(
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    spec: &LayerSpec,
-    staging: &Path,
-) -> Result<UnpackStats, LayerError> {
-    let failure: Failure = Rc::new(RefCell::new(None));
-    let layer = spec.digest.clone();
-    let integrity = |reason: String| LayerError::Integrity {
-        layer: layer.clone(),
-        reason,
-    };
-    let blob_ok = Rc::new(RefCell::new(false));
-    let raw = ChannelReader {
-        rx,
-        cur: Bytes::new(),
-        hasher: Hasher::for_digest(&spec.digest),
-        expected: spec.digest.clone(),
-        size: spec.size,
-        seen: 0,
-        failure: failure.clone(),
-        verified: blob_ok.clone(),
-    };
-    let mut checks: Vec<Rc<RefCell<bool>>> = vec![blob_ok];
-    let plain: Box<dyn Read> = match &spec.key {
-        Some(key) => {
-            let dec = Tap {
-                inner: key.decryptor(raw),
-                failure: failure.clone(),
-            };
-            match &key.plain_digest {
-                Some(d) => {
-                    let (r, ok) = hash_reader(dec, d, "decrypted layer digest", &failure)
-                        .map_err(|e| integrity(e.to_string()))?;
-                    checks.push(ok);
-                    Box::new(r)
-                }
-                None => Box::new(dec),
-            }
-        }
-        None => Box::new(raw),
-    };
-    // Shared so that, when unpacking fails, the rest of the blob can still be read through
-    // the HMAC and digest checks: a corrupted blob is then reported as such, not as a tar error.
-    let plain = Shared(Rc::new(RefCell::new(plain)));
-    let plain_handle = plain.clone();
-    let plain: Box<dyn Read> = Box::new(plain);
-    let tar: Box<dyn Read> = match spec.compression {
-        Compression::None => plain,
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
-            io::BufReader::with_capacity(64 * 1024, plain),
-        )),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(plain).map_err(|e| integrity(format!("zstd: {e}")))?,
-        ),
-    };
-    let exceeded = Rc::new(RefCell::new(false));
-    let tar = Budgeted {
-        inner: tar,
-        budget: spec.budget.clone(),
-        exceeded: exceeded.clone(),
-    };
-    let (tar, diff_ok) = hash_reader(tar, &spec.diff_id, "diff_id", &failure)
-        .map_err(|e| integrity(e.to_string()))?;
-    checks.push(diff_ok);
-    let result = unpack::unpack(tar, staging).and_then(|(stats, mut rest)| {
-        // Everything after the end-of-archive marker still counts for diff_id, HMAC and digest.
-        io::copy(&mut rest, &mut io::sink()).map_err(|source| UnpackError::Io {
-            path: "<after end of archive>".into(),
-            source,
-        })?;
-        Ok(stats)
-    });
-    if result.is_err() && failure.borrow().is_none() {
-        let _ = io::copy(&mut plain_handle.clone(), &mut io::sink());
-    }
-    if let Some(reason) = failure.borrow_mut().take() {
-        return Err(integrity(reason));
-    }
-    if *exceeded.borrow() {
-        return Err(LayerError::TooLarge {
-            layer,
-            limit: spec.budget.limit,
-            why: spec.budget.why,
-        });
-    }
-    let stats = result.map_err(|source| match &source {
-        UnpackError::Io { source: io, .. } if is_no_space(io) => LayerError::NoSpace {
-            layer: layer.clone(),
-            source,
-        },
-        _ => LayerError::Unpack {
-            layer: layer.clone(),
-            source,
-        },
-    })?;
-    if !checks.iter().all(|c| *c.borrow()) {
-        return Err(integrity(
-            "stream ended before all integrity checks ran".into(),
-        ));
-    }
-    Ok(stats)
-}
+mod pipeline;
+pub use pipeline::{is_no_space, process_layer, LayerTimings, StageTime};
 
 #[cfg(test)]
 mod tests;

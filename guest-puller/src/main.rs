@@ -127,6 +127,18 @@ enum Cmd {
     },
 }
 
+/// A layer's stage times in milliseconds, for `pull`'s output (what the benchmark reads).
+fn timings_json(t: guest_puller::layer::LayerTimings) -> serde_json::Value {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let stage = |s: guest_puller::layer::StageTime| serde_json::json!({ "busy": ms(s.busy), "starved": ms(s.starved), "blocked": ms(s.blocked) });
+    serde_json::json!({
+        "wall": ms(t.wall),
+        "decrypt": stage(t.decrypt),
+        "inflate": stage(t.inflate),
+        "write": stage(t.write),
+    })
+}
+
 fn load(config: &Option<PathBuf>) -> anyhow::Result<Config> {
     match config {
         Some(p) => Ok(Config::from_file(p)?),
@@ -284,6 +296,7 @@ async fn main() -> anyhow::Result<()> {
                     "bundle": r.bundle,
                     "layers": r.layers.iter().map(|l| serde_json::json!({
                         "digest": l.digest, "diff_id": l.diff_id, "cached": l.cached,
+                        "timings_ms": l.timings.map(timings_json),
                     })).collect::<Vec<_>>(),
                 })
             );

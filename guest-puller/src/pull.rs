@@ -11,7 +11,7 @@ use crate::bundle::{self, BundleError, ImageConfig};
 use crate::bundles::{BundleLock, BundleRecord, Bundles};
 use crate::config::{Config, RegistryConfig};
 use crate::decrypt::{self, DecryptError, KeyUnwrapper};
-use crate::layer::{LayerError, LayerSpec, LayerStore, UnpackBudget};
+use crate::layer::{LayerError, LayerSpec, LayerStore, LayerTimings, UnpackBudget};
 use crate::lazy::{self, LazyError, NydusManifest};
 use crate::policy::{CosignSignature, PolicyError, PolicyEvaluator, SignatureSource};
 use crate::registry::{RegistryClient, RegistryError, ResolvedImage};
@@ -60,6 +60,8 @@ pub struct PulledLayer {
     pub path: PathBuf,
     /// True when the layer was already in the store.
     pub cached: bool,
+    /// Where the time of the layer's fetch and unpack went (`None` when cached).
+    pub timings: Option<LayerTimings>,
 }
 
 /// Result of [`Puller::pull_image`].
@@ -475,7 +477,7 @@ impl Puller {
     ) -> Result<PulledLayer, PullError> {
         let diff_id = spec.diff_id.clone();
         let registry = &self.registry;
-        let (path, cached) = self
+        let (path, timings) = self
             .store
             .ensure_layer(spec, |tx| async move {
                 registry.blob_to_channel(source, desc, tx).await
@@ -485,7 +487,8 @@ impl Puller {
             digest: desc.digest.clone(),
             diff_id,
             path,
-            cached,
+            cached: timings.is_none(),
+            timings,
         })
     }
 

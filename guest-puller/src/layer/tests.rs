@@ -63,6 +63,7 @@ async fn run(
             Ok(())
         })
         .await
+        .map(|(p, timings)| (p, timings.is_none()))
 }
 
 /// Pulls an uncompressed, unencrypted layer whose blob is `tar`.
@@ -254,7 +255,7 @@ async fn concurrent_requests_fetch_once() {
                     },
                 )
                 .await
-                .map(|(_, cached)| cached)
+                .map(|(_, timings)| timings.is_none())
         }));
     }
     let mut hits = 0;
