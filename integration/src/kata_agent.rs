@@ -100,7 +100,12 @@ pub fn static_kata_agent() -> PathBuf {
         crate::lab::run_ok(Command::new("cp").arg("-a").arg(&src).arg(&tree));
         fs::write(&stamp_file, &stamp).unwrap();
     }
-    crate::vm::cargo_build_static(&tree.join("Cargo.toml"), "kata-agent", &base.join("target"))
+    crate::vm::cargo_build_static(
+        &tree.join("Cargo.toml"),
+        None,
+        "kata-agent",
+        &base.join("target"),
+    )
 }
 
 /// A digest of every file's path, size and mtime under `dir`: whether the copy is stale.

@@ -186,14 +186,26 @@ pub fn static_guest_puller() -> PathBuf {
         return p;
     }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    cargo_build_static(&manifest, "guest-puller", &static_target_dir())
+    // `-p`: without it cargo unifies features over the whole workspace, and the integration
+    // crate's `lazy` and `gpg` would end up in what is meant to be the default guest build.
+    cargo_build_static(
+        &manifest,
+        Some("guest-puller"),
+        "guest-puller",
+        &static_target_dir(),
+    )
 }
 
 /// Builds binary `bin` of the workspace at `manifest` statically into `target_dir` (release,
 /// `--locked`, gnu target with `+crt-static`; the explicit `--target` keeps RUSTFLAGS off build
 /// scripts and proc-macros); panics with the command and cargo's output when that fails or the
 /// result is not static. Returns the binary.
-pub(crate) fn cargo_build_static(manifest: &Path, bin: &str, target_dir: &Path) -> PathBuf {
+pub(crate) fn cargo_build_static(
+    manifest: &Path,
+    package: Option<&str>,
+    bin: &str,
+    target_dir: &Path,
+) -> PathBuf {
     const TARGET: &str = "x86_64-unknown-linux-gnu";
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let started = Instant::now();
@@ -207,6 +219,7 @@ pub(crate) fn cargo_build_static(manifest: &Path, bin: &str, target_dir: &Path) 
             "--target",
             TARGET,
         ])
+        .args(package.map(|p| ["-p", p]).into_iter().flatten())
         .arg("--manifest-path")
         .arg(manifest)
         .env("CARGO_TARGET_DIR", target_dir)
@@ -216,7 +229,8 @@ pub(crate) fn cargo_build_static(manifest: &Path, bin: &str, target_dir: &Path) 
     if !out.status.success() {
         panic!(
             "building the static {bin} failed (RUSTFLAGS='-C target-feature=+crt-static' cargo build \
-             --release --locked --bin {bin} --target {TARGET} --manifest-path {}):\n{}",
+             --release --locked{} --bin {bin} --target {TARGET} --manifest-path {}):\n{}",
+            package.map(|p| format!(" -p {p}")).unwrap_or_default(),
             manifest.display(),
             String::from_utf8_lossy(&out.stderr)
         );
