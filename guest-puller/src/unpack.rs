@@ -605,11 +605,9 @@ impl Unpacker {
                 // Created first and looked at only when something is there: in a fresh
                 // layer that is rare, and it saves a stat per directory.
                 let mut fresh = true;
-                let mkdir = |at: &OwnedFd| {
-                    rfs::mkdirat(at, name.as_slice(), Mode::from_raw_mode(0o755))
-                        .map_err(|e| io_err(shown, e.into()))
-                };
-                match rfs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o755)) {
+                let mkdir =
+                    |at: &OwnedFd| rfs::mkdirat(at, name.as_slice(), Mode::from_raw_mode(0o755));
+                match mkdir(&parent) {
                     Ok(()) => {}
                     Err(Errno::EXIST) => {
                         let st = rfs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
@@ -621,7 +619,7 @@ impl Unpacker {
                             // `.wh.d` then `d/`: the lower `d` is gone, this is a new directory.
                             opaque = is_whiteout(&st);
                             self.clear(&parent, name, false, shown)?;
-                            mkdir(&parent)?;
+                            mkdir(&parent).map_err(|e| io_err(shown, e.into()))?;
                         }
                     }
                     Err(e) => return Err(io_err(shown, e.into())),

@@ -30,19 +30,7 @@ impl OwnerKeys {
     pub fn generate(lab: &Lab) -> OwnerKeys {
         let dir = lab.join("keys");
         fs::create_dir_all(&dir).unwrap();
-        run_ok(
-            Command::new("openssl")
-                .args(["genrsa", "-out"])
-                .arg(dir.join("image.pem"))
-                .arg("2048"),
-        );
-        run_ok(
-            Command::new("openssl")
-                .args(["rsa", "-pubout", "-in"])
-                .arg(dir.join("image.pem"))
-                .arg("-out")
-                .arg(dir.join("image.pub.pem")),
-        );
+        crate::lab::rsa_key_pair(&dir.join("image.pem"), &dir.join("image.pub.pem"));
         run_ok(
             Command::new(cosign())
                 .current_dir(&dir)

@@ -257,6 +257,24 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// Generates a 2048-bit RSA key with openssl: the private key (PEM) at `private`, its public
+/// half at `public` (the JWE key pairs images are encrypted to).
+pub fn rsa_key_pair(private: &Path, public: &Path) {
+    run_ok(
+        Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(private)
+            .arg("2048"),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"])
+            .arg(private)
+            .arg("-out")
+            .arg(public),
+    );
+}
+
 /// Runs a command to completion, panicking with its stderr if it fails; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd

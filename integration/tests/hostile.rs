@@ -545,20 +545,8 @@ fn a_jwe_key_revoked_in_the_kbs_stops_decrypting_new_images() {
     let kdir = lab.join("kbs");
     std::fs::create_dir_all(kdir.join("default/key")).unwrap();
     let pem = kdir.join("default/key/jwe");
-    integration::lab::run_ok(
-        Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&pem)
-            .arg("2048"),
-    );
     let public = lab.join("jwe.pub");
-    integration::lab::run_ok(
-        Command::new("openssl")
-            .args(["rsa", "-pubout", "-in"])
-            .arg(&pem)
-            .arg("-out")
-            .arg(&public),
-    );
+    integration::lab::rsa_key_pair(&pem, &public);
     let encrypted = |name: &str, layers: usize| {
         let plain =
             integration::push_test_image(&reg, &format!("lab/{name}:plain"), layers, &["/bin/sh"]);

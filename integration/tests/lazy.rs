@@ -477,19 +477,7 @@ async fn encrypted_image(
     Lab::require_cmd("openssl", "openssl");
     let key = lab.join("image.pem");
     let public = lab.join("image.pub.pem");
-    integration::lab::run_ok(
-        std::process::Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&key)
-            .arg("2048"),
-    );
-    integration::lab::run_ok(
-        std::process::Command::new("openssl")
-            .args(["rsa", "-pubout", "-in"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&public),
-    );
+    integration::lab::rsa_key_pair(&key, &public);
     let spec = catalog::spec(name, Path::new(BUSYBOX), large_mb)
         .unwrap()
         .unwrap();

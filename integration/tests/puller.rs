@@ -452,20 +452,11 @@ fn skopeo_jwe_encrypted_image_decrypts_and_wrong_key_leaves_nothing() {
     let keys = lab.join("keys");
     fs::create_dir_all(&keys).unwrap();
     for k in ["good", "bad"] {
-        run_ok(
-            Command::new("openssl")
-                .args(["genrsa", "-out"])
-                .arg(keys.join(format!("{k}.pem")))
-                .arg("2048"),
+        integration::lab::rsa_key_pair(
+            &keys.join(format!("{k}.pem")),
+            &keys.join(format!("{k}.pub")),
         );
     }
-    run_ok(
-        Command::new("openssl")
-            .args(["rsa", "-pubout", "-in"])
-            .arg(keys.join("good.pem"))
-            .arg("-out")
-            .arg(keys.join("good.pub")),
-    );
     let e = env(
         &lab,
         &format!(

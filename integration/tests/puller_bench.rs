@@ -298,19 +298,7 @@ fn bench_encrypted_gzip_images() {
     let at = |p: &str| scratch.join(p);
     let keys = lab.join("keys");
     fs::create_dir_all(&keys).unwrap();
-    run_ok(
-        Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(keys.join("k.pem"))
-            .arg("2048"),
-    );
-    run_ok(
-        Command::new("openssl")
-            .args(["rsa", "-pubout", "-in"])
-            .arg(keys.join("k.pem"))
-            .arg("-out")
-            .arg(keys.join("k.pub")),
-    );
+    integration::lab::rsa_key_pair(&keys.join("k.pem"), &keys.join("k.pub"));
     let cfg = lab.join("puller.toml");
     fs::write(
         &cfg,

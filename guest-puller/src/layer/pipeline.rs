@@ -47,6 +47,20 @@ pub struct StageTime {
     pub blocked: Duration,
 }
 
+impl StageTime {
+    /// A stage that started at `started` and waited `starved` for input and `blocked` for output.
+    fn since(started: Instant, starved: Duration, blocked: Duration) -> Self {
+        StageTime {
+            busy: started
+                .elapsed()
+                .saturating_sub(starved)
+                .saturating_sub(blocked),
+            starved,
+            blocked,
+        }
+    }
+}
+
 /// Where one layer's time went: the stage whose `busy` is close to `wall` is the bottleneck.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayerTimings {
@@ -71,16 +85,14 @@ fn fail(f: &Failure, msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Blocking side of the download channel; hashes the blob and checks size + digest at EOF.
+/// Blocking side of the download channel; checks the blob's size (a [`HashReader`] above it
+/// checks the digest).
 struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
-    hasher: Option<Hasher>,
-    expected: String,
     size: u64,
     seen: u64,
     failure: Failure,
-    verified: Rc<Cell<bool>>,
     waited: Rc<Cell<Duration>>,
 }
 
@@ -99,33 +111,17 @@ impl Read for ChannelReader {
                             format!("blob is larger than its descriptor size {}", self.size),
                         ));
                     }
-                    if let Some(h) = self.hasher.as_mut() {
-                        h.update(&b);
-                    }
                     self.cur = b;
                 }
                 Some(Err(e)) => {
                     return Err(fail(&self.failure, format!("download failed: {e}")));
                 }
                 None => {
-                    if let Some(h) = self.hasher.take() {
-                        if self.seen != self.size {
-                            return Err(fail(
-                                &self.failure,
-                                format!("blob truncated: got {} of {} bytes", self.seen, self.size),
-                            ));
-                        }
-                        let actual = h.finish();
-                        if actual != self.expected {
-                            return Err(fail(
-                                &self.failure,
-                                format!(
-                                    "blob digest mismatch: expected {}, got {actual}",
-                                    self.expected
-                                ),
-                            ));
-                        }
-                        self.verified.set(true);
+                    if self.seen != self.size {
+                        return Err(fail(
+                            &self.failure,
+                            format!("blob truncated: got {} of {} bytes", self.seen, self.size),
+                        ));
                     }
                     return Ok(0);
                 }
@@ -385,41 +381,41 @@ fn decrypt_stage(
     let started = Instant::now();
     let failure: Failure = Rc::new(RefCell::new(None));
     let waited = Rc::new(Cell::new(Duration::ZERO));
-    let blob_ok = Rc::new(Cell::new(false));
-    let raw = ChannelReader {
+    let integrity = |e: io::Error| LayerError::Integrity {
+        layer: spec.digest.clone(),
+        reason: e.to_string(),
+    };
+    let channel = ChannelReader {
         rx,
         cur: Bytes::new(),
-        hasher: Hasher::for_digest(&spec.digest),
-        expected: spec.digest.clone(),
         size: spec.size,
         seen: 0,
         failure: failure.clone(),
-        verified: blob_ok.clone(),
         waited: waited.clone(),
     };
+    // Under the HashReader, the size check runs first at the end of the stream, as a truncated
+    // blob should be reported as truncated rather than as a digest mismatch.
+    let (raw, blob_ok) =
+        hash_reader(channel, &spec.digest, "blob digest", &failure).map_err(integrity)?;
     let mut checks = vec![blob_ok];
-    let mut plain: Box<dyn Read> =
-        match &spec.key {
-            Some(key) => {
-                let dec = Tap {
-                    inner: key.decryptor(raw),
-                    failure: failure.clone(),
-                };
-                match &key.plain_digest {
-                    Some(d) => {
-                        let (r, ok) = hash_reader(dec, d, "decrypted layer digest", &failure)
-                            .map_err(|e| LayerError::Integrity {
-                                layer: spec.digest.clone(),
-                                reason: e.to_string(),
-                            })?;
-                        checks.push(ok);
-                        Box::new(r)
-                    }
-                    None => Box::new(dec),
+    let mut plain: Box<dyn Read> = match &spec.key {
+        Some(key) => {
+            let dec = Tap {
+                inner: key.decryptor(raw),
+                failure: failure.clone(),
+            };
+            match &key.plain_digest {
+                Some(d) => {
+                    let (r, ok) = hash_reader(dec, d, "decrypted layer digest", &failure)
+                        .map_err(integrity)?;
+                    checks.push(ok);
+                    Box::new(r)
                 }
+                None => Box::new(dec),
             }
-            None => Box::new(raw),
-        };
+        }
+        None => Box::new(raw),
+    };
     if let Pumped::Gone = out.pump(&mut plain) {
         // Only a failed stage hangs up early; the checks still run to the end.
         if failure.borrow().is_none() {
@@ -432,14 +428,7 @@ fn decrypt_stage(
     Ok(DecryptVerdict {
         failure,
         complete: checks.iter().all(|c| c.get()),
-        time: StageTime {
-            busy: started
-                .elapsed()
-                .saturating_sub(starved)
-                .saturating_sub(out.blocked),
-            starved,
-            blocked: out.blocked,
-        },
+        time: StageTime::since(started, starved, out.blocked),
     })
 }
 
@@ -499,14 +488,7 @@ fn inflate_stage(
     let _ = io::copy(&mut handle.clone(), &mut io::sink());
     drop(out.tx);
     let starved = handle.0.borrow().starved;
-    let time = StageTime {
-        busy: started
-            .elapsed()
-            .saturating_sub(starved)
-            .saturating_sub(out.blocked),
-        starved,
-        blocked: out.blocked,
-    };
+    let time = StageTime::since(started, starved, out.blocked);
     let failure = failure.borrow_mut().take();
     Ok(InflateVerdict {
         exceeded: exceeded.get(),
@@ -579,8 +561,7 @@ pub fn process_layer(
             })?;
             Ok(stats)
         });
-        let write_wall = write_started.elapsed();
-        let starved = reader.starved;
+        let write_time = StageTime::since(write_started, reader.starved, Duration::ZERO);
         // Hanging up tells the inflate stage to stop and let the checks finish.
         drop(reader);
         let inflated = joined(inflate, "inflate")?;
@@ -618,11 +599,7 @@ pub fn process_layer(
             wall: started.elapsed(),
             decrypt: verdict.time,
             inflate: inflated.time,
-            write: StageTime {
-                busy: write_wall.saturating_sub(starved),
-                starved,
-                blocked: Duration::ZERO,
-            },
+            write: write_time,
         };
         Ok((stats, timings))
     })
