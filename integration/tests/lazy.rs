@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,7 @@ use integration::chain::blob_traffic;
 use integration::{Lab, Registry};
 use sha2::{Digest, Sha256};
 use test_images::catalog;
+use test_images::layer::{Compression, Layer, Node};
 use test_images::layout::{ImageSpec, Layout, WrittenManifest};
 use test_images::nydus;
 use test_images::push;
@@ -77,8 +79,13 @@ fn push_both(lab: &Lab, reg: &Registry<'_>, name: &str, spec: &ImageSpec) -> Pus
     let mut layout = Layout::create(&lab.join(&format!("oci-{name}"))).unwrap();
     let (d, _) = layout.write_image(spec).unwrap();
     layout.tag(&d, "oci").unwrap();
-    let (nd, nw) =
-        nydus::write_image(&layout, spec, &lab.join(&format!("nydus-{name}")), false).unwrap();
+    let (nd, nw) = nydus::write_image(
+        &layout,
+        spec,
+        &lab.join(&format!("nydus-{name}")),
+        &Default::default(),
+    )
+    .unwrap();
     layout.tag(&nd, "nydus").unwrap();
     let oci = format!("{repo}:oci");
     let nydus_ref = format!("{repo}:nydus");
@@ -184,9 +191,9 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
 }
 
 /// Every regular file of the flattened tree `flat` reads back its exact bytes under `rootfs`.
-fn assert_every_file_reads_back(rootfs: &Path, flat: &test_images::layer::Layer) {
+fn assert_every_file_reads_back(rootfs: &Path, flat: &Layer) {
     for n in &flat.nodes {
-        if let test_images::layer::Node::File { path, data, .. } = n {
+        if let Node::File { path, data, .. } = n {
             assert_eq!(&fs::read(rootfs.join(path)).unwrap(), data, "{path}");
         }
     }
@@ -365,7 +372,7 @@ async fn corrupted_chunks_fail_with_eio_and_never_return_bad_bytes() {
     let mut eio = 0;
     let mut ok = 0;
     for n in &flat.nodes {
-        if let test_images::layer::Node::File { path, data, .. } = n {
+        if let Node::File { path, data, .. } = n {
             match fs::read(b.join("rootfs").join(path)) {
                 Ok(got) => {
                     assert_eq!(&got, data, "{path}: a read returned wrong bytes");
@@ -405,13 +412,15 @@ async fn registry_gone_mid_run_fails_reads_with_eio() {
     // One log line names the image, the file and the chunks that could not be read.
     let line = logs()
         .lines()
-        .find(|l| l.contains("lazy read failed") && l.contains("/payload/l3/f15.bin"))
+        .find(|l| {
+            // Other tests of this process read the same path of other images.
+            l.contains("lazy read failed")
+                && l.contains("/payload/l3/f15.bin")
+                && l.contains(&img.nydus)
+        })
         .map(str::to_string);
-    let line = line.expect("a log line naming the file whose chunk failed");
-    assert!(
-        line.contains("chunks=") && line.contains(&img.nydus),
-        "{line}"
-    );
+    let line = line.expect("a log line naming the image and the file whose chunk failed");
+    assert!(line.contains("chunks="), "{line}");
     // What was read before stays readable from the cache.
     assert_eq!(
         fs::read_to_string(b.join("rootfs/payload/l0/small.txt")).unwrap(),
@@ -466,14 +475,23 @@ async fn bootstrap_digest_mismatch_fails_the_pull() {
 }
 
 /// An encrypted nydus image of catalog image `name` (chunks AES-128-XTS, bootstrap
-/// ocicrypt/JWE) whose key the KBS may hold; returns (reference, private key PEM, the
-/// flattened spec, the manifest's digests).
+/// ocicrypt/JWE) whose key the KBS may hold.
+struct EncryptedImage {
+    reference: String,
+    /// The private key PEM.
+    key: Vec<u8>,
+    flat: Layer,
+    manifest: WrittenManifest,
+    /// Where the data blob keeps its (encrypted) chunk-info table.
+    chunk_table: std::ops::Range<usize>,
+}
+
 async fn encrypted_image(
     lab: &Lab,
     reg: &Registry<'_>,
     name: &str,
     large_mb: usize,
-) -> (String, Vec<u8>, test_images::layer::Layer, WrittenManifest) {
+) -> EncryptedImage {
     Lab::require_cmd("openssl", "openssl");
     let key = lab.join("image.pem");
     let public = lab.join("image.pub.pem");
@@ -482,7 +500,16 @@ async fn encrypted_image(
         .unwrap()
         .unwrap();
     let mut layout = Layout::create(&lab.join("oci")).unwrap();
-    let (d, w) = nydus::write_image(&layout, &spec, &lab.join("nydus"), true).unwrap();
+    let built = nydus::build(
+        &spec,
+        &lab.join("nydus"),
+        &nydus::BuildOptions {
+            encrypt: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (d, w) = nydus::write_built(&layout, &spec, &built).unwrap();
     layout.tag(&d, "enc").unwrap();
     let reference = format!("{}/lazy/enc:1", reg.host());
     push::push_layout_jwe_last_layer(layout.dir(), "enc", &reference, &public).unwrap();
@@ -494,12 +521,13 @@ async fn encrypted_image(
             .any(|x| x == catalog::HELLO.as_bytes()),
         "chunk data is stored in the clear"
     );
-    (
+    EncryptedImage {
         reference,
-        fs::read(&key).unwrap(),
-        nydus::flatten(&spec.layers),
-        w,
-    )
+        key: fs::read(&key).unwrap(),
+        flat: nydus::flatten(&spec.layers),
+        manifest: w,
+        chunk_table: built.chunk_table,
+    }
 }
 
 fn kbs_config(lab: &Lab, reg: &Registry<'_>, kbs: &integration::chain::KbsProcess<'_>) -> Config {
@@ -521,7 +549,12 @@ async fn encrypted_lazy_image_needs_the_key_from_the_kbs() {
     let lab = Lab::new("lazy-enc");
     let reg = Registry::start(&lab);
     let kbs = integration::chain::KbsProcess::start(&lab);
-    let (reference, key, flat, _) = encrypted_image(&lab, &reg, "busybox", 0).await;
+    let EncryptedImage {
+        reference,
+        key,
+        flat,
+        ..
+    } = encrypted_image(&lab, &reg, "busybox", 0).await;
     // No key in the KBS: the pull fails before anything is mounted, naming the bootstrap layer.
     let p = puller(kbs_config(&lab, &reg, &kbs)).await;
     let b = lab.join("bundle");
@@ -544,7 +577,7 @@ async fn encrypted_lazy_image_needs_the_key_from_the_kbs() {
     assert!(r.lazy);
     assert!(lazy_mounted(&lab));
     for n in &flat.nodes {
-        if let test_images::layer::Node::File { path, data, .. } = n {
+        if let Node::File { path, data, .. } = n {
             let m = fs::metadata(b.join("rootfs").join(path)).unwrap();
             assert_eq!(m.len(), data.len() as u64, "{path}");
         }
@@ -559,7 +592,13 @@ async fn encrypted_lazy_image_reads_decrypt_chunks() {
     let lab = Lab::new("lazy-enc-read");
     let reg = Registry::start(&lab);
     let kbs = integration::chain::KbsProcess::start(&lab);
-    let (reference, key, flat, w) = encrypted_image(&lab, &reg, "large", 64).await;
+    let EncryptedImage {
+        reference,
+        key,
+        flat,
+        manifest: w,
+        ..
+    } = encrypted_image(&lab, &reg, "large", 64).await;
     let blob = w.layer_digests[0].clone();
     let blob_size = fs::metadata(reg.blob_path(&blob)).unwrap().len();
     let repo = repo_of(&reference);
@@ -571,7 +610,7 @@ async fn encrypted_lazy_image_reads_decrypt_chunks() {
         flat.nodes
             .iter()
             .find_map(|n| match n {
-                test_images::layer::Node::File { path: p, data, .. } if p == path => Some(data),
+                Node::File { path: p, data, .. } if p == path => Some(data),
                 _ => None,
             })
             .unwrap_or_else(|| panic!("{path} is not in the image"))
@@ -614,10 +653,230 @@ async fn encrypted_lazy_image_reads_decrypt_chunks() {
     // Every file decrypts to the image's bytes.
     assert_every_file_reads_back(&b.join("rootfs"), &flat);
     assert!(
-        !logs().contains("data digest value doesn't match"),
+        !logs().contains("digest mismatch"),
         "a chunk failed validation"
     );
     p.unmount_bundle(&b).await.unwrap();
+}
+
+/// Pseudo-random bytes (xorshift64): incompressible, and no 64-byte window repeats.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// CRC-32C (Castagnoli, reflected), the CRC nydus-image puts in chunk tables; bitwise, so the
+/// test does not share nydus' implementation.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// XORs CRC-32C's generator polynomial (x^32 + 0x1EDC6F41) into `data` at byte `at`, in the
+/// reflected bit order the CRC reads: the change is a multiple of the generator, so every
+/// span holding it keeps its CRC while its bytes, and so its SHA-256, change.
+fn forge_keeping_crc32c(data: &mut [u8], at: usize) {
+    const GENERATOR: u64 = 0x1_1EDC_6F41;
+    for i in 0..=32 {
+        if GENERATOR >> i & 1 == 1 {
+            let bit = 32 - i;
+            data[at + bit / 8] ^= 1 << (bit % 8);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_chunk_with_a_matching_crc32_fails_with_eio_and_is_never_returned() {
+    require_fuse();
+    let lab = Lab::new("lazy-forge");
+    let reg = Registry::start(&lab);
+    const MIB: usize = 1 << 20;
+    let data = noise(3 * MIB, 0x9e37_79b9_7f4a_7c15);
+    let spec = ImageSpec::new(
+        vec![Layer {
+            nodes: vec![
+                Node::dir("data"),
+                Node::file("data/noise.bin", data.clone()),
+            ],
+            compression: Compression::Gzip,
+        }],
+        &["/bin/true"],
+    );
+    // Chunks stored as they are, in a blob whose V2 chunk-info entries carry CRC32s: nydus-storage
+    // alone checks such a chunk by its CRC and nothing else.
+    let opts = nydus::BuildOptions {
+        uncompressed: true,
+        chunk_info_v2: true,
+        ..Default::default()
+    };
+    let mut layout = Layout::create(&lab.join("oci")).unwrap();
+    let (d, w) = nydus::write_image(&layout, &spec, &lab.join("nydus"), &opts).unwrap();
+    layout.tag(&d, "forged").unwrap();
+    let reference = format!("{}/lazy/forged:1", reg.host());
+    push::push_layout(layout.dir(), "forged", &reference).unwrap();
+    // The registry (standing for the host or a mirror) serves the file's second chunk (1 MiB
+    // chunks) changed in five bytes, with its CRC32 intact.
+    let chunk = MIB..2 * MIB;
+    let mut forged = data[chunk.clone()].to_vec();
+    forge_keeping_crc32c(&mut forged, 4096);
+    assert_ne!(forged, data[chunk.clone()]);
+    assert_eq!(
+        crc32c(&forged),
+        crc32c(&data[chunk.clone()]),
+        "the forgery keeps the CRC"
+    );
+    let path = reg.blob_path(&w.layer_digests[0]);
+    let mut blob = fs::read(&path).unwrap();
+    let at = chunk.start + 4096;
+    let pos = blob
+        .windows(64)
+        .position(|x| x == &data[at..at + 64])
+        .expect("uncompressed chunks are in the blob verbatim");
+    forge_keeping_crc32c(&mut blob, pos);
+    fs::write(&path, &blob).unwrap();
+
+    let p = puller(config(&lab, &reg, "")).await;
+    let b = lab.join("bundle");
+    p.pull_image(&reference, &b).await.unwrap();
+    let f = fs::File::open(b.join("rootfs/data/noise.bin")).unwrap();
+    // No readahead: each read asks FUSE for its own 64 KiB, so it touches one chunk only.
+    assert_eq!(
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) },
+        0
+    );
+    let mut buf = vec![0u8; 64 << 10];
+    for round in 0..2 {
+        for off in (0..data.len()).step_by(buf.len()) {
+            let in_forged = chunk.contains(&off);
+            match f.read_exact_at(&mut buf, off as u64) {
+                Ok(()) => {
+                    assert!(
+                        !in_forged,
+                        "round {round}, offset {off}: the forged chunk was read"
+                    );
+                    assert!(
+                        buf[..] == data[off..off + buf.len()],
+                        "offset {off}: wrong bytes"
+                    );
+                }
+                Err(e) => {
+                    assert!(in_forged, "round {round}, offset {off}: {e}");
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "offset {off}: {e}");
+                }
+            }
+        }
+    }
+    // The log names the chunk, its blob and both digests.
+    let blob_id = w.layer_digests[0].trim_start_matches("sha256:");
+    let logs = logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains(&format!("chunk 1 (blob {blob_id} ")))
+        .unwrap_or_else(|| panic!("no log line names the forged chunk:\n{logs}"));
+    assert!(
+        line.contains("digest mismatch") && line.contains("noise.bin"),
+        "{line}"
+    );
+    let want = hex_sha256(&data[chunk.clone()]);
+    let got = hex_sha256(&forged);
+    assert!(line.contains(&want) && line.contains(&got), "{line}");
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_blob_with_a_tampered_chunk_table_entry_is_refused() {
+    require_fuse();
+    let lab = Lab::new("lazy-enc-table");
+    let reg = Registry::start(&lab);
+    let kbs = integration::chain::KbsProcess::start(&lab);
+    let img = encrypted_image(&lab, &reg, "large", 8).await;
+    kbs.put("default/key/lazy-jwe", &img.key);
+    // One XTS block at the start of the encrypted chunk-info table: whoever serves the blob
+    // cannot choose the entries it decrypts to, but can change them.
+    let path = reg.blob_path(&img.manifest.layer_digests[0]);
+    let mut blob = fs::read(&path).unwrap();
+    assert!(img.chunk_table.len() >= 16, "{:?}", img.chunk_table);
+    for b in &mut blob[img.chunk_table.start..img.chunk_table.start + 16] {
+        *b ^= 0xa5;
+    }
+    fs::write(&path, &blob).unwrap();
+    let p = puller(kbs_config(&lab, &reg, &kbs)).await;
+    let b = lab.join("bundle");
+    p.pull_image(&img.reference, &b).await.unwrap();
+    // Reads the tampered entries reach fail with EIO; every other read returns the image's
+    // bytes.
+    let mut eio = 0;
+    for n in &img.flat.nodes {
+        if let Node::File { path, data, .. } = n {
+            match fs::read(b.join("rootfs").join(path)) {
+                Ok(got) => assert!(&got == data, "{path}: a read returned wrong bytes"),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
+                    eio += 1;
+                }
+            }
+        }
+    }
+    assert!(eio > 0, "no read noticed the tampered chunk table");
+    p.unmount_bundle(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_whose_chunks_carry_no_digest_are_refused_at_mount() {
+    require_fuse();
+    let lab = Lab::new("lazy-tarfs");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("busybox", Path::new(BUSYBOX), 0)
+        .unwrap()
+        .unwrap();
+    // tarfs: the bootstrap indexes the layer tar itself, so no chunk has a digest.
+    let opts = nydus::BuildOptions {
+        tarfs: true,
+        ..Default::default()
+    };
+    let mut layout = Layout::create(&lab.join("oci")).unwrap();
+    let (d, _) = nydus::write_image(&layout, &spec, &lab.join("nydus"), &opts).unwrap();
+    layout.tag(&d, "tarfs").unwrap();
+    let reference = format!("{}/lazy/tarfs:1", reg.host());
+    push::push_layout(layout.dir(), "tarfs", &reference).unwrap();
+    let p = puller(config(&lab, &reg, "")).await;
+    let b = lab.join("bundle");
+    let err = p.pull_image(&reference, &b).await.unwrap_err();
+    assert!(
+        matches!(&err, PullError::Lazy(LazyError::Integrity { .. })),
+        "{err}"
+    );
+    assert_eq!(
+        err.kind(),
+        guest_puller::error::ErrorKind::Integrity,
+        "{err}"
+    );
+    assert!(err.to_string().contains("carry no digests"), "{err}");
+    assert!(!lazy_mounted(&lab));
 }
 
 fn lazy_mounted(lab: &Lab) -> bool {

@@ -211,7 +211,8 @@ fn build(a: BuildArgs) -> Result<()> {
             };
             let scratch = test_images::nydus::scratch_dir(&a.work_dir, name);
             let tag = format!("{name}-nydus");
-            let (d, w) = test_images::nydus::write_image(&layout, &spec, &scratch, false)?;
+            let (d, w) =
+                test_images::nydus::write_image(&layout, &spec, &scratch, &Default::default())?;
             layout.tag(&d, &tag)?;
             let dest = format!("{repo}:nydus");
             push::push_layout(layout.dir(), &tag, &dest)?;
@@ -219,7 +220,15 @@ fn build(a: BuildArgs) -> Result<()> {
             entry["nydus"] = serde_json::to_value(&w)?;
             if let Some(key) = &a.jwe_public_key {
                 let tag = format!("{name}-nydus-enc");
-                let (d, _) = test_images::nydus::write_image(&layout, &spec, &scratch, true)?;
+                let (d, _) = test_images::nydus::write_image(
+                    &layout,
+                    &spec,
+                    &scratch,
+                    &test_images::nydus::BuildOptions {
+                        encrypt: true,
+                        ..Default::default()
+                    },
+                )?;
                 layout.tag(&d, &tag)?;
                 let dest = format!("{repo}:nydus-jwe");
                 push::push_layout_jwe_last_layer(layout.dir(), &tag, &dest, key)?;

@@ -12,9 +12,9 @@ use nydus_builder::{
     ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType,
     Features, Merger, Prefetch, PrefetchPolicy, TarballBuilder, WhiteoutSpec,
 };
-use nydus_rafs::metadata::RafsVersion;
+use nydus_rafs::metadata::{RafsSuper, RafsVersion};
 use nydus_storage::device::BlobFeatures;
-use nydus_utils::{compress, crc32, digest};
+use nydus_utils::{compress, digest};
 use serde_json::json;
 
 use crate::layer::{self, sha256_digest, Compression, Layer, Node};
@@ -42,6 +42,23 @@ pub enum NydusError {
     Build(anyhow::Error),
 }
 
+/// How [`build`] builds an image. The default is `nydus-image create`'s: zstd chunks, each
+/// with a CRC32 in the chunk tables, sha256 chunk digests, a blob ToC.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildOptions {
+    /// Encrypt the chunks (AES-128-XTS); the keys live in the bootstrap, which must then be
+    /// protected with ocicrypt before it is published.
+    pub encrypt: bool,
+    /// Store chunks uncompressed (`nydus-image create --compressor none`).
+    pub uncompressed: bool,
+    /// Write V2 chunk-info entries in the blob even when unencrypted; they carry each chunk's
+    /// CRC32, which nydus-storage then checks instead of the chunk digest.
+    pub chunk_info_v2: bool,
+    /// A tarfs image (`nydus-image create --type tar-tarfs`): the data blob is the tar itself
+    /// and the bootstrap indexes it, with no chunk digests.
+    pub tarfs: bool,
+}
+
 /// A built nydus image: its data blob and its bootstrap layer.
 #[derive(Debug, Clone)]
 pub struct NydusImage {
@@ -53,6 +70,9 @@ pub struct NydusImage {
     pub bootstrap_layer: Vec<u8>,
     /// Uncompressed digest of the bootstrap layer (its config diff_id).
     pub bootstrap_diff_id: String,
+    /// Where the blob keeps its chunk-info table (compressed, and encrypted with the chunks),
+    /// for tests that tamper with it.
+    pub chunk_table: std::ops::Range<usize>,
 }
 
 /// Flattens `layers` into one layer: later layers replace earlier entries, whiteouts delete,
@@ -102,10 +122,9 @@ pub fn flatten(layers: &[Layer]) -> Layer {
     }
 }
 
-/// Builds the nydus form of `spec` in `work` (a scratch directory). With `encrypt`, chunk data
-/// is encrypted (AES-128-XTS) and the keys live in the bootstrap, which must then be
-/// protected with ocicrypt before it is published.
-pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage, NydusError> {
+/// Builds the nydus form of `spec` in `work` (a scratch directory) as `opts` says.
+pub fn build(spec: &ImageSpec, work: &Path, opts: &BuildOptions) -> Result<NydusImage, NydusError> {
+    let encrypt = opts.encrypt;
     fs::create_dir_all(work)?;
     let tar_path = work.join("rootfs.tar");
     fs::write(&tar_path, layer::tar_bytes(&flatten(&spec.layers))?)?;
@@ -114,25 +133,38 @@ pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage,
     fs::create_dir_all(&blob_dir)?;
     let boot_path = work.join("image.boot");
     let _ = fs::remove_file(&boot_path);
+    let conversion = if opts.tarfs {
+        ConversionType::TarToTarfs
+    } else {
+        ConversionType::TarToRafs
+    };
+    let features = if opts.tarfs {
+        Features::new()
+    } else {
+        // blob-toc: the chunk digest table is appended to the blob under a ToC whose digest the
+        // bootstrap records, as nydusify converts images.
+        Features::try_from("blob-toc").map_err(NydusError::Build)?
+    };
 
     let mut ctx = BuildContext::new(
         String::new(),
         true,
         0,
-        compress::Algorithm::Zstd,
+        if opts.uncompressed {
+            compress::Algorithm::None
+        } else {
+            compress::Algorithm::Zstd
+        },
         digest::Algorithm::Sha256,
         true,
         WhiteoutSpec::Oci,
-        ConversionType::TarToRafs,
+        conversion,
         tar_path.clone(),
         Prefetch::new(PrefetchPolicy::None).map_err(NydusError::Build)?,
         Some(ArtifactStorage::FileDir((blob_dir.clone(), String::new()))),
         None,
         false,
-        // blob-toc: the chunk digest table is appended to the blob under a ToC whose digest the
-        // bootstrap records, so every chunk digest is anchored in the (signed) bootstrap; nydus
-        // validates RAFS v6 chunks only with this table.
-        Features::try_from("blob-toc").map_err(NydusError::Build)?,
+        features,
         encrypt,
         Default::default(),
     );
@@ -147,14 +179,16 @@ pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage,
         ctx.blob_features
             .insert(BlobFeatures::CHUNK_INFO_V2 | BlobFeatures::ENCRYPTED);
     }
-    // V2 chunk entries carry the builder's CRC32 when it computes one, and nydus-storage then
-    // validates chunks by that CRC instead of their SHA-256 from the ToC-anchored digest table.
-    // A CRC is no integrity check, so no CRCs: every chunk is checked against its digest.
-    ctx.crc32_algorithm = crc32::Algorithm::None;
+    if opts.chunk_info_v2 {
+        ctx.blob_features.insert(BlobFeatures::CHUNK_INFO_V2);
+    }
+    // Chunk CRC32s stay on (nydus-builder's and nydus-image's default): the guest-puller checks
+    // every chunk against its digest in the bootstrap whatever the chunk tables carry, and the
+    // test images are built the way upstream's are.
     let mut bootstrap_mgr =
         BootstrapManager::new(Some(ArtifactStorage::SingleFile(boot_path.clone())), None);
     let mut blob_mgr = BlobManager::new(digest::Algorithm::Sha256, false);
-    let out = TarballBuilder::new(ConversionType::TarToRafs)
+    let out = TarballBuilder::new(conversion)
         .build(&mut ctx, &mut bootstrap_mgr, &mut blob_mgr)
         .map_err(NydusError::Build)?;
     let blob_id = out
@@ -162,7 +196,11 @@ pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage,
         .first()
         .cloned()
         .ok_or_else(|| NydusError::Build(anyhow::anyhow!("the build produced no data blob")))?;
-    let blob = fs::read(blob_dir.join(&blob_id))?;
+    let blob = if opts.tarfs {
+        fs::read(&tar_path)?
+    } else {
+        fs::read(blob_dir.join(&blob_id))?
+    };
     let blob_digest = sha256_digest(&blob);
     // The builder names the blob by a hash of its chunk data, but registries address it by the
     // digest of the whole file (ToC included). Rewrite the blob table the way nydusify does,
@@ -184,6 +222,17 @@ pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage,
     )
     .map_err(NydusError::Build)?;
     let boot_path = merged;
+    let (sb, _) = RafsSuper::load_from_file(&boot_path, Arc::new(ConfigV2::default()), false)
+        .map_err(|e| NydusError::Build(anyhow::anyhow!("reading the merged bootstrap: {e}")))?;
+    let chunk_table = sb
+        .superblock
+        .get_blob_infos()
+        .first()
+        .map(|b| {
+            let start = b.meta_ci_offset() as usize;
+            start..start + b.meta_ci_compressed_size() as usize
+        })
+        .unwrap_or_default();
     let boot = fs::read(&boot_path)?;
     let boot_tar = layer::tar_bytes(&Layer {
         nodes: vec![Node::dir("image"), Node::file(BOOTSTRAP_PATH, boot)],
@@ -195,6 +244,7 @@ pub fn build(spec: &ImageSpec, work: &Path, encrypt: bool) -> Result<NydusImage,
         blob_digest,
         bootstrap_layer,
         bootstrap_diff_id: sha256_digest(&boot_tar),
+        chunk_table,
     })
 }
 
@@ -204,9 +254,17 @@ pub fn write_image(
     layout: &Layout,
     spec: &ImageSpec,
     work: &Path,
-    encrypt: bool,
+    opts: &BuildOptions,
 ) -> Result<(serde_json::Value, WrittenManifest), NydusError> {
-    let img = build(spec, work, encrypt)?;
+    write_built(layout, spec, &build(spec, work, opts)?)
+}
+
+/// Writes `img`, built from `spec` by [`build`], into `layout`, like [`write_image`].
+pub fn write_built(
+    layout: &Layout,
+    spec: &ImageSpec,
+    img: &NydusImage,
+) -> Result<(serde_json::Value, WrittenManifest), NydusError> {
     layout.put_blob(&img.blob)?;
     let boot_digest = layout.put_blob(&img.bootstrap_layer)?;
     let diff_ids = vec![img.blob_digest.clone(), img.bootstrap_diff_id.clone()];
@@ -238,7 +296,7 @@ pub fn write_image(
         WrittenManifest {
             digest,
             config_digest: cfg_digest,
-            layer_digests: vec![img.blob_digest, boot_digest],
+            layer_digests: vec![img.blob_digest.clone(), boot_digest],
             diff_ids,
         },
     ))
@@ -253,11 +311,10 @@ pub fn scratch_dir(work_dir: &Path, name: &str) -> PathBuf {
 mod tests {
     use super::*;
     use crate::layout::ImageSpec;
-    use nydus_rafs::metadata::RafsSuper;
 
     /// Builds a one-file image and returns its data blob and the blob/chunk records of its
     /// (merged) bootstrap as nydus' reader sees them.
-    fn built(encrypt: bool) -> (NydusImage, RafsSuper) {
+    fn built(opts: BuildOptions) -> (NydusImage, RafsSuper) {
         let dir = tempfile::tempdir().unwrap();
         let text = "secret file contents of the nydus test image\n".repeat(4096);
         let spec = ImageSpec::new(
@@ -267,7 +324,7 @@ mod tests {
             }],
             &["/bin/true"],
         );
-        let img = build(&spec, dir.path(), encrypt).unwrap();
+        let img = build(&spec, dir.path(), &opts).unwrap();
         let (rs, _) = RafsSuper::load_from_file(
             dir.path().join("image.merged.boot"),
             Arc::new(ConfigV2::default()),
@@ -279,7 +336,10 @@ mod tests {
 
     #[test]
     fn encrypted_blobs_tell_readers_their_chunks_are_encrypted() {
-        let (img, rs) = built(true);
+        let (img, rs) = built(BuildOptions {
+            encrypt: true,
+            ..Default::default()
+        });
         let blobs = rs.superblock.get_blob_infos();
         assert_eq!(blobs.len(), 1);
         let b = &blobs[0];
@@ -294,22 +354,52 @@ mod tests {
         assert!(b.cipher_context().is_some(), "chunk key kept by the merge");
         let chunk = rs.superblock.get_chunk_info(0).unwrap();
         assert!(chunk.is_encrypted());
-        // No CRC: readers then check chunks against their SHA-256 digests.
-        assert!(!chunk.has_crc32());
+        // As nydus-image builds them: a CRC32 per chunk.
+        assert!(chunk.has_crc32());
         assert!(!img.blob.windows(16).any(|w| w == &b"secret file cont"[..]));
+        assert!(!img.chunk_table.is_empty() && img.chunk_table.end <= img.blob.len());
     }
 
     #[test]
-    fn plain_blobs_keep_v1_chunk_tables_without_crc() {
-        let (img, rs) = built(false);
+    fn plain_blobs_keep_v1_chunk_tables_with_crc_and_a_toc() {
+        let (img, rs) = built(BuildOptions::default());
         let b = &rs.superblock.get_blob_infos()[0];
         assert!(!b.has_feature(BlobFeatures::ENCRYPTED));
         assert!(!b.has_feature(BlobFeatures::CHUNK_INFO_V2));
         assert!(b.cipher_context().is_none());
         let chunk = rs.superblock.get_chunk_info(0).unwrap();
-        assert!(!chunk.is_encrypted() && !chunk.has_crc32());
+        assert!(!chunk.is_encrypted() && chunk.has_crc32());
         assert!(b.has_feature(BlobFeatures::INLINED_CHUNK_DIGEST));
         assert!(!img.blob.is_empty());
+    }
+
+    #[test]
+    fn uncompressed_v2_blobs_hold_chunks_verbatim() {
+        let (img, rs) = built(BuildOptions {
+            uncompressed: true,
+            chunk_info_v2: true,
+            ..Default::default()
+        });
+        let b = &rs.superblock.get_blob_infos()[0];
+        assert!(b.has_feature(BlobFeatures::CHUNK_INFO_V2));
+        let chunk = rs.superblock.get_chunk_info(0).unwrap();
+        assert!(!chunk.is_compressed() && chunk.has_crc32());
+        assert!(img.blob.windows(16).any(|w| w == &b"secret file cont"[..]));
+    }
+
+    #[test]
+    fn tarfs_images_index_the_tar_itself() {
+        let (img, rs) = built(BuildOptions {
+            tarfs: true,
+            ..Default::default()
+        });
+        assert!(rs
+            .meta
+            .flags
+            .contains(nydus_rafs::metadata::RafsSuperFlags::TARTFS_MODE));
+        assert!(img.blob.windows(16).any(|w| w == &b"secret file cont"[..]));
+        let b = &rs.superblock.get_blob_infos()[0];
+        assert_eq!(b.blob_id(), img.blob_digest.trim_start_matches("sha256:"));
     }
 
     #[test]

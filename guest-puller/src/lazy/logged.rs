@@ -1,5 +1,6 @@
-//! A thin FUSE layer over [`Rafs`] that turns every failed data read into `EIO` with one log
-//! line naming the file and the chunks involved.
+//! A thin FUSE layer over [`Rafs`] that answers every data read from chunks checked by
+//! [`ChunkVerifier`], and turns every failed read into `EIO` with one log line naming the file
+//! and the chunks involved.
 //!
 //! Hand-written because nydus logs chunk failures by compressed offset at best, and some of its
 //! errors carry kinds fuse-backend-rs would map to other errnos (ENOENT for a chunk missing
@@ -23,9 +24,12 @@ use fuse_backend_rs::api::BackendFileSystem;
 use nydus_rafs::fs::Rafs;
 use tracing::error;
 
-/// [`Rafs`] with chunk-level error reporting on reads.
+use super::verify::{ChunkBuf, ChunkVerifier};
+
+/// [`Rafs`] with verified reads and chunk-level error reporting.
 pub struct LoggedRafs {
     inner: Rafs,
+    verifier: ChunkVerifier,
     // Paths of inodes the kernel looked up (it looks up every path before reading it); RAFS
     // v6 keeps no parent pointers to rebuild them from an inode alone.
     paths: Mutex<HashMap<u64, PathBuf>>,
@@ -34,11 +38,12 @@ pub struct LoggedRafs {
 }
 
 impl LoggedRafs {
-    /// Wraps `inner`; `image` names it in log lines.
-    pub fn new(inner: Rafs, image: String) -> Self {
+    /// Wraps `inner`, whose reads `verifier` checks; `image` names it in log lines.
+    pub fn new(inner: Rafs, verifier: ChunkVerifier, image: String) -> Self {
         let chunk_size = u64::from(inner.metadata().chunk_size).max(1);
         Self {
             inner,
+            verifier,
             paths: Mutex::new(HashMap::new()),
             chunk_size,
             image,
@@ -123,9 +128,14 @@ impl FileSystem for LoggedRafs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> Result<usize> {
-        self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
-            .map_err(|e| {
+        let fetch = |at: u64, len: u32| {
+            let mut buf = ChunkBuf::new(len as usize);
+            self.inner
+                .read(ctx, inode, handle, &mut buf, len, at, lock_owner, flags)?;
+            Ok(buf.into_inner())
+        };
+        let read = self.verifier.read(inode, offset, size, w, &fetch);
+        read.map_err(|e| {
                 let path = self
                     .paths()
                     .get(&inode)

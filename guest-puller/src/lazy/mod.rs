@@ -3,9 +3,10 @@
 //!
 //! Trust chain: the manifest digest is checked by the signature policy; the manifest pins the
 //! bootstrap layer's digest, which we verify (and ocicrypt-decrypt, for encrypted images)
-//! before use; the bootstrap holds every chunk's digest (and, for encrypted images, the chunk
-//! cipher keys), and nydus' file cache validates each chunk against it before a read returns.
-//! Every blob the bootstrap names must be a layer of the manifest.
+//! before use; the bootstrap's chunk table holds every chunk's digest (and, for encrypted
+//! images, the bootstrap holds the chunk cipher keys), and every read is answered from whole
+//! chunks hashed and compared with that table ([`verify`]), never from what the blob's own
+//! chunk-info table or CRCs say. Every blob the bootstrap names must be a layer of the manifest.
 
 pub mod image;
 #[cfg(feature = "lazy")]
@@ -14,6 +15,8 @@ pub mod logged;
 pub mod mount;
 #[cfg(feature = "lazy")]
 pub mod transport;
+#[cfg(feature = "lazy")]
+pub mod verify;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
