@@ -1,12 +1,14 @@
 //! The owner of every bundle the puller creates: where bundles may live, their records
 //! (which layers each uses, for GC), their overlay upper/work dirs, the state dirs and FUSE
-//! mounts of lazily pulled images, and one lock per bundle.
+//! mounts of lazily pulled images, one lock per bundle and one per lazy image.
 //!
 //! Layout under the work dir: `bundles/<sha256(bundle)>.json` (records, written to a temp file
 //! and renamed, so a crash never leaves a torn record), `overlay/<hash>/{upper,work}`,
-//! `lazy/<hash>/{rootfs,cache}`.
+//! `lazy/<sha256(manifest digest)>/{rootfs,cache}`: the bundles of one lazy image share its
+//! read-only FUSE rootfs and chunk cache (each has its own overlay on top), which goes when
+//! the last of them is removed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -34,6 +36,9 @@ pub struct BundleRecord {
     pub manifest_digest: String,
     /// Layer digests, bottom first.
     pub layers: Vec<String>,
+    /// The rootfs is the image's shared lazy (FUSE) mount.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// The per-bundle directories the puller owns.
@@ -43,9 +48,6 @@ pub struct BundleDirs {
     pub bundle: PathBuf,
     /// Parent of the overlay's `upper` and `work` dirs.
     pub overlay: PathBuf,
-    /// State of a lazily pulled image (FUSE mount point and chunk cache), outside the
-    /// overlay dir so removing the overlay never walks into the FUSE mount.
-    pub lazy: PathBuf,
     /// The bundle's record.
     pub record: PathBuf,
 }
@@ -63,12 +65,34 @@ impl BundleLock {
     }
 }
 
+/// Held while a lazy image's shared rootfs is mounted, joined, left or unmounted.
+pub struct ImageLock {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    digest: String,
+}
+
+/// The lazy rootfs a bundle's pull made: a new mount of the image, or the one its other
+/// bundles already share.
+pub enum LazyRootfs {
+    /// Mounted by this pull.
+    Mounted(Box<RafsMount>),
+    /// The image's mount, already served by this process.
+    Shared,
+}
+
+/// A lazy image's FUSE rootfs and the bundles using it.
+struct SharedMount {
+    mount: RafsMount,
+    users: BTreeSet<PathBuf>,
+}
+
 /// Owns bundles: path policy, records, overlay and lazy dirs, lazy mounts, per-bundle locks.
 pub struct Bundles {
     store: Arc<LayerStore>,
     roots: Vec<PathBuf>,
     locks: Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>,
-    mounts: Mutex<HashMap<PathBuf, RafsMount>>,
+    // By manifest digest.
+    mounts: Mutex<HashMap<String, SharedMount>>,
 }
 
 fn hash_of(bundle: &Path) -> String {
@@ -153,9 +177,15 @@ impl Bundles {
         BundleDirs {
             bundle: bundle.to_owned(),
             overlay: root.join("overlay").join(&h[..32]),
-            lazy: root.join("lazy").join(&h[..32]),
             record: root.join("bundles").join(format!("{h}.json")),
         }
+    }
+
+    /// The state dir of lazy image `manifest_digest` (FUSE mount point and chunk cache),
+    /// outside every overlay dir so removing an overlay never walks into the FUSE mount.
+    pub fn lazy_dir(&self, manifest_digest: &str) -> PathBuf {
+        let h = hash_of(Path::new(manifest_digest));
+        self.store.root().join("lazy").join(&h[..32])
     }
 
     /// Checks a requested bundle path before anything is fetched: UTF-8 without NUL, absolute
@@ -229,24 +259,46 @@ impl Bundles {
         Ok(bundle.to_owned())
     }
 
-    /// Takes the bundle's lock (waits while another pull or removal of it runs).
-    pub async fn lock(&self, bundle: &Path) -> BundleLock {
+    async fn lock_path(&self, path: &Path) -> tokio::sync::OwnedMutexGuard<()> {
         let m = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.retain(|_, w| w.strong_count() > 0);
-            match locks.get(bundle).and_then(Weak::upgrade) {
+            match locks.get(path).and_then(Weak::upgrade) {
                 Some(m) => m,
                 None => {
                     let m = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(bundle.to_owned(), Arc::downgrade(&m));
+                    locks.insert(path.to_owned(), Arc::downgrade(&m));
                     m
                 }
             }
         };
+        m.lock_owned().await
+    }
+
+    /// Takes the bundle's lock (waits while another pull or removal of it runs).
+    pub async fn lock(&self, bundle: &Path) -> BundleLock {
         BundleLock {
-            _guard: m.lock_owned().await,
+            _guard: self.lock_path(bundle).await,
             dirs: self.dirs(bundle),
         }
+    }
+
+    /// Takes lazy image `manifest_digest`'s lock, after a bundle lock (waits while another
+    /// bundle of the image mounts, joins, leaves or unmounts its rootfs).
+    pub async fn lock_image(&self, manifest_digest: &str) -> ImageLock {
+        ImageLock {
+            _guard: self.lock_path(&self.lazy_dir(manifest_digest)).await,
+            digest: manifest_digest.to_owned(),
+        }
+    }
+
+    /// The mount point of the image's lazy rootfs, if this process serves one that a new
+    /// bundle can join.
+    pub fn shared_rootfs(&self, image: &ImageLock) -> Option<PathBuf> {
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        mounts
+            .get(&image.digest)
+            .map(|s| s.mount.mountpoint().to_owned())
     }
 
     /// All bundle records.
@@ -311,15 +363,18 @@ impl Bundles {
     }
 
     /// The tail every pull shares: refuses a busy or foreign bundle, writes the record, runs
-    /// `make` (which mounts the rootfs and writes `config.json`, returning the lazy mount if
-    /// there is one) and keeps the mount; on failure nothing of the bundle is left behind.
+    /// `make` (which mounts the rootfs and writes `config.json`, returning the lazy rootfs if
+    /// there is one, under the image's lock `image`, held until the mount is kept) and keeps
+    /// the mount; on failure nothing of the bundle is left behind (`make` undoes a lazy mount
+    /// it made).
     /// Runs on a blocking thread to the end even if the caller stops waiting, so a cancelled
     /// pull never leaves half a bundle.
     pub async fn create<E>(
         self: &Arc<Self>,
         lock: BundleLock,
+        image: Option<ImageLock>,
         record: BundleRecord,
-        make: impl FnOnce(&BundleDirs) -> Result<Option<RafsMount>, E> + Send + 'static,
+        make: impl FnOnce(&BundleDirs) -> Result<Option<LazyRootfs>, E> + Send + 'static,
     ) -> Result<(), E>
     where
         E: From<BundleError> + Send + 'static,
@@ -333,17 +388,17 @@ impl Bundles {
                 source: e,
             })?;
             match make(&dirs) {
-                Ok(mount) => {
-                    if let Some(m) = mount {
-                        this.keep_mount(&dirs.bundle, m);
+                Ok(lazy) => {
+                    if let Some(l) = lazy {
+                        this.join_lazy(&record.manifest_digest, &dirs.bundle, l);
                     }
+                    drop(image);
                     drop(lock);
                     Ok(())
                 }
                 Err(e) => {
                     let _ = remove_file_if_present(&dirs.record);
                     let _ = remove_dir_if_present(&dirs.overlay);
-                    Self::remove_lazy_dir(&dirs.lazy);
                     Err(e)
                 }
             }
@@ -357,28 +412,59 @@ impl Bundles {
         })?
     }
 
-    fn keep_mount(&self, bundle: &Path, m: RafsMount) {
-        let old = self
-            .mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(bundle.to_owned(), m);
-        if let Some(old) = old {
-            old.unmount();
+    /// Adds `bundle` to the users of the image's lazy rootfs (a new mount, or the shared one).
+    fn join_lazy(&self, digest: &str, bundle: &Path, lazy: LazyRootfs) {
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        match lazy {
+            LazyRootfs::Mounted(mount) => {
+                let mount = *mount;
+                let users = BTreeSet::from([bundle.to_owned()]);
+                if let Some(old) = mounts.insert(digest.to_owned(), SharedMount { mount, users }) {
+                    // Unreachable under the image lock; never leak a server if it happens.
+                    old.mount.unmount();
+                }
+            }
+            LazyRootfs::Shared => {
+                if let Some(s) = mounts.get_mut(digest) {
+                    s.users.insert(bundle.to_owned());
+                }
+            }
         }
     }
 
-    /// Stops the FUSE server of `bundle`'s lazy rootfs, if this process has one (blocking).
-    fn release_mount(&self, bundle: &Path) {
-        let m = self
-            .mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(bundle);
-        if let Some(m) = m {
-            info!(bundle = %bundle.display(), mountpoint = %m.mountpoint().display(), "lazy rootfs unmounted");
-            m.unmount();
+    /// Takes `bundle` off the users of the image's lazy rootfs, and unmounts and removes it
+    /// when no bundle uses it any more (blocking). Where this process does not serve the
+    /// mount (an earlier run made it, or this is `guest-puller unmount`), the records say
+    /// whether another bundle still sits on it.
+    fn leave_lazy(&self, image: &ImageLock, bundle: &Path) -> io::Result<()> {
+        let dir = self.lazy_dir(&image.digest);
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = mounts.get_mut(&image.digest) {
+            s.users.remove(bundle);
+            if !s.users.is_empty() {
+                return Ok(());
+            }
+            if let Some(s) = mounts.remove(&image.digest) {
+                drop(mounts);
+                info!(image = %image.digest, mountpoint = %s.mount.mountpoint().display(),
+                      "lazy rootfs unmounted (its last bundle is gone)");
+                s.mount.unmount();
+            }
+        } else {
+            drop(mounts);
+            let others = self
+                .records()?
+                .into_iter()
+                .any(|r| r.lazy && r.manifest_digest == image.digest && r.bundle != bundle);
+            if others {
+                return Ok(());
+            }
         }
+        let mnt = dir.join("rootfs");
+        if bundle::is_mountpoint(&mnt) {
+            let _ = unmount(&mnt, UnmountFlags::DETACH);
+        }
+        remove_dir_if_present(&dir)
     }
 
     /// Clears a lazy state dir, detaching a FUSE mount an earlier run of the puller left there
@@ -393,28 +479,36 @@ impl Bundles {
         }
     }
 
-    /// Unmounts and removes a bundle's rootfs, `config.json`, overlay and lazy state and
-    /// record, then garbage-collects layers no bundle uses.
+    /// Unmounts and removes a bundle's rootfs, `config.json`, overlay and record, leaves its
+    /// image's lazy rootfs (removed with its last bundle), then garbage-collects layers no
+    /// bundle uses.
     pub async fn remove(self: &Arc<Self>, bundle: &Path) -> Result<(), BundleError> {
         let lock = self.lock(bundle).await;
+        let record = match fs::read(&lock.dirs.record) {
+            Ok(data) => serde_json::from_slice::<BundleRecord>(&data).ok(),
+            Err(_) => None,
+        };
+        let image = match record.filter(|r| r.lazy) {
+            Some(r) => Some(self.lock_image(&r.manifest_digest).await),
+            None => None,
+        };
         let this = self.clone();
         let joined = tokio::task::spawn_blocking(move || -> Result<(), BundleError> {
             let dirs = lock.dirs.clone();
             bundle::remove_bundle(&dirs.bundle, &dirs.overlay)?;
-            // The overlay is gone, so the lazy rootfs below it can go too.
-            this.release_mount(&dirs.bundle);
-            let mnt = dirs.lazy.join("rootfs");
-            if bundle::is_mountpoint(&mnt) {
-                let _ = unmount(&mnt, UnmountFlags::DETACH);
+            // The overlay is gone, so the lazy rootfs below it may go too.
+            if let Some(image) = &image {
+                this.leave_lazy(image, &dirs.bundle)
+                    .map_err(|source| BundleError::Io {
+                        path: this.lazy_dir(&image.digest),
+                        source,
+                    })?;
             }
-            remove_dir_if_present(&dirs.lazy).map_err(|source| BundleError::Io {
-                path: dirs.lazy.clone(),
-                source,
-            })?;
             remove_file_if_present(&dirs.record).map_err(|source| BundleError::Io {
                 path: dirs.record.clone(),
                 source,
             })?;
+            drop(image);
             drop(lock);
             this.gc().map_err(|source| BundleError::Io {
                 path: this.store.root().join("layers"),
@@ -523,6 +617,7 @@ mod tests {
             image: "img".into(),
             manifest_digest: "sha256:00".into(),
             layers: vec!["sha256:aa".into()],
+            lazy: false,
         }
     }
 
@@ -534,7 +629,7 @@ mod tests {
         fs::write(bundle.join("config.json"), "{\"theirs\":1}").unwrap();
         let lock = b.lock(&bundle).await;
         let e = b
-            .create(lock, record(&bundle), |_| -> Result<_, BundleError> {
+            .create(lock, None, record(&bundle), |_| -> Result<_, BundleError> {
                 panic!("must not run for a foreign bundle")
             })
             .await
@@ -549,6 +644,7 @@ mod tests {
         let e = b
             .create(
                 b.lock(&bundle).await,
+                None,
                 record(&bundle),
                 |_| -> Result<_, BundleError> { panic!("must not run for a foreign rootfs") },
             )
@@ -556,21 +652,20 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, BundleError::Foreign(_)), "{e:?}");
         fs::remove_file(bundle.join("rootfs/theirs")).unwrap();
-        // A failing make leaves no record, overlay or lazy dir.
+        // A failing make leaves no record or overlay.
         let dirs = b.dirs(&bundle);
         let e = b
-            .create(b.lock(&bundle).await, record(&bundle), |d| {
+            .create(b.lock(&bundle).await, None, record(&bundle), |d| {
                 fs::create_dir_all(d.overlay.join("upper")).unwrap();
-                fs::create_dir_all(d.lazy.join("cache")).unwrap();
                 assert!(d.record.exists());
                 Err(BundleError::Config("boom".into()))
             })
             .await
             .unwrap_err();
         assert!(matches!(e, BundleError::Config(_)));
-        assert!(!dirs.record.exists() && !dirs.overlay.exists() && !dirs.lazy.exists());
+        assert!(!dirs.record.exists() && !dirs.overlay.exists());
         // A successful one keeps a complete record, and the bundle is then ours.
-        b.create(b.lock(&bundle).await, record(&bundle), |d| {
+        b.create(b.lock(&bundle).await, None, record(&bundle), |d| {
             fs::write(d.bundle.join("config.json"), "{}").unwrap();
             Ok::<_, BundleError>(None)
         })
@@ -582,7 +677,7 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
-        b.create(b.lock(&bundle).await, record(&bundle), |_| {
+        b.create(b.lock(&bundle).await, None, record(&bundle), |_| {
             Ok::<_, BundleError>(None)
         })
         .await
@@ -590,6 +685,33 @@ mod tests {
         b.remove(&bundle).await.unwrap();
         assert!(b.records().unwrap().is_empty());
         assert!(!bundle.join("config.json").exists());
+    }
+
+    #[tokio::test]
+    async fn a_lazy_image_dir_goes_with_the_last_bundle_on_it() {
+        // No mount served by this process (as for `guest-puller unmount`): the records decide.
+        let (dir, b) = setup(&["run"]);
+        let lazy = |bundle: &Path| BundleRecord {
+            layers: Vec::new(),
+            lazy: true,
+            ..record(bundle)
+        };
+        let (c1, c2) = (dir.path().join("run/c1"), dir.path().join("run/c2"));
+        for c in [&c1, &c2] {
+            b.create(b.lock(c).await, None, lazy(c), |_| {
+                Ok::<_, BundleError>(None)
+            })
+            .await
+            .unwrap();
+        }
+        let state = b.lazy_dir("sha256:00");
+        fs::create_dir_all(state.join("cache")).unwrap();
+        assert_ne!(state, b.lazy_dir("sha256:01"));
+        b.remove(&c1).await.unwrap();
+        assert!(state.join("cache").is_dir(), "c2 still sits on it");
+        b.remove(&c2).await.unwrap();
+        assert!(!state.exists());
+        assert!(b.records().unwrap().is_empty());
     }
 
     #[tokio::test]

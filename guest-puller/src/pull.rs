@@ -359,9 +359,10 @@ impl Puller {
             image: requested.whole(),
             manifest_digest: img.manifest_digest.clone(),
             layers: digests,
+            lazy: false,
         };
         self.bundles
-            .create(lock, record, move |dirs| {
+            .create(lock, None, record, move |dirs| {
                 bundle::create_bundle(&dirs.bundle, &dirs.overlay, &paths, &config)?;
                 Ok::<_, PullError>(None)
             })
@@ -400,7 +401,8 @@ impl Puller {
     }
 
     /// Mounts a nydus image: verified bootstrap, FUSE-served RAFS with chunks fetched on
-    /// demand, the bundle's overlay on top.
+    /// demand, the bundle's overlay on top. Bundles of one image share its FUSE rootfs and
+    /// chunk cache, so a second container fetches no chunk the first already has.
     #[cfg(feature = "lazy")]
     async fn pull_lazy(
         &self,
@@ -412,51 +414,91 @@ impl Puller {
         started: std::time::Instant,
     ) -> Result<PullResult, PullError> {
         let bundle_dir = lock.dirs().bundle.clone();
+        let image_lock = self.bundles.lock_image(&img.manifest_digest).await;
+        // The bootstrap is fetched and checked (and, encrypted, its key obtained) even when
+        // the image's rootfs is already mounted: every pull proves what an unshared one does.
         let boot =
             lazy::fetch_bootstrap(&self.registry, &img.source, &nydus, &self.unwrapper).await?;
-        let blobs =
-            lazy::BlobServer::start(self.registry.clone(), img.source.clone(), &nydus.blobs)
+        let shared = self.bundles.shared_rootfs(&image_lock);
+        let fresh = match shared {
+            Some(_) => None,
+            None => {
+                let blobs = lazy::BlobServer::start(
+                    self.registry.clone(),
+                    img.source.clone(),
+                    &nydus.blobs,
+                )
                 .await
                 .map_err(|source| LazyError::Io {
                     path: "lazy blob server on 127.0.0.1".into(),
                     source,
                 })?;
-        let mnt = lock.dirs().lazy.join("rootfs");
+                Some((boot, blobs))
+            }
+        };
+        let state = self.bundles.lazy_dir(&img.manifest_digest);
+        let mnt = shared.unwrap_or_else(|| state.join("rootfs"));
+        let shares = fresh.is_none();
         let record = BundleRecord {
             bundle: bundle_dir.clone(),
             image: requested.whole(),
             manifest_digest: img.manifest_digest.clone(),
             layers: Vec::new(),
+            lazy: true,
         };
         let eager = self.cfg.image.force_eager;
         let name = requested.whole();
+        let lower = mnt.clone();
         self.bundles
-            .create(lock, record, move |dirs| -> Result<_, PullError> {
-                let mnt = dirs.lazy.join("rootfs");
-                Bundles::remove_lazy_dir(&dirs.lazy);
-                let m = lazy::mount_bootstrap(boot, &dirs.lazy, &mnt, blobs, &nydus, &name)?;
-                if eager {
-                    // force_eager: every chunk is fetched and verified before the pull returns.
-                    if let Err(e) = lazy::read_all(&mnt) {
-                        m.unmount();
-                        return Err(PullError::Lazy(LazyError::Bootstrap {
-                            digest: nydus.bootstrap.digest.clone(),
-                            reason: format!("fetching the whole nydus image: {e}"),
-                        }));
+            .create(
+                lock,
+                Some(image_lock),
+                record,
+                move |dirs| -> Result<_, PullError> {
+                    let mounted = match fresh {
+                        Some((boot, blobs)) => {
+                            // Left by an earlier run of the puller: its mount has no server.
+                            Bundles::remove_lazy_dir(&state);
+                            Some(lazy::mount_bootstrap(
+                                boot, &state, &lower, blobs, &nydus, &name,
+                            )?)
+                        }
+                        None => None,
+                    };
+                    let undo = |m: Option<lazy::RafsMount>| {
+                        if let Some(m) = m {
+                            m.unmount();
+                            Bundles::remove_lazy_dir(&state);
+                        }
+                    };
+                    if eager {
+                        // force_eager: every chunk is fetched and verified before the pull returns.
+                        if let Err(e) = lazy::read_all(&lower) {
+                            undo(mounted);
+                            return Err(PullError::Lazy(LazyError::Bootstrap {
+                                digest: nydus.bootstrap.digest.clone(),
+                                reason: format!("fetching the whole nydus image: {e}"),
+                            }));
+                        }
                     }
-                }
-                let lower = std::slice::from_ref(&mnt);
-                if let Err(e) = bundle::create_bundle(&dirs.bundle, &dirs.overlay, lower, &config) {
-                    m.unmount();
-                    return Err(e.into());
-                }
-                Ok(Some(m))
-            })
+                    let lowers = std::slice::from_ref(&lower);
+                    if let Err(e) =
+                        bundle::create_bundle(&dirs.bundle, &dirs.overlay, lowers, &config)
+                    {
+                        undo(mounted);
+                        return Err(e.into());
+                    }
+                    Ok(Some(match mounted {
+                        Some(m) => crate::bundles::LazyRootfs::Mounted(Box::new(m)),
+                        None => crate::bundles::LazyRootfs::Shared,
+                    }))
+                },
+            )
             .await?;
-        if self.cfg.image.lazy_prefetch && !eager {
+        if self.cfg.image.lazy_prefetch && !eager && !shares {
             lazy::prefetch_in_background(mnt);
         }
-        info!(image = %requested.whole(), digest = %img.manifest_digest, lazy = true,
+        info!(image = %requested.whole(), digest = %img.manifest_digest, lazy = true, shared = shares,
               ms = started.elapsed().as_millis() as u64, "image mounted lazily");
         Ok(PullResult {
             manifest_digest: img.manifest_digest,

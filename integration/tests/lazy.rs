@@ -199,6 +199,28 @@ fn assert_every_file_reads_back(rootfs: &Path, flat: &Layer) {
     }
 }
 
+/// Reads every file of `flat` below `rootfs`: each read returns the image's bytes or fails
+/// with EIO, never anything else. Returns how many failed.
+fn files_read_back_or_fail_with_eio(rootfs: &Path, flat: &Layer) -> usize {
+    let (mut eio, mut ok) = (0, 0);
+    for n in &flat.nodes {
+        if let Node::File { path, data, .. } = n {
+            match fs::read(rootfs.join(path)) {
+                Ok(got) => {
+                    assert!(&got == data, "{path}: a read returned wrong bytes");
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
+                    eio += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{eio} reads failed with EIO, {ok} returned the image's bytes");
+    eio
+}
+
 fn repo_of(reference: &str) -> String {
     let no_tag = reference.rsplit_once(':').unwrap().0;
     no_tag.split_once('/').unwrap().1.to_string()
@@ -368,24 +390,7 @@ async fn corrupted_chunks_fail_with_eio_and_never_return_bad_bytes() {
     let p = puller(config(&lab, &reg, "")).await;
     let b = lab.join("bundle");
     p.pull_image(&img.nydus, &b).await.unwrap();
-    let flat = nydus::flatten(&spec.layers);
-    let mut eio = 0;
-    let mut ok = 0;
-    for n in &flat.nodes {
-        if let Node::File { path, data, .. } = n {
-            match fs::read(b.join("rootfs").join(path)) {
-                Ok(got) => {
-                    assert_eq!(&got, data, "{path}: a read returned wrong bytes");
-                    ok += 1;
-                }
-                Err(e) => {
-                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
-                    eio += 1;
-                }
-            }
-        }
-    }
-    eprintln!("{eio} reads failed with EIO, {ok} verified");
+    let eio = files_read_back_or_fail_with_eio(&b.join("rootfs"), &nydus::flatten(&spec.layers));
     assert!(eio > 0, "corrupted chunks must fail reads");
     p.unmount_bundle(&b).await.unwrap();
 }
@@ -829,18 +834,7 @@ async fn encrypted_blob_with_a_tampered_chunk_table_entry_is_refused() {
     p.pull_image(&img.reference, &b).await.unwrap();
     // Reads the tampered entries reach fail with EIO; every other read returns the image's
     // bytes.
-    let mut eio = 0;
-    for n in &img.flat.nodes {
-        if let Node::File { path, data, .. } = n {
-            match fs::read(b.join("rootfs").join(path)) {
-                Ok(got) => assert!(&got == data, "{path}: a read returned wrong bytes"),
-                Err(e) => {
-                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}");
-                    eio += 1;
-                }
-            }
-        }
-    }
+    let eio = files_read_back_or_fail_with_eio(&b.join("rootfs"), &img.flat);
     assert!(eio > 0, "no read noticed the tampered chunk table");
     p.unmount_bundle(&b).await.unwrap();
 }
@@ -879,11 +873,79 @@ async fn images_whose_chunks_carry_no_digest_are_refused_at_mount() {
     assert!(!lazy_mounted(&lab));
 }
 
-fn lazy_mounted(lab: &Lab) -> bool {
+/// FUSE mounts below the lab.
+fn fuse_mounts(lab: &Lab) -> usize {
     fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .any(|l| l.contains(lab.path().to_str().unwrap()) && l.contains("fuse"))
+        .filter(|l| l.contains(lab.path().to_str().unwrap()) && l.contains(" - fuse"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_of_one_image_share_its_lazy_rootfs_and_chunk_cache() {
+    require_fuse();
+    let lab = Lab::new("lazy-share");
+    let reg = Registry::start(&lab);
+    let spec = catalog::spec("large", Path::new(BUSYBOX), 8)
+        .unwrap()
+        .unwrap();
+    let img = push_both(&lab, &reg, "share", &spec);
+    let repo = repo_of(&img.nydus);
+    let blob = img.nydus_manifest.layer_digests[0].clone();
+    let flat = nydus::flatten(&spec.layers);
+    let file = "payload/l3/f15.bin";
+    let want = flat
+        .nodes
+        .iter()
+        .find_map(|n| match n {
+            Node::File { path, data, .. } if path == file => Some(data.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let p = puller(config(&lab, &reg, "")).await;
+    let (c1, c2) = (lab.join("c1"), lab.join("c2"));
+    p.pull_image(&img.nydus, &c1).await.unwrap();
+    assert!(fs::read(c1.join("rootfs").join(file)).unwrap() == want);
+    let before = blob_traffic(&reg, &repo, &blob);
+    // The second container of the image joins the first one's rootfs: its read of the same
+    // file is served from the shared chunk cache, with no blob request.
+    p.pull_image(&img.nydus, &c2).await.unwrap();
+    assert!(fs::read(c2.join("rootfs").join(file)).unwrap() == want);
+    assert_eq!(
+        blob_traffic(&reg, &repo, &blob),
+        before,
+        "chunks fetched twice"
+    );
+    assert_eq!(fuse_mounts(&lab), 1);
+    // Each container still writes to its own overlay.
+    fs::write(c1.join("rootfs/etc/only-in-c1"), "c1").unwrap();
+    assert!(!c2.join("rootfs/etc/only-in-c1").exists());
+    // The first container goes; the second keeps reading, chunks not fetched yet included.
+    p.unmount_bundle(&c1).await.unwrap();
+    assert_eq!(fuse_mounts(&lab), 1);
+    assert_every_file_reads_back(&c2.join("rootfs"), &flat);
+    assert!(blob_traffic(&reg, &repo, &blob).0 > before.0);
+    // With the last one, the mount and its cache go.
+    p.unmount_bundle(&c2).await.unwrap();
+    assert_eq!(fuse_mounts(&lab), 0);
+    let lazy_dirs: Vec<_> = fs::read_dir(lab.join("work/lazy")).unwrap().collect();
+    assert!(lazy_dirs.is_empty(), "{lazy_dirs:?}");
+    // Two pulls of the image at once: one mounts, the other waits and joins.
+    let (c3, c4) = (lab.join("c3"), lab.join("c4"));
+    let (r3, r4) = tokio::join!(p.pull_image(&img.nydus, &c3), p.pull_image(&img.nydus, &c4));
+    r3.unwrap();
+    r4.unwrap();
+    assert_eq!(fuse_mounts(&lab), 1);
+    for c in [&c3, &c4] {
+        assert!(fs::read(c.join("rootfs").join(file)).unwrap() == want);
+        p.unmount_bundle(c).await.unwrap();
+    }
+    assert_eq!(fuse_mounts(&lab), 0);
+}
+
+fn lazy_mounted(lab: &Lab) -> bool {
+    fuse_mounts(lab) > 0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
