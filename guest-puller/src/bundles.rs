@@ -307,17 +307,20 @@ impl Bundles {
         for e in fs::read_dir(self.store.root().join("bundles"))? {
             let p = e?.path();
             if p.extension().is_some_and(|x| x == "json") {
-                let data = fs::read(&p)?;
-                let rec = serde_json::from_slice(&data).map_err(|err| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("bundle record {}: {err}", p.display()),
-                    )
-                })?;
-                out.push(rec);
+                out.push(Self::read_record(&p)?);
             }
         }
         Ok(out)
+    }
+
+    fn read_record(path: &Path) -> io::Result<BundleRecord> {
+        let data = fs::read(path)?;
+        serde_json::from_slice(&data).map_err(|err| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bundle record {}: {err}", path.display()),
+            )
+        })
     }
 
     fn write_record(dirs: &BundleDirs, record: &BundleRecord) -> io::Result<()> {
@@ -484,11 +487,7 @@ impl Bundles {
     /// bundle uses.
     pub async fn remove(self: &Arc<Self>, bundle: &Path) -> Result<(), BundleError> {
         let lock = self.lock(bundle).await;
-        let record = match fs::read(&lock.dirs.record) {
-            Ok(data) => serde_json::from_slice::<BundleRecord>(&data).ok(),
-            Err(_) => None,
-        };
-        let image = match record.filter(|r| r.lazy) {
+        let image = match Self::read_record(&lock.dirs.record).ok().filter(|r| r.lazy) {
             Some(r) => Some(self.lock_image(&r.manifest_digest).await),
             None => None,
         };

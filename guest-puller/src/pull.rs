@@ -419,9 +419,10 @@ impl Puller {
         // the image's rootfs is already mounted: every pull proves what an unshared one does.
         let boot =
             lazy::fetch_bootstrap(&self.registry, &img.source, &nydus, &self.unwrapper).await?;
-        let shared = self.bundles.shared_rootfs(&image_lock);
-        let fresh = match shared {
-            Some(_) => None,
+        let state = self.bundles.lazy_dir(&img.manifest_digest);
+        // The mount point to join, or a new one with what mounting it needs.
+        let (mnt, fresh) = match self.bundles.shared_rootfs(&image_lock) {
+            Some(mnt) => (mnt, None),
             None => {
                 let blobs = lazy::BlobServer::start(
                     self.registry.clone(),
@@ -433,11 +434,9 @@ impl Puller {
                     path: "lazy blob server on 127.0.0.1".into(),
                     source,
                 })?;
-                Some((boot, blobs))
+                (state.join("rootfs"), Some((boot, blobs)))
             }
         };
-        let state = self.bundles.lazy_dir(&img.manifest_digest);
-        let mnt = shared.unwrap_or_else(|| state.join("rootfs"));
         let shares = fresh.is_none();
         let record = BundleRecord {
             bundle: bundle_dir.clone(),

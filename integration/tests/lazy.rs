@@ -19,7 +19,7 @@ use integration::chain::blob_traffic;
 use integration::{Lab, Registry};
 use sha2::{Digest, Sha256};
 use test_images::catalog;
-use test_images::layer::{Compression, Layer, Node};
+use test_images::layer::{sha256_digest, Compression, Layer, Node};
 use test_images::layout::{ImageSpec, Layout, WrittenManifest};
 use test_images::nydus;
 use test_images::push;
@@ -799,17 +799,11 @@ async fn forged_chunk_with_a_matching_crc32_fails_with_eio_and_is_never_returned
         line.contains("digest mismatch") && line.contains("noise.bin"),
         "{line}"
     );
-    let want = hex_sha256(&data[chunk.clone()]);
-    let got = hex_sha256(&forged);
-    assert!(line.contains(&want) && line.contains(&got), "{line}");
+    let want = sha256_digest(&data[chunk.clone()]);
+    let got = sha256_digest(&forged);
+    let (want, got) = (&want["sha256:".len()..], &got["sha256:".len()..]);
+    assert!(line.contains(want) && line.contains(got), "{line}");
     p.unmount_bundle(&b).await.unwrap();
-}
-
-fn hex_sha256(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

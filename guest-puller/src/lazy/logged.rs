@@ -33,19 +33,16 @@ pub struct LoggedRafs {
     // Paths of inodes the kernel looked up (it looks up every path before reading it); RAFS
     // v6 keeps no parent pointers to rebuild them from an inode alone.
     paths: Mutex<HashMap<u64, PathBuf>>,
-    chunk_size: u64,
     image: String,
 }
 
 impl LoggedRafs {
     /// Wraps `inner`, whose reads `verifier` checks; `image` names it in log lines.
     pub fn new(inner: Rafs, verifier: ChunkVerifier, image: String) -> Self {
-        let chunk_size = u64::from(inner.metadata().chunk_size).max(1);
         Self {
             inner,
             verifier,
             paths: Mutex::new(HashMap::new()),
-            chunk_size,
             image,
         }
     }
@@ -141,8 +138,9 @@ impl FileSystem for LoggedRafs {
                     .get(&inode)
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| format!("inode {inode}"));
-                let first = offset / self.chunk_size;
-                let last = (offset + u64::from(size.max(1)) - 1) / self.chunk_size;
+                let chunk_size = self.verifier.chunk_size();
+                let first = offset / chunk_size;
+                let last = (offset + u64::from(size.max(1)) - 1) / chunk_size;
                 error!(image = %self.image, file = %path, offset, size, chunks = %format!("{first}..={last}"),
                        "lazy read failed, returning EIO: {e}");
                 Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error())

@@ -67,6 +67,11 @@ impl ChunkVerifier {
         })
     }
 
+    /// The image's chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
     /// Answers a read of `size` bytes at `offset` of inode `ino` into `w`, chunk by chunk, each
     /// from a verified buffer. `fetch(file_offset, len)` reads the chunk at `file_offset`
     /// through nydus. Anything but a regular file of the image is an error: no read bypasses
@@ -155,9 +160,9 @@ impl ChunkVerifier {
                  records {}, the fetched {} bytes hash to {}",
                 info.id(),
                 algo,
-                hex(&want),
+                hex::encode(want),
                 data.len(),
-                hex(&got)
+                hex::encode(got)
             )));
         }
         let data: Arc<[u8]> = data.into();
@@ -198,10 +203,6 @@ impl Recent {
         }
         recent.push_back((algo, digest, data));
     }
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A [`ZeroCopyWriter`] collecting exactly one chunk's bytes in memory.
