@@ -342,19 +342,31 @@ fn escape_overlay(p: &str) -> String {
         .replace(',', "\\,")
 }
 
-/// Whether `p` is a mount point (its device differs from its parent's).
+/// Whether `p` is the root of a mount (symlinks not followed). Asked with
+/// `AT_STATX_DONT_SYNC`, so a FUSE mount with no server (a lazy mount between two guest-puller
+/// runs, kept by the holder) answers from the kernel's cache instead of waiting for one.
 pub fn is_mountpoint(p: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(a), Ok(b)) = (fs::metadata(p), fs::metadata(p.join(".."))) else {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    let flags = AtFlags::STATX_DONT_SYNC | AtFlags::SYMLINK_NOFOLLOW;
+    let stat = |p: &Path| statx(CWD, p, flags, StatxFlags::BASIC_STATS).ok();
+    let Some(a) = stat(p) else {
         return false;
     };
-    a.dev() != b.dev() || a.ino() == b.ino()
+    if a.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+        return a.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
+    }
+    // Kernels before 5.8: a mount root sits on another device than its parent, or is `/`.
+    let Some(b) = stat(&p.join("..")) else {
+        return false;
+    };
+    (a.stx_dev_major, a.stx_dev_minor) != (b.stx_dev_major, b.stx_dev_minor)
+        || a.stx_ino == b.stx_ino
 }
 
 /// Unmounts `<bundle>/rootfs` (if mounted), removes it, `config.json` and the overlay dirs.
 pub fn remove_bundle(bundle: &Path, overlay_dir: &Path) -> Result<(), BundleError> {
     let rootfs = bundle.join("rootfs");
-    if rootfs.exists() && is_mountpoint(&rootfs) {
+    if is_mountpoint(&rootfs) {
         unmount(&rootfs, UnmountFlags::empty())
             .or_else(|_| unmount(&rootfs, UnmountFlags::DETACH))
             .map_err(|e| BundleError::Io {

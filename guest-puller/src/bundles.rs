@@ -301,6 +301,26 @@ impl Bundles {
             .map(|s| s.mount.mountpoint().to_owned())
     }
 
+    /// The bundles whose records say they sit on lazy image `manifest_digest`'s rootfs.
+    pub fn lazy_users(&self, manifest_digest: &str) -> io::Result<BTreeSet<PathBuf>> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .filter(|r| r.lazy && r.manifest_digest == manifest_digest)
+            .map(|r| r.bundle)
+            .collect())
+    }
+
+    /// Serves `users` from `mount`, the image's lazy rootfs taken over from an earlier run of
+    /// the puller (a later bundle of the image joins it, the last one to go unmounts it).
+    pub fn adopt_lazy(&self, image: &ImageLock, mount: RafsMount, users: BTreeSet<PathBuf>) {
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = mounts.insert(image.digest.clone(), SharedMount { mount, users }) {
+            // Unreachable: adoption happens before any pull; never leak a server if it does.
+            old.mount.unmount();
+        }
+    }
+
     /// All bundle records.
     pub fn records(&self) -> io::Result<Vec<BundleRecord>> {
         let mut out = Vec::new();
@@ -456,9 +476,9 @@ impl Bundles {
         } else {
             drop(mounts);
             let others = self
-                .records()?
+                .lazy_users(&image.digest)?
                 .into_iter()
-                .any(|r| r.lazy && r.manifest_digest == image.digest && r.bundle != bundle);
+                .any(|b| b != bundle);
             if others {
                 return Ok(());
             }

@@ -125,6 +125,15 @@ enum Cmd {
         #[arg(long)]
         bundle: PathBuf,
     },
+    /// Keep the FUSE sessions of lazy mounts open while the guest-puller restarts (`serve`
+    /// starts it on the first lazy mount; it exits once it holds nothing).
+    #[cfg(feature = "lazy")]
+    #[command(hide = true)]
+    FuseHolder {
+        /// The holder's socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 /// A layer's stage times in milliseconds, for `pull`'s output (what the benchmark reads).
@@ -206,7 +215,27 @@ async fn serve(mut cfg: Config, addrs: Vec<ListenAddr>) -> anyhow::Result<()> {
         Path::new(CREDENTIALS_DIR),
     )
     .await?;
+    #[cfg(feature = "lazy")]
+    let work_dir = cfg.image.work_dir.clone();
     let p = Arc::new(Puller::new(cfg, prepared.fetcher).await?);
+    #[cfg(feature = "lazy")]
+    {
+        use guest_puller::lazy::holder::{Holder, SOCKET_NAME};
+        let socket = work_dir.join(SOCKET_NAME);
+        let args = vec![
+            "fuse-holder".to_owned(),
+            "--socket".to_owned(),
+            socket.display().to_string(),
+        ];
+        // /proc/self/exe: still this binary after an upgrade replaced the file.
+        let holder = Holder::new(socket, PathBuf::from("/proc/self/exe"), args);
+        // Without the holder, lazy images still work; only a restart would end their mounts.
+        match p.resume_lazy_mounts(Arc::new(holder)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(mounts = n, "lazy mounts resumed"),
+            Err(e) => tracing::error!("resuming the lazy mounts of the previous run: {e}"),
+        }
+    }
     guest_puller::api::server::serve(p, prepared.aa, &addrs)
         .await
         .with_context(|| format!("serving on {}", shown.join(", ")))
@@ -275,6 +304,12 @@ async fn main() -> anyhow::Result<()> {
             Some(load(config)?)
         }
         Cmd::ClientPull { .. } => None,
+        #[cfg(feature = "lazy")]
+        Cmd::FuseHolder { socket } => {
+            // Before any logging setup: the holder has no output (its stdio is /dev/null).
+            guest_puller::lazy::holder::run(socket, guest_puller::lazy::holder::IDLE_EXIT)?;
+            return Ok(());
+        }
     };
     init_logging(cfg.as_ref())?;
     let cfg = cfg.unwrap_or_default();
@@ -329,6 +364,8 @@ async fn main() -> anyhow::Result<()> {
             let store = guest_puller::layer::LayerStore::open(&cfg.image.work_dir)?;
             guest_puller::pull::unmount_bundle(&store, &absolute(bundle)?).await?;
         }
+        #[cfg(feature = "lazy")]
+        Cmd::FuseHolder { .. } => unreachable!("the holder returned above"),
     }
     Ok(())
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use oci_client::Reference;
 use tracing::info;
+#[cfg(feature = "lazy")]
+use tracing::{error, warn};
 
 use crate::bundle::{self, BundleError, ImageConfig};
 use crate::bundles::{BundleLock, BundleRecord, Bundles};
@@ -94,6 +96,9 @@ pub struct Puller {
     /// Held shared by every pull and bundle removal, exclusively while something is mounted
     /// over the work dir: a pull never sees its layers, staging or bundle dirs vanish under it.
     work_dir_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Keeps lazy mounts across restarts, once [`Puller::resume_lazy_mounts`] set it.
+    #[cfg(feature = "lazy")]
+    holder: std::sync::OnceLock<Arc<lazy::Holder>>,
 }
 
 struct RegistrySigs<'a> {
@@ -181,7 +186,81 @@ impl Puller {
             unwrapper,
             fetcher,
             work_dir_gate: Arc::default(),
+            #[cfg(feature = "lazy")]
+            holder: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes lazy mounts outlive this process: serves the mounts `holder` kept for an earlier
+    /// guest-puller on this work dir (dropping those no bundle uses any more), and hands every
+    /// new one to it. Call once, before serving requests. Returns how many were resumed.
+    #[cfg(feature = "lazy")]
+    pub async fn resume_lazy_mounts(&self, holder: Arc<lazy::Holder>) -> std::io::Result<usize> {
+        if self.holder.set(holder.clone()).is_err() {
+            return Err(std::io::Error::other("lazy mounts were already resumed"));
+        }
+        let h = holder.clone();
+        let held = tokio::task::spawn_blocking(move || h.list())
+            .await
+            .map_err(std::io::Error::other)??;
+        let mut resumed = 0;
+        for entry in held {
+            let id = entry.id.clone();
+            let state: lazy::TakeoverState = match serde_json::from_value(entry.state.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(id, "FUSE holder entry unreadable, let go: {e}");
+                    let _ = holder.forget(&id);
+                    continue;
+                }
+            };
+            let digest = state.manifest_digest.clone();
+            let image = self.bundles.lock_image(&digest).await;
+            let state_dir = self.bundles.lazy_dir(&digest);
+            let users = self.bundles.lazy_users(&digest)?;
+            let mountpoint = state.mountpoint.clone();
+            let name = state.image.clone();
+            if users.is_empty() {
+                info!(image = %name, mountpoint = %mountpoint.display(),
+                      "held lazy mount has no bundle left: unmounted");
+                Self::let_go(&holder, &id, &mountpoint, &state_dir);
+                continue;
+            }
+            match lazy::take_over(
+                self.registry.clone(),
+                holder.clone(),
+                entry,
+                state,
+                state_dir.clone(),
+            )
+            .await
+            {
+                Ok(mount) => {
+                    info!(image = %name, mountpoint = %mountpoint.display(), bundles = users.len(),
+                          "lazy mount taken over from the previous guest-puller");
+                    self.bundles.adopt_lazy(&image, mount, users);
+                    resumed += 1;
+                }
+                Err(e) => {
+                    // Its containers see ENOTCONN, as they would without the holder.
+                    error!(image = %name, mountpoint = %mountpoint.display(),
+                           "taking over the lazy mount failed, so it is unmounted: {e}");
+                    Self::let_go(&holder, &id, &mountpoint, &state_dir);
+                }
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// Detaches a held mount no one will serve and clears its state.
+    #[cfg(feature = "lazy")]
+    fn let_go(holder: &lazy::Holder, id: &str, mountpoint: &Path, state_dir: &Path) {
+        // By path, without looking at it: nothing answers its requests.
+        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+        if let Err(e) = holder.forget(id) {
+            warn!(id, "FUSE holder: {e}");
+        }
+        Bundles::remove_lazy_dir(state_dir);
     }
 
     /// Waits for running pulls and bundle removals to finish and keeps new ones waiting until
@@ -448,6 +527,11 @@ impl Puller {
         let eager = self.cfg.image.force_eager;
         let name = requested.whole();
         let lower = mnt.clone();
+        let hold = self.holder.get().map(|holder| lazy::Hold {
+            holder: holder.clone(),
+            manifest_digest: img.manifest_digest.clone(),
+            source: img.source.whole(),
+        });
         self.bundles
             .create(
                 lock,
@@ -459,7 +543,7 @@ impl Puller {
                             // Left by an earlier run of the puller: its mount has no server.
                             Bundles::remove_lazy_dir(&state);
                             Some(lazy::mount_bootstrap(
-                                boot, &state, &lower, blobs, &nydus, &name,
+                                boot, &state, &lower, blobs, &nydus, &name, hold,
                             )?)
                         }
                         None => None,

@@ -8,15 +8,17 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 /// A running forward proxy; stops accepting on drop.
 pub struct ForwardProxy {
     port: u16,
     requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl ForwardProxy {
@@ -26,16 +28,17 @@ impl ForwardProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (reqs, stop2) = (requests.clone(), stop.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (reqs, stop2, delay) = (requests.clone(), stop.clone(), delay_ms.clone());
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
-                let reqs = reqs.clone();
+                let (reqs, delay) = (reqs.clone(), delay.clone());
                 thread::spawn(move || {
-                    let _ = serve(conn, &reqs);
+                    let _ = serve(conn, &reqs, &delay);
                 });
             }
         });
@@ -43,7 +46,15 @@ impl ForwardProxy {
             port,
             requests,
             stop,
+            delay_ms,
         }
+    }
+
+    /// Holds every request this long (after logging it) before forwarding it: a test sees a
+    /// request in flight and can act while its client waits.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// `http://127.0.0.1:port`.
@@ -67,7 +78,7 @@ impl Drop for ForwardProxy {
 
 /// Serves one client connection: each request goes to its origin; the connection to the
 /// origin is kept while the client asks the same origin (a different one closes it).
-fn serve(client: TcpStream, log: &Mutex<Vec<String>>) -> io::Result<()> {
+fn serve(client: TcpStream, log: &Mutex<Vec<String>>, delay_ms: &AtomicU64) -> io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client_w = client;
     let mut upstream: Option<(String, TcpStream)> = None;
@@ -94,6 +105,7 @@ fn serve(client: TcpStream, log: &Mutex<Vec<String>>) -> io::Result<()> {
             None => (rest, "/"),
         };
         log.lock().expect("lock").push(format!("{method} {target}"));
+        thread::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst)));
         let mut head = format!("{method} {path} {version}\r\n");
         let mut body_len = 0usize;
         loop {

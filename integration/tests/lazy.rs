@@ -9,13 +9,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use guest_puller::config::Config;
 use guest_puller::fetcher::KbsResourceFetcher;
 use guest_puller::lazy::LazyError;
 use guest_puller::pull::{PullError, Puller};
 use integration::chain::blob_traffic;
+use integration::lab::{bin_path, wait_for};
 use integration::{Lab, Registry};
 use sha2::{Digest, Sha256};
 use test_images::catalog;
@@ -98,15 +101,20 @@ fn push_both(lab: &Lab, reg: &Registry<'_>, name: &str, spec: &ImageSpec) -> Pus
     }
 }
 
-fn config(lab: &Lab, reg: &Registry<'_>, extra: &str) -> Config {
-    Config::from_toml(&format!(
+/// The lazy tests' puller configuration (work dir and bundles in the lab), with `extra`
+/// in its `[image]` table.
+fn config_toml(lab: &Lab, reg: &Registry<'_>, extra: &str) -> String {
+    format!(
         "[image]\nwork_dir = \"{}\"\nbundle_roots = [\"{}\"]\n{extra}\n\
          [image.registry_config]\ninsecure_registries = [\"{}\"]\n",
         lab.join("work").display(),
         lab.path().display(),
         reg.host()
-    ))
-    .unwrap()
+    )
+}
+
+fn config(lab: &Lab, reg: &Registry<'_>, extra: &str) -> Config {
+    Config::from_toml(&config_toml(lab, reg, extra)).unwrap()
 }
 
 async fn puller(cfg: Config) -> Puller {
@@ -997,4 +1005,192 @@ async fn lazy_chunk_reads_go_through_the_image_pull_proxy() {
         "the chunk read did not go through the proxy: {seen:?}"
     );
     p.unmount_bundle(&b).await.unwrap();
+}
+
+/// `guest-puller serve` on `<lab>/cdh.sock` with configuration file `cfg`, once its socket
+/// is bound (which it is only after it has taken over the lazy mounts of an earlier run).
+fn serve_puller(lab: &Lab, cfg: &Path) -> std::path::PathBuf {
+    let sock = lab.join("cdh.sock");
+    // A killed server leaves its socket file: wait for the new one's.
+    let _ = fs::remove_file(&sock);
+    let mut cmd = Command::new(bin_path("guest-puller"));
+    cmd.args(["serve", "--config"])
+        .arg(cfg)
+        .arg("--socket")
+        .arg(&sock);
+    lab.spawn("guest-puller", cmd);
+    wait_for("the guest-puller socket", Duration::from_secs(30), || {
+        sock.exists()
+    });
+    sock
+}
+
+fn client_pull(sock: &Path, image: &str, bundle: &Path) {
+    let out = Command::new(bin_path("guest-puller"))
+        .args(["client-pull", "--socket"])
+        .arg(sock)
+        .arg(image)
+        .arg("--bundle")
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client-pull {image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `busybox sha256sum path` in a child process, its output sent when it is done, so a test
+/// can tell a stalled reader from a finished one without hanging. A process of its own, as a
+/// container's would be: a process holding files of a mount whose server is down stalls in
+/// close() (FUSE_FLUSH), so the test process itself, which forks the new server, must hold
+/// none.
+fn sha256_in_background(path: std::path::PathBuf) -> mpsc::Receiver<String> {
+    let child = Command::new(BUSYBOX)
+        .arg("sha256sum")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let out = child.wait_with_output().unwrap();
+        let text = if out.status.success() {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        } else {
+            format!("failed: {}", String::from_utf8_lossy(&out.stderr))
+        };
+        let _ = tx.send(text);
+    });
+    rx
+}
+
+#[test]
+fn a_lazy_mount_survives_kill_9_of_the_guest_puller_mid_read() {
+    require_fuse();
+    let lab = Lab::new("lazy-takeover");
+    let reg = Registry::start(&lab);
+    let proxy = integration::proxy::ForwardProxy::start();
+    // One file read across the kill (eight 1 MiB chunks), one after it.
+    let first = ("data/big.bin".to_string(), noise(8 << 20, 7));
+    let second = ("data/other.bin".to_string(), noise(3 << 20, 8));
+    let spec = ImageSpec::new(
+        vec![
+            catalog::base_layer(Path::new(BUSYBOX), Compression::Gzip).unwrap(),
+            Layer {
+                nodes: vec![
+                    Node::dir("data"),
+                    Node::file(&first.0, first.1.clone()),
+                    Node::file(&second.0, second.1.clone()),
+                ],
+                compression: Compression::Gzip,
+            },
+        ],
+        &["/bin/true"],
+    );
+    let img = push_both(&lab, &reg, "takeover", &spec);
+    let blob = img.nydus_manifest.layer_digests[0].clone();
+    let flat = nydus::flatten(&spec.layers);
+    let cfg = lab.join("guest-puller.toml");
+    let extra = format!(
+        "[image.image_pull_proxy]\nhttp_proxy = \"{}\"\n",
+        proxy.url()
+    );
+    fs::write(&cfg, config_toml(&lab, &reg, &extra)).unwrap();
+    let sock = serve_puller(&lab, &cfg);
+    let c1 = lab.join("c1");
+    client_pull(&sock, &img.nydus, &c1);
+    assert_eq!(fuse_mounts(&lab), 1);
+
+    // Every chunk fetch now waits in the proxy, so a read is in the server's hands (taken
+    // from /dev/fuse, not answered) when the server is killed.
+    proxy.set_delay(Duration::from_millis(1500));
+    let chunk_gets = || {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.contains(&format!("/blobs/{blob}")))
+            .count()
+    };
+    let before = chunk_gets();
+    let reading = sha256_in_background(c1.join("rootfs").join(&first.0));
+    wait_for("a chunk fetch in flight", Duration::from_secs(30), || {
+        chunk_gets() > before
+    });
+    lab.kill("guest-puller");
+    assert!(
+        matches!(reading.try_recv(), Err(mpsc::TryRecvError::Empty)),
+        "the read finished before the kill: the test proves nothing"
+    );
+    // With no server, the mount holds the read (it does not fail with ENOTCONN).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(matches!(reading.try_recv(), Err(mpsc::TryRecvError::Empty)));
+    proxy.set_delay(Duration::ZERO);
+
+    let sock = serve_puller(&lab, &cfg);
+    let got = reading
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the read never completed after the restart");
+    assert_eq!(
+        got,
+        hex::encode(Sha256::digest(&first.1)),
+        "{} read back wrong across the take-over",
+        first.0
+    );
+    let log = lab.log("guest-puller");
+    assert!(log.contains("lazy mount taken over"), "{log}");
+    assert_eq!(fuse_mounts(&lab), 1);
+
+    // A second container of the image starts afterwards, on the same (taken-over) mount.
+    let c2 = lab.join("c2");
+    client_pull(&sock, &img.nydus, &c2);
+    assert_eq!(
+        fuse_mounts(&lab),
+        1,
+        "the second container mounted the image again"
+    );
+    assert!(fs::read(c2.join("rootfs").join(&second.0)).unwrap() == second.1);
+
+    // A graceful stop (SIGTERM, as before an upgrade) hands the mount over too.
+    lab.stop("guest-puller");
+    let sock = serve_puller(&lab, &cfg);
+    let log = lab.log("guest-puller");
+    assert_eq!(log.matches("lazy mount taken over").count(), 2, "{log}");
+    assert_every_file_reads_back(&c1.join("rootfs"), &flat);
+    let c3 = lab.join("c3");
+    client_pull(&sock, &img.nydus, &c3);
+    assert!(fs::read(c3.join("rootfs").join(&first.0)).unwrap() == first.1);
+    assert_eq!(fuse_mounts(&lab), 1);
+
+    // Containers removed while no guest-puller runs: removal does not wait for a server (it
+    // never asks the held mount anything), and the next server drops the image's mount.
+    lab.kill("guest-puller");
+    for c in [&c1, &c2, &c3] {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(bin_path("guest-puller"))
+            .args(["unmount", "--config"])
+            .arg(&cfg)
+            .arg("--bundle")
+            .arg(c)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "guest-puller unmount {}: {:?} {}",
+            c.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(fuse_mounts(&lab), 0);
+    let _sock = serve_puller(&lab, &cfg);
+    let lazy_dirs: Vec<_> = fs::read_dir(lab.join("work/lazy")).unwrap().collect();
+    assert!(lazy_dirs.is_empty(), "{lazy_dirs:?}");
 }

@@ -103,8 +103,8 @@ pub fn extract_bootstrap<R: Read>(layer: R, gzip: bool) -> Result<Vec<u8>, LazyE
 }
 
 /// Blob ids (hex digests) the manifest provides, for checking the bootstrap's blob table.
-pub fn blob_ids(n: &NydusManifest) -> BTreeMap<String, u64> {
-    n.blobs
+pub fn blob_ids(blobs: &[OciDescriptor]) -> BTreeMap<String, u64> {
+    blobs
         .iter()
         .map(|b| {
             (
@@ -158,7 +158,7 @@ mod tests {
         ]);
         let n = detect(&nydus).unwrap().unwrap();
         assert_eq!(n.bootstrap.digest, "sha256:cc");
-        assert_eq!(blob_ids(&n).keys().collect::<Vec<_>>(), ["bb"]);
+        assert_eq!(blob_ids(&n.blobs).keys().collect::<Vec<_>>(), ["bb"]);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! chunks hashed and compared with that table ([`verify`]), never from what the blob's own
 //! chunk-info table or CRCs say. Every blob the bootstrap names must be a layer of the manifest.
 
+#[cfg(feature = "lazy")]
+pub mod holder;
 pub mod image;
 #[cfg(feature = "lazy")]
 pub mod logged;
@@ -29,6 +31,8 @@ use tracing::{info, warn};
 use crate::decrypt::{self, KeyUnwrapper};
 use crate::registry::{Hasher, RegistryClient, RegistryError};
 
+#[cfg(feature = "lazy")]
+pub use holder::Holder;
 pub use image::{detect, NydusManifest};
 #[cfg(feature = "lazy")]
 pub use mount::RafsMount;
@@ -207,7 +211,57 @@ pub fn prefetch_in_background(root: PathBuf) {
     }
 }
 
-/// Mounts a verified bootstrap for `bundle` at `mountpoint` (blocking).
+/// What a guest-puller needs to serve a mount an earlier one made (the holder keeps it as
+/// JSON beside the mount's FUSE file and bootstrap).
+#[cfg(feature = "lazy")]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct TakeoverState {
+    /// The image's manifest digest (which lazy state dir, which bundles).
+    pub manifest_digest: String,
+    /// The image as requested, for log lines.
+    pub image: String,
+    /// The repository its blobs come from (after mirrors).
+    pub source: String,
+    /// The manifest's blob layers.
+    pub blobs: Vec<oci_client::manifest::OciDescriptor>,
+    /// The FUSE mount point.
+    pub mountpoint: PathBuf,
+    /// What the kernel offered at the session's INIT (`FsOptions` bits).
+    pub fuse_init: u64,
+}
+
+/// Where a new mount is handed for safekeeping across guest-puller restarts.
+#[cfg(feature = "lazy")]
+pub struct Hold {
+    /// The holder.
+    pub holder: std::sync::Arc<Holder>,
+    /// The image's manifest digest.
+    pub manifest_digest: String,
+    /// The repository its blobs come from.
+    pub source: String,
+}
+
+/// A sealed memfd holding `data`: the bootstrap (with, for encrypted images, the chunk keys)
+/// lives in memory only, and no one holding the fd can change it under nydus' mapping.
+#[cfg(feature = "lazy")]
+fn sealed_memfd(data: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
+    use std::io::Write;
+    let fd = memfd_create(
+        "rafs-bootstrap",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data)?;
+    fcntl_add_seals(
+        &f,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )?;
+    Ok(f.into())
+}
+
+/// Mounts a verified bootstrap at `mountpoint` (blocking), its chunk cache in `state_dir`,
+/// and hands it to `hold`'s holder when there is one.
 #[cfg(feature = "lazy")]
 pub fn mount_bootstrap(
     bootstrap: Vec<u8>,
@@ -216,30 +270,107 @@ pub fn mount_bootstrap(
     blobs: BlobServer,
     nydus: &NydusManifest,
     image: &str,
+    hold: Option<Hold>,
 ) -> Result<RafsMount, LazyError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| LazyError::Io { path, source }
-    };
     let cache = state_dir.join("cache");
-    std::fs::create_dir_all(&cache).map_err(io(&cache))?;
-    let boot_path = state_dir.join("image.boot");
-    std::fs::write(&boot_path, &bootstrap).map_err(io(&boot_path))?;
+    std::fs::create_dir_all(&cache).map_err(|source| LazyError::Io {
+        path: cache.clone(),
+        source,
+    })?;
+    let boot = sealed_memfd(&bootstrap).map_err(|source| LazyError::Io {
+        path: "bootstrap memfd".into(),
+        source,
+    })?;
     drop(bootstrap);
-    let id = state_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "rafs".into());
+    let id = state_id(state_dir);
     let cfg = mount::nydus_config(&id, &blobs, &cache, false)?;
-    let res = RafsMount::mount(
-        &boot_path,
+    let mut m = RafsMount::mount(
+        boot,
         cfg,
         mountpoint,
-        &image::blob_ids(nydus),
+        &image::blob_ids(&nydus.blobs),
         image,
         blobs,
-    );
-    // nydus keeps the bootstrap mapped; unlinking it leaves no copy of chunk keys on disk.
-    let _ = std::fs::remove_file(&boot_path);
-    res
+    )?;
+    if let Some(h) = hold {
+        let state = |fuse_init| {
+            serde_json::to_value(TakeoverState {
+                manifest_digest: h.manifest_digest,
+                image: image.to_owned(),
+                source: h.source,
+                blobs: nydus.blobs.clone(),
+                mountpoint: mountpoint.to_owned(),
+                fuse_init,
+            })
+            .unwrap_or_default()
+        };
+        // The container runs either way; only a restart of this process would now end it.
+        if let Err(e) = m.hold(h.holder, &id, state) {
+            warn!(mountpoint = %mountpoint.display(),
+                  "lazy mount not handed to the FUSE holder, so it will not survive a \
+                   guest-puller restart: {e}");
+        }
+    }
+    Ok(m)
+}
+
+/// The id of a lazy state dir (its name), as nydus and the holder know it.
+#[cfg(feature = "lazy")]
+fn state_id(state_dir: &Path) -> String {
+    state_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rafs".into())
+}
+
+/// Serves the mount the holder kept as `held` for an earlier guest-puller, its state dir
+/// being `state_dir` (checked against what the entry says), its chunks fetched through a new
+/// blob server. Blocking parts run on a blocking thread.
+#[cfg(feature = "lazy")]
+pub async fn take_over(
+    registry: std::sync::Arc<RegistryClient>,
+    holder: std::sync::Arc<Holder>,
+    held: holder::Held,
+    state: TakeoverState,
+    state_dir: PathBuf,
+) -> Result<RafsMount, LazyError> {
+    let mountpoint = state_dir.join("rootfs");
+    if state.mountpoint != mountpoint || state_id(&state_dir) != held.id {
+        return Err(LazyError::Format(format!(
+            "held mount {} at {} is not the state dir {} of image {}",
+            held.id,
+            state.mountpoint.display(),
+            state_dir.display(),
+            state.manifest_digest
+        )));
+    }
+    let source: Reference = state
+        .source
+        .parse()
+        .map_err(|e| LazyError::Format(format!("held mount {}: source: {e}", held.id)))?;
+    let blobs = BlobServer::start(registry, source, &state.blobs)
+        .await
+        .map_err(|source| LazyError::Io {
+            path: "lazy blob server on 127.0.0.1".into(),
+            source,
+        })?;
+    let cache = state_dir.join("cache");
+    let cfg = mount::nydus_config(&held.id, &blobs, &cache, false)?;
+    let blob_ids = image::blob_ids(&state.blobs);
+    tokio::task::spawn_blocking(move || {
+        RafsMount::take_over(
+            held.fuse,
+            held.bootstrap,
+            state.fuse_init,
+            cfg,
+            &state_dir,
+            &mountpoint,
+            &blob_ids,
+            &state.image,
+            blobs,
+            (holder, held.id),
+        )
+    })
+    .await
+    .map_err(|e| LazyError::Fuse(format!("take-over task: {e}")))?
 }

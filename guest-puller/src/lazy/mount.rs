@@ -2,20 +2,28 @@
 //! are fetched from the registry by range on first read and kept in a file cache; reads are
 //! answered from chunks checked against the digests in the bootstrap ([`super::verify`]).
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use fuse_backend_rs::abi::fuse_abi::FsOptions;
+use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
-use fuse_backend_rs::transport::FuseSession;
+use fuse_backend_rs::transport::{FuseDevWriter, FuseSession};
 use nydus_api::ConfigV2;
 use nydus_rafs::fs::Rafs;
 use nydus_rafs::metadata::RafsSuper;
 use nydus_storage::device::BlobFeatures;
+use rustix::mount::{unmount, UnmountFlags};
 use serde_json::json;
 use tracing::{error, info, warn};
 
+use super::holder::Holder;
 use super::logged::LoggedRafs;
 use super::transport::BlobServer;
 use super::verify::ChunkVerifier;
@@ -87,12 +95,21 @@ pub fn check_cipher_features(encrypted: bool, features: BlobFeatures) -> Result<
     Ok(())
 }
 
-/// A mounted RAFS filesystem, the threads serving it and the blob server its chunks come
-/// from (dropped after the threads have stopped).
+/// A mounted RAFS filesystem: its FUSE session, the threads serving it, its bootstrap (a
+/// sealed memfd nydus maps), the blob server its chunks come from (dropped after the threads
+/// have stopped) and, once [`RafsMount::hold`] succeeded, its entry in the FUSE holder.
 pub struct RafsMount {
     mountpoint: PathBuf,
-    session: FuseSession,
+    // Taken only by Drop: FuseSession's own Drop detaches the mount, which a held mount must
+    // survive.
+    session: Option<FuseSession>,
+    // Taken over from an earlier process, whose session we did not mount: unmounted by path.
+    taken_over: bool,
+    vfs: Arc<Vfs>,
+    server: Arc<Server<Arc<Vfs>>>,
+    bootstrap: OwnedFd,
     threads: Vec<JoinHandle<()>>,
+    held: Option<(Arc<Holder>, String)>,
     _blobs: BlobServer,
 }
 
@@ -100,51 +117,67 @@ pub struct RafsMount {
 /// slow chunk from stalling every other file.
 const SERVER_THREADS: usize = 4;
 
+/// The path nydus opens (and maps) a bootstrap held in `fd` by.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Loads the bootstrap into a VFS serving it through [`LoggedRafs`], after checking that every
+/// blob it names is a layer of the (signed) manifest and can be read as it claims.
+fn load(
+    bootstrap: &OwnedFd,
+    cfg: &Arc<ConfigV2>,
+    blob_ids: &BTreeMap<String, u64>,
+    image: &str,
+) -> Result<Arc<Vfs>, LazyError> {
+    let path = fd_path(bootstrap);
+    // Every blob the bootstrap refers to must be a layer of the (signed) manifest, so no
+    // chunk can come from content the signature does not cover.
+    let (sb, _) = RafsSuper::load_from_file(&path, cfg.clone(), false)
+        .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
+    for info in sb.superblock.get_blob_infos() {
+        let b = info.blob_id();
+        // The bootstrap carries the chunk key exactly when the blob's chunks are encrypted.
+        if let Err(reason) = check_cipher_features(info.cipher_context().is_some(), info.features())
+        {
+            return Err(LazyError::Format(format!("blob {b}: {reason}")));
+        }
+        if !blob_ids.contains_key(&b) {
+            return Err(LazyError::Integrity {
+                what: format!("blob {b}"),
+                reason: "the bootstrap refers to a blob that is not a layer of the manifest".into(),
+            });
+        }
+    }
+    let verifier = ChunkVerifier::new(sb).map_err(|reason| LazyError::Integrity {
+        what: format!("image {image}"),
+        reason,
+    })?;
+    let (mut rafs, reader) = Rafs::new(cfg, &cfg.id, &path)
+        .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
+    rafs.import(reader, None)
+        .map_err(|e| LazyError::Rafs(format!("importing bootstrap: {e}")))?;
+    let vfs = Arc::new(Vfs::new(VfsOptions::default()));
+    vfs.mount(
+        Box::new(LoggedRafs::new(rafs, verifier, image.to_string())),
+        "/",
+    )
+    .map_err(|e| LazyError::Rafs(format!("vfs mount: {e:?}")))?;
+    Ok(vfs)
+}
+
 impl RafsMount {
-    /// Loads `bootstrap` and mounts it read-only at `mountpoint`. Blocking: call from a
-    /// blocking thread.
+    /// Loads `bootstrap` (a sealed memfd) and mounts it read-only at `mountpoint`. Blocking:
+    /// call from a blocking thread.
     pub fn mount(
-        bootstrap: &Path,
+        bootstrap: OwnedFd,
         cfg: Arc<ConfigV2>,
         mountpoint: &Path,
-        blob_ids: &std::collections::BTreeMap<String, u64>,
+        blob_ids: &BTreeMap<String, u64>,
         image: &str,
         blobs: BlobServer,
     ) -> Result<Self, LazyError> {
-        // Every blob the bootstrap refers to must be a layer of the (signed) manifest, so no
-        // chunk can come from content the signature does not cover.
-        let (sb, _) = RafsSuper::load_from_file(bootstrap, cfg.clone(), false)
-            .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
-        for info in sb.superblock.get_blob_infos() {
-            let b = info.blob_id();
-            // The bootstrap carries the chunk key exactly when the blob's chunks are encrypted.
-            if let Err(reason) =
-                check_cipher_features(info.cipher_context().is_some(), info.features())
-            {
-                return Err(LazyError::Format(format!("blob {b}: {reason}")));
-            }
-            if !blob_ids.contains_key(&b) {
-                return Err(LazyError::Integrity {
-                    what: format!("blob {b}"),
-                    reason: "the bootstrap refers to a blob that is not a layer of the manifest"
-                        .into(),
-                });
-            }
-        }
-        let verifier = ChunkVerifier::new(sb).map_err(|reason| LazyError::Integrity {
-            what: format!("image {image}"),
-            reason,
-        })?;
-        let (mut rafs, reader) = Rafs::new(&cfg, &cfg.id, bootstrap)
-            .map_err(|e| LazyError::Rafs(format!("loading bootstrap: {e}")))?;
-        rafs.import(reader, None)
-            .map_err(|e| LazyError::Rafs(format!("importing bootstrap: {e}")))?;
-        let vfs = Arc::new(Vfs::new(VfsOptions::default()));
-        vfs.mount(
-            Box::new(LoggedRafs::new(rafs, verifier, image.to_string())),
-            "/",
-        )
-        .map_err(|e| LazyError::Rafs(format!("vfs mount: {e:?}")))?;
+        let vfs = load(&bootstrap, &cfg, blob_ids, image)?;
         std::fs::create_dir_all(mountpoint).map_err(|e| LazyError::Io {
             path: mountpoint.to_owned(),
             source: e,
@@ -156,23 +189,77 @@ impl RafsMount {
         session
             .mount()
             .map_err(|e| LazyError::Fuse(format!("mounting {}: {e}", mountpoint.display())))?;
-        let server = Arc::new(Server::new(vfs));
-        let mut threads = Vec::new();
+        Self::serve(session, false, vfs, bootstrap, mountpoint, blobs)
+    }
+
+    /// Serves a mount an earlier guest-puller made, from the FUSE file and bootstrap the
+    /// holder kept. `offered` is what the kernel offered at that mount's INIT (it is not
+    /// sent again), so the VFS negotiates the same way; inode numbers come from the bootstrap
+    /// and handles are not kept (RAFS answers opens without them), so every inode the kernel
+    /// knows means the same here. Requests the killed process had read but not answered are
+    /// asked again of the kernel (`FUSE_NOTIFY_RESEND`, Linux 6.9+). `dir` is any directory
+    /// outside the mount (the session wants one, and the mount itself would not answer a
+    /// lookup before it is served). `held` is the holder entry that keeps it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take_over(
+        fuse: OwnedFd,
+        bootstrap: OwnedFd,
+        offered: u64,
+        cfg: Arc<ConfigV2>,
+        dir: &Path,
+        mountpoint: &Path,
+        blob_ids: &BTreeMap<String, u64>,
+        image: &str,
+        blobs: BlobServer,
+        held: (Arc<Holder>, String),
+    ) -> Result<Self, LazyError> {
+        let vfs = load(&bootstrap, &cfg, blob_ids, image)?;
+        let offered = FsOptions::from_bits_truncate(offered);
+        vfs.init(offered)
+            .map_err(|e| LazyError::Fuse(format!("replaying the session's INIT: {e}")))?;
+        let mut session = FuseSession::new(dir, "rafs", "nydus", true)
+            .map_err(|e| LazyError::Fuse(format!("session: {e}")))?;
+        session.set_fuse_file(File::from(fuse));
+        let mut m = Self::serve(session, true, vfs, bootstrap, mountpoint, blobs)?;
+        if offered.contains(FsOptions::HAS_RESEND) {
+            m.resend()?;
+        } else {
+            warn!(mountpoint = %mountpoint.display(),
+                  "this kernel cannot resend FUSE requests: reads the previous guest-puller \
+                   had taken but not answered stay blocked");
+        }
+        // Held from here on: should this process die too, the mount stays with the holder.
+        m.held = Some(held);
+        Ok(m)
+    }
+
+    fn serve(
+        session: FuseSession,
+        taken_over: bool,
+        vfs: Arc<Vfs>,
+        bootstrap: OwnedFd,
+        mountpoint: &Path,
+        blobs: BlobServer,
+    ) -> Result<Self, LazyError> {
+        let server = Arc::new(Server::new(vfs.clone()));
+        // Built first so that a failure below unmounts (Drop) what is mounted.
+        let mut m = Self {
+            mountpoint: mountpoint.to_owned(),
+            session: Some(session),
+            taken_over,
+            vfs,
+            server,
+            bootstrap,
+            threads: Vec::new(),
+            held: None,
+            _blobs: blobs,
+        };
         for i in 0..SERVER_THREADS {
-            let mut ch = match session.new_channel() {
-                Ok(ch) => ch,
-                Err(e) => {
-                    let mut m = Self {
-                        mountpoint: mountpoint.to_owned(),
-                        session,
-                        threads,
-                        _blobs: blobs,
-                    };
-                    m.stop();
-                    return Err(LazyError::Fuse(format!("channel: {e}")));
-                }
-            };
-            let server = server.clone();
+            let mut ch = m
+                .session()?
+                .new_channel()
+                .map_err(|e| LazyError::Fuse(format!("channel: {e}")))?;
+            let server = m.server.clone();
             let mp = mountpoint.to_owned();
             let t = std::thread::Builder::new()
                 .name(format!("rafs-fuse-{i}"))
@@ -196,14 +283,29 @@ impl RafsMount {
                     }
                 })
                 .map_err(|e| LazyError::Fuse(format!("spawning server thread: {e}")))?;
-            threads.push(t);
+            m.threads.push(t);
         }
-        Ok(Self {
-            mountpoint: mountpoint.to_owned(),
-            session,
-            threads,
-            _blobs: blobs,
-        })
+        Ok(m)
+    }
+
+    /// Asks the kernel to queue again every request a server read but never answered.
+    fn resend(&self) -> Result<(), LazyError> {
+        let fuse = self
+            .session()?
+            .get_fuse_file()
+            .ok_or_else(|| LazyError::Fuse("no session file".into()))?;
+        let mut buf = vec![0u8; 4096];
+        let w = FuseDevWriter::<()>::new(fuse.as_raw_fd(), &mut buf)
+            .map_err(|e| LazyError::Fuse(format!("resend: {e}")))?;
+        self.server
+            .notify_resend(w)
+            .map_err(|e| LazyError::Fuse(format!("FUSE_NOTIFY_RESEND: {e}")))
+    }
+
+    fn session(&self) -> Result<&FuseSession, LazyError> {
+        self.session
+            .as_ref()
+            .ok_or_else(|| LazyError::Fuse("session already closed".into()))
     }
 
     /// The mount point.
@@ -211,26 +313,99 @@ impl RafsMount {
         &self.mountpoint
     }
 
-    fn stop(&mut self) {
-        if let Err(e) = self.session.umount() {
+    /// Hands the session to `holder` as entry `id` with the puller's `state` (built from the
+    /// bits the kernel offered at INIT, which a successor replays), so the mount outlives
+    /// this process. Waits up to 10 s for that INIT. Blocking.
+    pub fn hold(
+        &mut self,
+        holder: Arc<Holder>,
+        id: &str,
+        state: impl FnOnce(u64) -> serde_json::Value,
+    ) -> std::io::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.vfs.initialized() {
+            if std::time::Instant::now() > deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the kernel never initialised the FUSE session",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let offered = self.vfs.options().in_opts.bits();
+        // Served by our threads by now; the holder drops the entry once this device is gone.
+        let dev = std::fs::metadata(&self.mountpoint)?.dev();
+        let fuse = self
+            .session()
+            .ok()
+            .and_then(FuseSession::get_fuse_file)
+            .ok_or_else(|| std::io::Error::other("no session file"))?;
+        holder.put(
+            id,
+            dev,
+            state(offered),
+            fuse.as_fd(),
+            self.bootstrap.as_fd(),
+        )?;
+        self.held = Some((holder, id.to_owned()));
+        Ok(())
+    }
+
+    /// Detaches the mount (by path if it was taken over: that session's own unmount would aim
+    /// at the directory it was made with) and closes this process's copy of the session.
+    fn unmount_session(&mut self) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        let res = if self.taken_over {
+            unmount(&self.mountpoint, UnmountFlags::DETACH).map_err(|e| e.to_string())
+        } else {
+            session.umount().map_err(|e| e.to_string())
+        };
+        if let Err(e) = res {
             warn!(mountpoint = %self.mountpoint.display(), "fuse unmount: {e}");
         }
-        let _ = self.session.wake();
+        let _ = session.wake();
+        self.join_threads();
+        if self.taken_over {
+            // Its Drop's unmount of that directory fails harmlessly (not a mount point).
+            drop(session);
+        }
+    }
+
+    fn join_threads(&mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 
-    /// Unmounts and stops the server threads. Blocking.
+    /// Unmounts, stops the server threads and lets the holder close its copy. Blocking.
     pub fn unmount(mut self) {
-        self.stop();
+        self.unmount_session();
+        if let Some((holder, id)) = self.held.take() {
+            if let Err(e) = holder.forget(&id) {
+                warn!(id, "FUSE holder: forgetting the entry: {e}");
+            }
+        }
     }
 }
 
 impl Drop for RafsMount {
+    /// A mount the holder keeps is only let go (this happens when the process ends, as on
+    /// SIGTERM before an upgrade: every other path unmounts explicitly): the threads stop and
+    /// the mount stays, its requests queued in the kernel for the next guest-puller. Any
+    /// other mount is unmounted.
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.stop();
+        if self.held.is_none() {
+            self.unmount_session();
+            return;
+        }
+        if let Some(session) = self.session.take() {
+            let _ = session.wake();
+            self.join_threads();
+            // Not dropped: FuseSession's Drop would detach the mount. Its fd closes with the
+            // process, which is what lets a held mount go.
+            std::mem::forget(session);
         }
     }
 }
