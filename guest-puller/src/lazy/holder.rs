@@ -499,20 +499,8 @@ mod tests {
 
     #[test]
     fn entries_outlive_their_sender_and_go_when_dropped_or_unmounted() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join(SOCKET_NAME);
-        let server = {
-            let sock = sock.clone();
-            std::thread::spawn(move || run(&sock, IDLE))
-        };
-        wait_for_socket(&sock);
-        // A holder "program" that cannot start: the test's holder is the thread above.
-        let h = Holder::new(sock.clone(), PathBuf::from("/nonexistent"), Vec::new());
-        // The root filesystem's device is mounted; device 0:0 is not.
-        let root_dev = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata("/").unwrap().dev()
-        };
+        let (_dir, server, h, root_dev) = start();
+        let sock = h.socket().to_owned();
         let (a, b) = (temp_file(b"fuse-a"), temp_file(b"boot-a"));
         h.put(
             "a",
@@ -550,28 +538,32 @@ mod tests {
         assert!(h.forget("a").is_ok());
     }
 
-    pub(super) fn wait_for_socket(sock: &Path) {
+    type Server = std::thread::JoinHandle<io::Result<()>>;
+
+    /// A holder on a thread (with a short idle time), a client whose own holder "program"
+    /// cannot start, and a device that is mounted (the root filesystem's; 0:0 is not).
+    fn start() -> (tempfile::TempDir, Server, Holder, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join(SOCKET_NAME);
+        let server = {
+            let sock = sock.clone();
+            std::thread::spawn(move || run(&sock, IDLE))
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         while !sock.exists() {
             assert!(Instant::now() < deadline, "holder socket never appeared");
             std::thread::sleep(Duration::from_millis(5));
         }
+        let h = Holder::new(sock, PathBuf::from("/nonexistent"), Vec::new());
+        let root_dev = std::fs::metadata("/").unwrap().dev();
+        (dir, server, h, root_dev)
     }
 
     #[test]
     fn a_second_holder_leaves_the_first_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join(SOCKET_NAME);
-        let first = {
-            let sock = sock.clone();
-            std::thread::spawn(move || run(&sock, IDLE))
-        };
-        wait_for_socket(&sock);
-        let h = Holder::new(sock.clone(), PathBuf::from("/nonexistent"), Vec::new());
-        let root_dev = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata("/").unwrap().dev()
-        };
+        let (_dir, first, h, root_dev) = start();
+        let sock = h.socket().to_owned();
         let (a, b) = (temp_file(b"x"), temp_file(b"y"));
         h.put("a", root_dev, serde_json::Value::Null, a.as_fd(), b.as_fd())
             .unwrap();
