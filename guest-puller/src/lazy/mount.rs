@@ -100,8 +100,8 @@ pub fn check_cipher_features(encrypted: bool, features: BlobFeatures) -> Result<
 /// have stopped) and, once [`RafsMount::hold`] succeeded, its entry in the FUSE holder.
 pub struct RafsMount {
     mountpoint: PathBuf,
-    // Taken only by Drop: FuseSession's own Drop detaches the mount, which a held mount must
-    // survive.
+    // None once closed. An Option so that Drop can forget it: FuseSession's own Drop detaches
+    // the mount, which a held mount must survive.
     session: Option<FuseSession>,
     // Taken over from an earlier process, whose session we did not mount: unmounted by path.
     taken_over: bool,
