@@ -490,6 +490,33 @@ impl Bundles {
         remove_dir_if_present(&dir)
     }
 
+    /// Removes the lazy state dirs of images no bundle record sits on and that this process
+    /// does not serve: left by a crash between a mount and its record's removal, or made by
+    /// releases before bundles shared them (one dir per bundle). For start-up, after held
+    /// mounts were taken over. Returns how many went.
+    pub fn sweep_lazy_dirs(&self) -> io::Result<usize> {
+        let dirs: Vec<PathBuf> = fs::read_dir(self.store.root().join("lazy"))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<io::Result<_>>()?;
+        // Read after listing: a pull writes its record before it makes its dir.
+        let mut keep: BTreeSet<PathBuf> = self
+            .records()?
+            .into_iter()
+            .filter(|r| r.lazy)
+            .map(|r| self.lazy_dir(&r.manifest_digest))
+            .collect();
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        keep.extend(mounts.keys().map(|d| self.lazy_dir(d)));
+        drop(mounts);
+        let mut swept = 0;
+        for d in dirs.into_iter().filter(|d| d.is_dir() && !keep.contains(d)) {
+            info!(dir = %d.display(), "removing a lazy state dir no bundle uses");
+            Self::remove_lazy_dir(&d);
+            swept += 1;
+        }
+        Ok(swept)
+    }
+
     /// Clears a lazy state dir, detaching a FUSE mount an earlier run of the puller left there
     /// (it has no server any more).
     pub fn remove_lazy_dir(dir: &Path) {
@@ -731,6 +758,33 @@ mod tests {
         b.remove(&c2).await.unwrap();
         assert!(!state.exists());
         assert!(b.records().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lazy_dirs_no_record_sits_on_are_swept() {
+        let (dir, b) = setup(&["run"]);
+        let c1 = dir.path().join("run/c1");
+        let lazy = BundleRecord {
+            layers: Vec::new(),
+            lazy: true,
+            ..record(&c1)
+        };
+        b.create(b.lock(&c1).await, None, lazy, |_| {
+            Ok::<_, BundleError>(None)
+        })
+        .await
+        .unwrap();
+        let used = b.lazy_dir("sha256:00");
+        let stale = b.lazy_dir("sha256:01");
+        // A dir of the per-bundle layout: named by no manifest digest.
+        let old = dir.path().join("work/lazy").join("0".repeat(64));
+        for d in [&used, &stale, &old] {
+            fs::create_dir_all(d.join("cache")).unwrap();
+        }
+        assert_eq!(b.sweep_lazy_dirs().unwrap(), 2);
+        assert!(used.join("cache").is_dir());
+        assert!(!stale.exists() && !old.exists());
+        assert_eq!(b.sweep_lazy_dirs().unwrap(), 0);
     }
 
     #[tokio::test]

@@ -192,8 +192,9 @@ impl Puller {
     }
 
     /// Makes lazy mounts outlive this process: serves the mounts `holder` kept for an earlier
-    /// guest-puller on this work dir (dropping those no bundle uses any more), and hands every
-    /// new one to it. Call once, before serving requests. Returns how many were resumed.
+    /// guest-puller on this work dir (dropping those no bundle uses any more), hands every
+    /// new one to it, and removes lazy state dirs no bundle uses. Call once, before serving
+    /// requests. Returns how many mounts were resumed.
     #[cfg(feature = "lazy")]
     pub async fn resume_lazy_mounts(&self, holder: Arc<lazy::Holder>) -> std::io::Result<usize> {
         if self.holder.set(holder.clone()).is_err() {
@@ -249,6 +250,7 @@ impl Puller {
                 }
             }
         }
+        self.bundles.sweep_lazy_dirs()?;
         Ok(resumed)
     }
 
