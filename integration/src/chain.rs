@@ -273,17 +273,26 @@ pub fn serve_cdh(lab: &Lab, kbs: &KbsProcess<'_>, env: &[(&str, &str)]) -> PathB
     )
     .unwrap();
     let sock = lab.join("cdh.sock");
+    serve_on(lab, &cfg, &sock, env);
+    sock
+}
+
+/// Starts (or restarts: a running one is SIGKILLed) the lab daemon `guest-puller` as
+/// `guest-puller serve --config cfg --socket sock` with `env` added, and waits for its socket
+/// (bound only after it has taken over the lazy mounts of an earlier run).
+pub fn serve_on(lab: &Lab, cfg: &Path, sock: &Path, env: &[(&str, &str)]) {
+    // A killed server leaves its socket file: wait for the new one's.
+    let _ = fs::remove_file(sock);
     let mut cmd = Command::new(bin_path("guest-puller"));
     cmd.args(["serve", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .arg("--socket")
-        .arg(&sock)
+        .arg(sock)
         .envs(env.iter().copied());
     lab.spawn("guest-puller", cmd);
     wait_for("the guest-puller socket", Duration::from_secs(20), || {
         sock.exists()
     });
-    sock
 }
 
 /// The code and message of a ttrpc status error; panics on any other error.

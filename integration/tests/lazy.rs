@@ -1007,21 +1007,10 @@ async fn lazy_chunk_reads_go_through_the_image_pull_proxy() {
     p.unmount_bundle(&b).await.unwrap();
 }
 
-/// `guest-puller serve` on `<lab>/cdh.sock` with configuration file `cfg`, once its socket
-/// is bound (which it is only after it has taken over the lazy mounts of an earlier run).
+/// `guest-puller serve` on `<lab>/cdh.sock` with configuration file `cfg`, once it serves.
 fn serve_puller(lab: &Lab, cfg: &Path) -> std::path::PathBuf {
     let sock = lab.join("cdh.sock");
-    // A killed server leaves its socket file: wait for the new one's.
-    let _ = fs::remove_file(&sock);
-    let mut cmd = Command::new(bin_path("guest-puller"));
-    cmd.args(["serve", "--config"])
-        .arg(cfg)
-        .arg("--socket")
-        .arg(&sock);
-    lab.spawn("guest-puller", cmd);
-    wait_for("the guest-puller socket", Duration::from_secs(30), || {
-        sock.exists()
-    });
+    integration::chain::serve_on(lab, cfg, &sock, &[]);
     sock
 }
 

@@ -675,17 +675,7 @@ fn concurrent_pulls_through_the_server_fetch_each_layer_once() {
     let e = env(&lab, "");
     let img = push_test_image(&e.reg, "lab/conc:v1", 3, &["/bin/sh"]);
     let sock = lab.join("cdh.sock");
-    let mut cmd = Command::new(bin_path("guest-puller"));
-    cmd.args(["serve", "--config"])
-        .arg(&e.cfg)
-        .arg("--socket")
-        .arg(&sock);
-    lab.spawn("guest-puller", cmd);
-    integration::lab::wait_for(
-        "the guest-puller socket",
-        std::time::Duration::from_secs(20),
-        || sock.exists(),
-    );
+    integration::chain::serve_on(&lab, &e.cfg, &sock, &[]);
     let client = |bundle: PathBuf, image: String| {
         let sock = sock.clone();
         std::thread::spawn(move || {
