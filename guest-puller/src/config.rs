@@ -129,6 +129,8 @@ pub struct ImageConfig {
     /// Most layers an image may have (at most 500, overlayfs' limit; the overlay mount options
     /// must also fit a page, which with the default work dir holds about 37 layer paths).
     pub max_layers: usize,
+    /// `[image.node_cache]`: the node-local blob cache shared with other guests on the host.
+    pub node_cache: crate::node_cache::NodeCacheConfig,
 }
 
 impl Default for ImageConfig {
@@ -155,6 +157,7 @@ impl Default for ImageConfig {
             bundle_roots: vec![PathBuf::from(crate::bundles::DEFAULT_BUNDLE_ROOT)],
             max_unpacked_image_size: None,
             max_layers: crate::bundle::OVERLAY_MAX_LOWER,
+            node_cache: Default::default(),
         }
     }
 }
@@ -436,7 +439,7 @@ impl Config {
                 crate::bundle::OVERLAY_MAX_LOWER
             )));
         }
-        Ok(())
+        self.image.node_cache.validate()
     }
 
     /// Provider annotation suffixes accepted for KBS-unwrapped keys: always `attestation-agent`

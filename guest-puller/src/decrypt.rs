@@ -112,6 +112,7 @@ pub fn compression_of(media_type: &str) -> Option<Compression> {
 }
 
 /// Decrypted per-layer key material (PrivateLayerBlockCipherOptions + public HMAC).
+#[derive(Clone)]
 pub struct LayerKey {
     symkey: Zeroizing<[u8; 32]>,
     nonce: [u8; 16],

@@ -102,9 +102,20 @@ impl UnpackBudget {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(n))
             .is_ok()
     }
+
+    /// Returns what a failed attempt took: its staging dir is gone, and the layer may be
+    /// fetched again (from the registry after a bad node-cache blob).
+    fn give_back(&self, n: u64) {
+        let _ = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(l.saturating_add(n).min(self.limit))
+            });
+    }
 }
 
 /// What the pipeline needs to know about one layer.
+#[derive(Clone)]
 pub struct LayerSpec {
     /// Blob digest from the manifest (of the encrypted blob if encrypted).
     pub digest: String,

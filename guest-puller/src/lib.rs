@@ -13,6 +13,7 @@ pub mod initdata;
 pub mod keyprovider;
 pub mod layer;
 pub mod lazy;
+pub mod node_cache;
 pub mod policy;
 pub mod proxy;
 pub mod pull;

@@ -335,6 +335,9 @@ async fn main() -> anyhow::Result<()> {
                     })).collect::<Vec<_>>(),
                 })
             );
+            // The pull is done; give the node cache the last bytes of what it was offered.
+            p.settle_cache_uploads(std::time::Duration::from_secs(30))
+                .await;
         }
         Cmd::Serve { socket, listen, .. } => {
             let addrs = match socket {

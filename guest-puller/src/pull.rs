@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use oci_client::Reference;
-use tracing::info;
 #[cfg(feature = "lazy")]
-use tracing::{error, warn};
+use tracing::error;
+use tracing::{info, warn};
 
 use crate::bundle::{self, BundleError, ImageConfig};
 use crate::bundles::{BundleLock, BundleRecord, Bundles};
@@ -15,6 +15,7 @@ use crate::config::{Config, RegistryConfig};
 use crate::decrypt::{self, DecryptError, KeyUnwrapper};
 use crate::layer::{LayerError, LayerSpec, LayerStore, LayerTimings, UnpackBudget};
 use crate::lazy::{self, LazyError, NydusManifest};
+use crate::node_cache::{Lookup, NodeCache};
 use crate::policy::{CosignSignature, PolicyError, PolicyEvaluator, SignatureSource};
 use crate::registry::{RegistryClient, RegistryError, ResolvedImage};
 use crate::resource::{ResourceError, ResourceFetcher};
@@ -93,6 +94,8 @@ pub struct Puller {
     bundles: Arc<Bundles>,
     unwrapper: KeyUnwrapper,
     fetcher: Arc<dyn ResourceFetcher>,
+    /// The node's blob cache, when configured and sharing is on.
+    node_cache: Option<NodeCache>,
     /// Held shared by every pull and bundle removal, exclusively while something is mounted
     /// over the work dir: a pull never sees its layers, staging or bundle dirs vanish under it.
     work_dir_gate: Arc<tokio::sync::RwLock<()>>,
@@ -178,6 +181,8 @@ impl Puller {
             cfg.keys.jwe_private_keys.clone(),
         )
         .with_key_lifetime(std::time::Duration::from_secs(cfg.keys.jwe_key_cache_secs));
+        let node_cache =
+            NodeCache::new(&cfg.image.node_cache).map_err(|e| PullError::Config(e.to_string()))?;
         Ok(Self {
             cfg,
             registry: Arc::new(registry),
@@ -185,6 +190,7 @@ impl Puller {
             bundles,
             unwrapper,
             fetcher,
+            node_cache,
             work_dir_gate: Arc::default(),
             #[cfg(feature = "lazy")]
             holder: std::sync::OnceLock::new(),
@@ -604,12 +610,20 @@ impl Puller {
     ) -> Result<PulledLayer, PullError> {
         let diff_id = spec.diff_id.clone();
         let registry = &self.registry;
-        let (path, timings) = self
-            .store
-            .ensure_layer(spec, |tx| async move {
-                registry.blob_to_channel(source, desc, tx).await
-            })
-            .await?;
+        let cache = self
+            .node_cache
+            .as_ref()
+            .filter(|c| c.shares(&desc.media_type));
+        let (path, timings) = match cache {
+            None => {
+                self.store
+                    .ensure_layer(spec, |tx| async move {
+                        registry.blob_to_channel(source, desc, tx).await
+                    })
+                    .await?
+            }
+            Some(cache) => self.layer_through_cache(cache, source, desc, spec).await?,
+        };
         Ok(PulledLayer {
             digest: desc.digest.clone(),
             diff_id,
@@ -617,6 +631,68 @@ impl Puller {
             cached: timings.is_none(),
             timings,
         })
+    }
+
+    /// A shared layer: from the node cache when it has the blob, else from the registry with
+    /// the bytes offered to the cache. A cache blob that fails any check is fetched again from
+    /// the registry, and reported to the cache.
+    async fn layer_through_cache(
+        &self,
+        cache: &NodeCache,
+        source: &Reference,
+        desc: &oci_client::manifest::OciDescriptor,
+        spec: LayerSpec,
+    ) -> Result<(PathBuf, Option<LayerTimings>), PullError> {
+        let registry = &self.registry;
+        let size = spec.size;
+        let from_cache = std::sync::atomic::AtomicBool::new(false);
+        let retry = spec.clone();
+        let first = self
+            .store
+            .ensure_layer(spec, |tx| {
+                let from_cache = &from_cache;
+                async move {
+                    match cache.lookup(&desc.digest, size).await {
+                        Ok(Lookup::Hit(resp)) => {
+                            from_cache.store(true, std::sync::atomic::Ordering::Relaxed);
+                            info!(layer = %desc.digest, "layer blob from the node cache");
+                            NodeCache::stream_hit(resp, &tx)
+                                .await
+                                .map_err(cache_failure(&desc.digest))
+                        }
+                        Ok(Lookup::Miss) => {
+                            let upload = cache.upload(&desc.digest, size);
+                            teed_download(registry, source, desc, tx, upload).await
+                        }
+                        Err(e) => {
+                            warn!(layer = %desc.digest, "{e}; fetching the layer from the registry");
+                            registry.blob_to_channel(source, desc, tx).await
+                        }
+                    }
+                }
+            })
+            .await;
+        match first {
+            Err(e) if from_cache.load(std::sync::atomic::Ordering::Relaxed) => {
+                warn!(layer = %desc.digest, "the node cache's blob failed: {e}; fetching it from the registry");
+                cache.report_bad(&desc.digest);
+                Ok(self
+                    .store
+                    .ensure_layer(retry, |tx| async move {
+                        registry.blob_to_channel(source, desc, tx).await
+                    })
+                    .await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Waits up to `within` for blobs still being offered to the node cache (see
+    /// [`NodeCache::settle`]); a no-op without one.
+    pub async fn settle_cache_uploads(&self, within: std::time::Duration) {
+        if let Some(c) = &self.node_cache {
+            c.settle(within).await;
+        }
     }
 
     /// Refuses images with more layers than configured (at most overlayfs' lower-layer limit).
@@ -637,6 +713,44 @@ impl Puller {
         let _work_dir = self.work_dir().await?;
         Ok(self.bundles.remove(bundle_dir).await?)
     }
+}
+
+/// The registry error standing for a failed cache read (the layer is then fetched again).
+fn cache_failure(digest: &str) -> impl Fn(crate::node_cache::CacheError) -> RegistryError + '_ {
+    move |e| RegistryError::Request {
+        reference: digest.to_owned(),
+        kind: crate::error::ErrorKind::Unavailable,
+        source: Box::new(e),
+    }
+}
+
+/// Downloads a blob from the registry into `tx`, offering every chunk to the node cache on
+/// the way (the offer never blocks; see [`crate::node_cache::Upload`]).
+async fn teed_download(
+    registry: &RegistryClient,
+    source: &Reference,
+    desc: &oci_client::manifest::OciDescriptor,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    upload: Option<crate::node_cache::Upload>,
+) -> Result<(), RegistryError> {
+    let Some(mut upload) = upload else {
+        return registry.blob_to_channel(source, desc, tx).await;
+    };
+    let (mid_tx, mut mid_rx) = tokio::sync::mpsc::channel(crate::layer::CHANNEL_CHUNKS);
+    let forward = async move {
+        while let Some(item) = mid_rx.recv().await {
+            match &item {
+                Ok(b) => upload.offer(b),
+                Err(_) => upload.abort(),
+            }
+            if tx.send(item).await.is_err() {
+                upload.abort();
+                return;
+            }
+        }
+    };
+    let (fetched, ()) = tokio::join!(registry.blob_to_channel(source, desc, mid_tx), forward);
+    fetched
 }
 
 /// Unmounts a bundle created by [`Puller::pull_image`] (in this or an earlier process) and

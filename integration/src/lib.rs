@@ -12,6 +12,7 @@ pub mod kata_agent;
 pub mod kbs;
 pub mod lab;
 pub mod node;
+pub mod node_cache;
 pub mod proxy;
 pub mod registry;
 pub mod sealed;

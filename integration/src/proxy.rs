@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A running forward proxy; stops accepting on drop.
 pub struct ForwardProxy {
@@ -19,6 +19,47 @@ pub struct ForwardProxy {
     requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    throttle: Arc<Throttle>,
+}
+
+/// One rate limit for every answer the proxy relays, as a WAN link to a registry has: each
+/// read reserves the next slot of the link's time and waits for its end.
+#[derive(Default)]
+struct Throttle {
+    /// Bytes per second; 0 = unlimited.
+    rate: AtomicU64,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Throttle {
+    fn pass(&self, n: usize) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(n as f64 / rate as f64);
+        let until = {
+            let mut next = self.next.lock().expect("lock");
+            let start = next.map_or(Instant::now(), |t| t.max(Instant::now()));
+            let end = start + cost;
+            *next = Some(end);
+            end
+        };
+        thread::sleep(until.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// `io::copy` through the throttle.
+fn relay(from: &mut TcpStream, to: &mut TcpStream, throttle: &Throttle) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        throttle.pass(n);
+        to.write_all(&buf[..n])?;
+    }
 }
 
 impl ForwardProxy {
@@ -29,16 +70,22 @@ impl ForwardProxy {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let (reqs, stop2, delay) = (requests.clone(), stop.clone(), delay_ms.clone());
+        let throttle = Arc::new(Throttle::default());
+        let (reqs, stop2, delay, limit) = (
+            requests.clone(),
+            stop.clone(),
+            delay_ms.clone(),
+            throttle.clone(),
+        );
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
-                let (reqs, delay) = (reqs.clone(), delay.clone());
+                let (reqs, delay, limit) = (reqs.clone(), delay.clone(), limit.clone());
                 thread::spawn(move || {
-                    let _ = serve(conn, &reqs, &delay);
+                    let _ = serve(conn, &reqs, &delay, limit);
                 });
             }
         });
@@ -47,7 +94,14 @@ impl ForwardProxy {
             requests,
             stop,
             delay_ms,
+            throttle,
         }
+    }
+
+    /// Limits what all answers together relay to `bytes_per_sec` (0: no limit), as a WAN link
+    /// between a node and its registry would.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.throttle.rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Holds every request this long (after logging it) before forwarding it: a test sees a
@@ -78,7 +132,12 @@ impl Drop for ForwardProxy {
 
 /// Serves one client connection: each request goes to its origin; the connection to the
 /// origin is kept while the client asks the same origin (a different one closes it).
-fn serve(client: TcpStream, log: &Mutex<Vec<String>>, delay_ms: &AtomicU64) -> io::Result<()> {
+fn serve(
+    client: TcpStream,
+    log: &Mutex<Vec<String>>,
+    delay_ms: &AtomicU64,
+    throttle: Arc<Throttle>,
+) -> io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client_w = client;
     let mut upstream: Option<(String, TcpStream)> = None;
@@ -140,8 +199,9 @@ fn serve(client: TcpStream, log: &Mutex<Vec<String>>, delay_ms: &AtomicU64) -> i
             // The origin's answers go back to the client as they come.
             let mut from = conn.try_clone()?;
             let mut to = client_w.try_clone()?;
+            let throttle = throttle.clone();
             thread::spawn(move || {
-                let _ = io::copy(&mut from, &mut to);
+                let _ = relay(&mut from, &mut to, &throttle);
                 let _ = to.shutdown(Shutdown::Write);
             });
             upstream = Some((origin.to_string(), conn));

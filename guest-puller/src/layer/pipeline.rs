@@ -194,12 +194,15 @@ struct Budgeted<R> {
     inner: R,
     budget: Arc<UnpackBudget>,
     exceeded: Rc<Cell<bool>>,
+    taken: Rc<Cell<u64>>,
 }
 
 impl<R: Read> Read for Budgeted<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if !self.budget.take(n as u64) {
+        if self.budget.take(n as u64) {
+            self.taken.set(self.taken.get() + n as u64);
+        } else {
             self.exceeded.set(true);
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
@@ -467,10 +470,12 @@ fn inflate_stage(
         },
     };
     let exceeded = Rc::new(Cell::new(false));
+    let taken = Rc::new(Cell::new(0));
     let tar = Budgeted {
         inner: tar,
         budget: spec.budget.clone(),
         exceeded: exceeded.clone(),
+        taken: taken.clone(),
     };
     let failure: Failure = Rc::new(RefCell::new(None));
     let diff_ok = Rc::new(Cell::new(false));
@@ -492,6 +497,7 @@ fn inflate_stage(
     let failure = failure.borrow_mut().take();
     Ok(InflateVerdict {
         exceeded: exceeded.get(),
+        taken: taken.get(),
         failure,
         complete: diff_ok.get(),
         time,
@@ -502,6 +508,8 @@ fn inflate_stage(
 struct InflateVerdict {
     /// The image's size budget ran out.
     exceeded: bool,
+    /// Bytes taken from the image's size budget.
+    taken: u64,
     /// The diff_id did not match.
     failure: Option<String>,
     /// The diff_id was checked over the whole stream.
@@ -540,7 +548,8 @@ pub fn process_layer(
     })?;
     let (plain_out, plain_in) = pipe();
     let (tar_out, tar_in) = pipe();
-    std::thread::scope(|s| {
+    let mut taken = 0;
+    let outcome = std::thread::scope(|s| {
         let spawn = |name: &str| std::thread::Builder::new().name(name.into());
         let decrypt = spawn("layer-decrypt")
             .spawn_scoped(s, move || decrypt_stage(rx, spec, plain_out))
@@ -565,6 +574,7 @@ pub fn process_layer(
         // Hanging up tells the inflate stage to stop and let the checks finish.
         drop(reader);
         let inflated = joined(inflate, "inflate")?;
+        taken = inflated.taken;
         let verdict = joined(decrypt, "decrypt")?;
         if let Some(reason) = verdict.failure {
             return Err(LayerError::Integrity { layer, reason });
@@ -602,5 +612,9 @@ pub fn process_layer(
             write: write_time,
         };
         Ok((stats, timings))
-    })
+    });
+    if outcome.is_err() {
+        spec.budget.give_back(taken);
+    }
+    outcome
 }
